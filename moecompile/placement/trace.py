@@ -1,0 +1,121 @@
+"""Routing traces: how many tokens each expert of each layer received, and where they went next.
+
+File formats (both hold the same two arrays):
+
+    .npz   arrays `load` (L, E) and optionally `flow` (L-1, E, E); other arrays are ignored
+    .json  {"load": [[...], ...], "flow": [[[...]]] | null}
+
+`load[l, e]` counts the tokens routed to expert e in MoE layer l. `flow[l, e, e2]` counts the
+(token, k, k2) routings that went to expert e in layer l and to expert e2 in layer l+1, so with top-k
+routing each token adds K*K to one layer's flow. Counts may be fractional (averaged traces) but must
+be finite and non-negative.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserInputError
+from .files import atomic_write, read_json, write_json
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """Routing statistics of one model run; arrays are validated float64 copies, read-only."""
+
+    load: np.ndarray  # (L, E) float64
+    flow: np.ndarray | None = None  # (L-1, E, E) float64
+
+    def __post_init__(self) -> None:
+        load = _as_counts(self.load, "load", ndim=2)
+        num_layers, num_experts = load.shape
+        if num_layers < 1 or num_experts < 1:
+            raise UserInputError(f"trace load must have at least one layer and one expert, got shape {load.shape}")
+        object.__setattr__(self, "load", load)
+        if self.flow is not None:
+            flow = _as_counts(self.flow, "flow", ndim=3)
+            want = (num_layers - 1, num_experts, num_experts)
+            if flow.shape != want:
+                raise UserInputError(f"trace flow has shape {flow.shape}, expected {want} from load {load.shape}")
+            object.__setattr__(self, "flow", flow)
+
+    @property
+    def num_layers(self) -> int:
+        return self.load.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.load.shape[1]
+
+
+def load_trace(path: str | os.PathLike) -> RoutingTrace:
+    """Read a trace from .npz or .json; any defect becomes a one-line UserInputError."""
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        arrays = _read_npz(path)
+    elif path.endswith(".json"):
+        obj = read_json(path, "trace")
+        if not isinstance(obj, dict):
+            raise UserInputError(f"trace {path} must be a JSON object with a 'load' field")
+        arrays = {k: obj[k] for k in ("load", "flow") if obj.get(k) is not None}
+    else:
+        raise UserInputError(f"trace {path} must end in .npz or .json")
+    if "load" not in arrays:
+        raise UserInputError(f"trace {path} has no 'load' array")
+    try:
+        return RoutingTrace(load=arrays["load"], flow=arrays.get("flow"))
+    except UserInputError as err:
+        raise UserInputError(f"trace {path}: {err}") from None
+
+
+def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> None:
+    """Write a trace as .npz or .json (by the name's ending), atomically."""
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        arrays = {"load": trace.load}
+        if trace.flow is not None:
+            arrays["flow"] = trace.flow
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    elif path.endswith(".json"):
+        flow = None if trace.flow is None else trace.flow.tolist()
+        write_json(path, {"load": trace.load.tolist(), "flow": flow})
+    else:
+        raise UserInputError(f"trace file {path} must end in .npz or .json")
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in ("load", "flow") if k in data.files}
+    except OSError as err:
+        raise UserInputError(f"cannot read trace {path}: {err.strerror or err}") from None
+    except (ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise UserInputError(f"trace {path} is not a valid .npz file ({_first_line(err)})") from None
+
+
+def _as_counts(values: object, name: str, ndim: int) -> np.ndarray:
+    """A read-only float64 copy of `values`, checked to be a finite, non-negative `ndim`-d array."""
+    try:
+        raw = np.asarray(values)
+    except (TypeError, ValueError):  # ragged nested lists
+        raise UserInputError(f"{name} must be a {ndim}-d array of numbers (rows of equal length)") from None
+    if raw.dtype.kind not in "iuf":
+        raise UserInputError(f"{name} must hold numbers, got {raw.dtype.name} values")
+    arr = np.array(raw, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise UserInputError(f"{name} must be a {ndim}-d array, got {arr.ndim}-d with shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise UserInputError(f"{name} has NaN or infinite counts")
+    if np.any(arr < 0):
+        raise UserInputError(f"{name} has negative counts (min {arr.min():g})")
+    arr.setflags(write=False)
+    return arr
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
