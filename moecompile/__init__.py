@@ -1,0 +1,19 @@
+"""moecompile: a torch.compile backend for Mixture-of-Experts models.
+
+    model = torch.compile(model, backend="moe")          # every MoE layer -> one fused op
+    moecompile.explain(model, *example_args)             # what was found, as a table + report
+"""
+
+from .config import Config, patch
+from .ir import MoERegion, MoESpec, PassResult
+from .report import Report, explain
+
+__all__ = ["Config", "MoERegion", "MoESpec", "PassResult", "Report", "explain", "patch", "last_report"]
+__version__ = "0.1.0"
+
+
+def last_report() -> Report:
+    """Everything compiled with backend='moe' in this process since the last explain()."""
+    from . import report
+
+    return report.current()

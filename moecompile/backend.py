@@ -1,0 +1,75 @@
+"""The torch.compile backend: `torch.compile(model, backend="moe", options={...})`.
+
+Dynamo hands us one FX graph per captured region; we find its MoE layers, rewrite each into one
+`moecompile::moe` op (pipeline.run) and let Inductor compile the result. Anything that goes wrong in
+our passes makes that one graph compile exactly as plain Inductor would, with a warning and a
+report entry; it never stops the model from running.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch.fx as fx
+
+from . import config as config_mod
+from . import pipeline, report
+from .codegen import ops  # noqa: F401  (registers torch.ops.moecompile.*)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    return gm.forward
+
+
+def moe_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """Dynamo backend entry point (registered as 'moe')."""
+    cfg = config_mod.make(options)
+    graph_id = report.next_graph_id()
+    t0 = time.perf_counter()
+    nodes_before = len(gm.graph.nodes)
+    rewritten = pipeline.copy_module(gm)
+    status, reason, outcome = "unchanged", None, None
+    try:
+        outcome = pipeline.run(rewritten, example_inputs, cfg, graph_id)
+        status = "rewritten" if outcome.changed else "unchanged"
+    except Exception as err:  # noqa: BLE001 -- never let our passes break the user's model
+        if not cfg.fallback_on_error:
+            raise
+        status, reason = "error", f"{type(err).__name__}: {err}"
+        warnings.warn(f"moecompile: graph {graph_id}: {reason}; compiling it with plain {cfg.inner}",
+                      stacklevel=2)
+
+    compiled = None
+    if status == "rewritten":
+        try:
+            compiled = _inner_compile(rewritten, example_inputs, cfg.inner)
+        except Exception as err:  # noqa: BLE001
+            if not cfg.fallback_on_error:
+                raise
+            status, reason = "error", f"{cfg.inner} failed on the rewritten graph: {type(err).__name__}: {err}"
+            warnings.warn(f"moecompile: graph {graph_id}: {reason}; compiling the captured graph instead",
+                          stacklevel=2)
+    regions = outcome.regions if outcome else []
+    if status == "error":
+        for row in regions:
+            row.update(status="fallback", reason=reason, kernels="traced")
+    graph_row = {"graph": graph_id, "status": status, "reason": reason, "nodes_before": nodes_before,
+                 "nodes_after": len(rewritten.graph.nodes) if status == "rewritten" else nodes_before,
+                 "compile_ms": 0.0}
+    if compiled is None:
+        compiled = _inner_compile(gm, example_inputs, cfg.inner)
+    graph_row["compile_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    report.record(graph_row, regions, outcome.passes if outcome else [], cfg.dump_dir)
+    return compiled
+
+
+__all__ = ["moe_backend"]

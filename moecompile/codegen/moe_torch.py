@@ -1,0 +1,171 @@
+"""The MoE layer in plain torch: a fast sorted path and an eager reference with the same signature.
+
+Both take `(x (T, H), weights: list per spec.weight_names(), spec)` and return `(T, H)` in x's dtype.
+The fast path is what the `moecompile::moe` op runs when no Triton kernel applies:
+
+    Matches:   per-token top-k routing, then K expert MLPs per token, weighted and summed
+    Rewrites to:
+        w, ids   = route(x)                          (T, K) float, (T, K) int64
+        perm     = argsort(ids.flatten())            (T*K,)  token-expert pairs grouped by expert
+        xs       = x[perm // K]                      (T*K, H)
+        h        = grouped_mm(xs, W_gate_up, offs)   (T*K, 2I)   one GEMM per expert, no padding
+        y        = grouped_mm(act(g) * u, W_down)    (T*K, H)
+        out[t]   = sum_k w[t, k] * y[inv_perm][t, k] (T, H)      gather + sum: deterministic
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ir import MoESpec
+
+
+def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec):
+    """Router: (T, H) -> top-k weights (T, K) and expert ids (T, K) int64, as the traced code did."""
+    logits = F.linear(x, weights["router_weight"], weights.get("router_bias"))  # (T, E)
+    scores_in = logits.float() if spec.router_fp32 else logits
+    score = torch.softmax if spec.scoring == "softmax" else (lambda t, dim: torch.sigmoid(t))
+    if spec.topk_order == "score_then_topk":
+        topk_w, topk_ids = torch.topk(score(scores_in, dim=-1), spec.top_k, dim=-1)
+    else:
+        top_logits, topk_ids = torch.topk(scores_in, spec.top_k, dim=-1)
+        topk_w = score(top_logits, dim=-1)
+    if spec.renormalize:
+        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+    if spec.routed_scaling != 1.0:
+        topk_w = topk_w * spec.routed_scaling
+    if spec.weights_in_input_dtype:
+        topk_w = topk_w.to(logits.dtype)
+    return topk_w, topk_ids
+
+
+def _activation(spec: MoESpec):
+    return {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "relu": F.relu,
+    }[spec.activation]
+
+
+def _split_gate_up(h: torch.Tensor, spec: MoESpec):
+    if spec.layout == "interleaved":
+        return h[..., ::2], h[..., 1::2]
+    gate, up = h.chunk(2, dim=-1)
+    return gate, up
+
+
+def _as_in_out(w: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    """Expert weight as (E, in, out), the layout grouped_mm multiplies by."""
+    return w if spec.transposed else w.transpose(-2, -1)
+
+
+def _can_grouped_mm(a: torch.Tensor, w: torch.Tensor) -> bool:
+    # NOTE: torch's grouped_mm wants 16-byte aligned rows and, on CUDA, bf16 on sm80+; anything
+    # else (odd H/I tails, fp32 on CUDA) goes through the per-expert loop, which is just as exact.
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if any((d * a.element_size()) % 16 for d in (a.shape[-1], w.shape[-1])):
+        return False
+    if a.device.type == "cuda":
+        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    return a.device.type == "cpu"
+
+
+def grouped_linear(a: torch.Tensor, w_in_out: torch.Tensor, offs: torch.Tensor,
+                   counts: list[int]) -> torch.Tensor:
+    """(S, in) rows grouped by expert @ (E, in, out) -> (S, out); group e is rows offs[e-1]:offs[e]."""
+    if _can_grouped_mm(a, w_in_out):
+        return F.grouped_mm(a.contiguous(), w_in_out, offs=offs)
+    pieces, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            pieces.append(a[start:start + n] @ w_in_out[e])
+            start += n
+    if not pieces:
+        return a.new_zeros(a.shape[0], w_in_out.shape[-1])
+    return torch.cat(pieces, dim=0)
+
+
+def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec) -> torch.Tensor:
+    T, K = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)  # (T*K,)
+    perm = torch.argsort(flat_ids, stable=True)  # (T*K,)
+    counts_t = torch.bincount(flat_ids, minlength=spec.num_experts)  # (E,)
+    offs = torch.cumsum(counts_t, dim=0).to(torch.int32)  # (E,)
+    counts = counts_t.tolist()  # one host sync, shared by both GEMMs
+    xs = x[perm // K]  # (T*K, H)
+    act = _activation(spec)
+    if spec.layout == "separate":
+        gate = grouped_linear(xs, _as_in_out(weights["gate_proj"], spec), offs, counts)
+        up = grouped_linear(xs, _as_in_out(weights["up_proj"], spec), offs, counts)
+        h = act(gate) * up
+    elif spec.gated:
+        gate, up = _split_gate_up(grouped_linear(xs, _as_in_out(weights["gate_up_proj"], spec), offs, counts), spec)
+        h = act(gate) * up
+    else:
+        h = act(grouped_linear(xs, _as_in_out(weights["up_proj"], spec), offs, counts))
+    y = grouped_linear(h, _as_in_out(weights["down_proj"], spec), offs, counts)  # (T*K, H)
+    y = y * topk_w.reshape(-1)[perm].unsqueeze(-1)  # promotes to the weights' dtype, as traced code does
+    unsorted = torch.empty_like(y).index_copy(0, perm, y)  # (T*K, H) back in (token, k) order
+    return unsorted.view(T, K, -1).sum(dim=1)
+
+
+def _shared_expert(x, weights, spec: MoESpec) -> torch.Tensor:
+    act = _activation(spec)
+    h = act(F.linear(x, weights["shared_gate_proj"])) * F.linear(x, weights["shared_up_proj"])
+    out = F.linear(h, weights["shared_down_proj"])  # (T, H)
+    if spec.shared_gate:
+        out = torch.sigmoid(F.linear(x, weights["shared_expert_gate"])) * out
+    return out
+
+
+def named_weights(weights, spec: MoESpec) -> dict[str, torch.Tensor]:
+    names = spec.weight_names()
+    if len(weights) != len(names):
+        raise ValueError(f"moe op for this spec takes {len(names)} weights {names}, got {len(weights)}")
+    return dict(zip(names, weights))
+
+
+def moe_forward(x: torch.Tensor, weights: list[torch.Tensor], spec: MoESpec,
+                on_route=None) -> torch.Tensor:
+    """Fast torch path: (T, H) -> (T, H). Differentiable with torch autograd / torch.func.
+
+    `on_route(topk_ids (T, K) int64)`, if given, sees the routing decision (routing traces).
+    """
+    w = named_weights(weights, spec)
+    topk_w, topk_ids = route(x, w, spec)
+    if on_route is not None:
+        on_route(topk_ids)
+    out = _routed_experts_sorted(x, topk_w, topk_ids, w, spec).to(x.dtype)
+    if spec.shared_intermediate:
+        out = out + _shared_expert(x, w, spec)
+    return out
+
+
+def moe_forward_reference(x: torch.Tensor, weights: list[torch.Tensor], spec: MoESpec) -> torch.Tensor:
+    """Eager reference: the textbook per-token, per-expert loop. Slow; for tests and benchmarks."""
+    w = named_weights(weights, spec)
+    topk_w, topk_ids = route(x, w, spec)
+    act = _activation(spec)
+    acc = torch.zeros(x.shape[0], x.shape[1], dtype=torch.promote_types(x.dtype, topk_w.dtype),
+                      device=x.device)
+    for e in range(spec.num_experts):
+        tok, slot = torch.where(topk_ids == e)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        if spec.layout == "separate":
+            h = act(xe @ _as_in_out(w["gate_proj"], spec)[e]) * (xe @ _as_in_out(w["up_proj"], spec)[e])
+        elif spec.gated:
+            gate, up = _split_gate_up(xe @ _as_in_out(w["gate_up_proj"], spec)[e], spec)
+            h = act(gate) * up
+        else:
+            h = act(xe @ _as_in_out(w["up_proj"], spec)[e])
+        y = h @ _as_in_out(w["down_proj"], spec)[e]
+        acc = acc.index_add(0, tok, y * topk_w[tok, slot].unsqueeze(-1))
+    out = acc.to(x.dtype)
+    if spec.shared_intermediate:
+        out = out + _shared_expert(x, w, spec)
+    return out

@@ -1,0 +1,92 @@
+"""The `moecompile::moe` op: one call per MoE layer in a rewritten graph.
+
+    moecompile::moe(Tensor x (T, H), Tensor[] weights, str spec, str kernels, str layer) -> (T, H)
+
+`spec` is `MoESpec.to_json()`, `weights` follow `spec.weight_names()`, `kernels` picks the
+implementation ("torch": sorted grouped GEMMs; "reference": the eager loop), `layer` names the
+region for routing traces. The op is opaque to Inductor; its fake implementation gives shapes under
+dynamic T, and its backward is a second opaque op so AOTAutograd never looks inside either.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ir import MoESpec
+from . import moe_torch
+
+KERNELS = ("torch", "reference")
+
+# Routing observers: callables (layer: str, topk_ids (T, K) int64) -> None. Empty when not tracing.
+routing_observers: list = []
+
+
+def _forward_fn(kernels: str):
+    if kernels == "reference":
+        return moe_torch.moe_forward_reference
+    if kernels == "torch":
+        return moe_torch.moe_forward
+    raise ValueError(f"moecompile::moe: unknown kernels {kernels!r}; expected one of {KERNELS}")
+
+
+def _check(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
+    if x.dim() != 2 or x.shape[-1] != spec.hidden:
+        raise ValueError(f"moecompile::moe: x must be (T, {spec.hidden}), got {tuple(x.shape)}")
+    for name, w in zip(spec.weight_names(), weights):
+        if w.dtype != x.dtype and not name.startswith("router"):
+            raise ValueError(f"moecompile::moe: {name} is {w.dtype} but x is {x.dtype}")
+
+
+@torch.library.custom_op("moecompile::moe", mutates_args=())
+def moe(x: Tensor, weights: list[Tensor], spec: str, kernels: str, layer: str) -> Tensor:
+    moe_spec = MoESpec.from_json(spec)
+    _check(x, weights, moe_spec)
+    if kernels == "torch" and routing_observers:
+        def on_route(topk_ids):
+            for observe in routing_observers:
+                observe(layer, topk_ids)
+        return moe_torch.moe_forward(x, weights, moe_spec, on_route=on_route)
+    return _forward_fn(kernels)(x, weights, moe_spec)
+
+
+@moe.register_fake
+def _moe_fake(x, weights, spec, kernels, layer):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moecompile::moe_backward", mutates_args=())
+def moe_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: str, kernels: str) -> list[Tensor]:
+    """Gradients of `moe` for (x, *weights): recomputes the forward under torch.func.vjp.
+
+    NOTE: recompute trades one extra forward for not keeping (T*K, 2I) activations alive between
+    forward and backward; fused backward kernels will replace it.
+    """
+    moe_spec = MoESpec.from_json(spec)
+    forward = _forward_fn(kernels)
+
+    def f(x_, *ws):
+        return forward(x_, list(ws), moe_spec)
+
+    _, vjp = torch.func.vjp(f, x, *weights)
+    return list(vjp(grad.to(x.dtype)))
+
+
+@moe_backward.register_fake
+def _moe_backward_fake(grad, x, weights, spec, kernels):
+    return [torch.empty_like(x)] + [torch.empty_like(w) for w in weights]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, spec, kernels, _layer = inputs
+    ctx.save_for_backward(x, *weights)
+    ctx.spec, ctx.kernels = spec, kernels
+
+
+def _backward(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    grads = moe_backward(grad, x, weights, ctx.spec, ctx.kernels)
+    return grads[0], grads[1:], None, None, None
+
+
+moe.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,102 @@
+"""Options of the moe backend: typed, documented, validated on creation.
+
+Set them with `torch.compile(model, backend="moe", options={...})`, or the environment variables
+below, read in exactly one place (`from_env`); explicit options win over the environment.
+
+    MOECOMPILE_DUMP_DIR=<dir>      dump_dir
+    MOECOMPILE_KERNELS=<name>      kernels
+    MOECOMPILE_VERIFY=0|1          verify
+    MOECOMPILE_INNER=<name>        inner
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserInputError
+
+KERNEL_CHOICES = ("auto", "torch", "reference")
+INNER_CHOICES = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class Config:
+    kernels: str = "auto"
+    """Implementation of each MoE op: auto (best available), torch (sorted grouped GEMMs), reference
+    (the eager per-expert loop, for debugging)."""
+
+    dump_dir: str | None = None
+    """If set, write report.json, per-pass before/after graph code and kernel sources there."""
+
+    verify: bool = True
+    """Check every rewrite against the original subgraph on random inputs before applying it."""
+
+    inner: str = "inductor"
+    """Compiler for the rewritten graph: inductor (default), aot_eager or eager (debugging, tests)."""
+
+    fallback_on_error: bool = True
+    """An internal error in our passes falls back to plain `inner` on that graph, with a warning."""
+
+    verify_rtol: dict[str, float] = field(default_factory=lambda: {
+        # fp32: sorted grouped GEMMs sum in another order than the traced code -> ~1e-6 relative.
+        "float32": 1e-4,
+        # bf16: one rounding of a (T, H) output is 2^-8 = 0.4%; different accumulation order of the
+        # expert GEMMs can flip a couple of such roundings.
+        "bfloat16": 2e-2,
+        "float16": 5e-3,
+    })
+    """Relative tolerance of the verification, by dtype (|a - b| <= atol + rtol * |b|, atol = rtol * mean|b|)."""
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNEL_CHOICES:
+            raise UserInputError(f"option kernels={self.kernels!r} is not one of {KERNEL_CHOICES}")
+        if self.inner not in INNER_CHOICES:
+            raise UserInputError(f"option inner={self.inner!r} is not one of {INNER_CHOICES}")
+
+    def op_kernels(self) -> str:
+        """The `kernels` argument the moe op is called with."""
+        return "torch" if self.kernels == "auto" else self.kernels
+
+
+def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The options set through MOECOMPILE_* environment variables."""
+    env = os.environ if environ is None else environ
+    options: dict[str, Any] = {}
+    if env.get("MOECOMPILE_DUMP_DIR"):
+        options["dump_dir"] = env["MOECOMPILE_DUMP_DIR"]
+    if env.get("MOECOMPILE_KERNELS"):
+        options["kernels"] = env["MOECOMPILE_KERNELS"]
+    if env.get("MOECOMPILE_VERIFY"):
+        options["verify"] = env["MOECOMPILE_VERIFY"] not in ("0", "false", "False")
+    if env.get("MOECOMPILE_INNER"):
+        options["inner"] = env["MOECOMPILE_INNER"]
+    return options
+
+
+_overrides: dict[str, Any] = {}
+
+
+def make(options: dict[str, Any] | None = None) -> Config:
+    """Config from (in rising priority) defaults, environment, `patch()` and explicit options."""
+    merged = {**from_env(), **_overrides, **(options or {})}
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise UserInputError(f"unknown moecompile option(s) {unknown}; known: {sorted(known)}")
+    return Config(**merged)
+
+
+@contextlib.contextmanager
+def patch(**options: Any):
+    """Temporarily set options for every compile in the block (tests)."""
+    saved = dict(_overrides)
+    _overrides.update(options)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)

@@ -1,0 +1,155 @@
+"""The MoE IR: one vocabulary for detection, passes, kernels and the report.
+
+Dimensions: T tokens, E experts, K top-k, H hidden size, I expert intermediate size.
+
+An MoE layer computes, per token row x (H,):
+
+    logits = x @ W_router.T (+ b_router)                      (T, E)
+    w, ids = route(logits)                                     (T, K) float, (T, K) int64
+    y[t]   = sum_k w[t, k] * expert_{ids[t, k]}(x[t])          (T, H)
+    y     += [sigmoid(x @ w_shared_gate.T) *] shared_mlp(x)    (optional shared expert)
+
+`MoESpec` pins down every choice in that formula; `MoERegion` ties a spec to the FX nodes that
+computed it in a captured graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+SCORINGS = ("softmax", "sigmoid")
+TOPK_ORDERS = ("score_then_topk", "topk_then_score")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+LAYOUTS = ("concat", "interleaved", "separate")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Everything that decides what one MoE layer computes (weights aside)."""
+
+    num_experts: int  # E
+    top_k: int  # K
+    hidden: int  # H
+    intermediate: int  # I (per expert)
+    # -- router --
+    scoring: str = "softmax"  # softmax | sigmoid over the E logits (or over the K selected ones)
+    topk_order: str = "score_then_topk"  # score all E then top-k | top-k logits then score those K
+    renormalize: bool = False  # w /= w.sum(-1) after top-k
+    router_bias: bool = False  # F.linear(x, W_router, b_router)
+    router_fp32: bool = True  # scores computed in float32 whatever the input dtype
+    weights_in_input_dtype: bool = False  # top-k weights cast back to the logits dtype before combine
+    routed_scaling: float = 1.0  # w *= routed_scaling
+    # -- experts --
+    activation: str = "silu"
+    gated: bool = True  # act(gate) * up (SwiGLU / GeGLU) vs act(up)
+    layout: str = "concat"  # gate_up as [gate; up] | rows interleaved g0 u0 g1 u1 .. | two tensors
+    transposed: bool = False  # weights stored (E, H, 2I) / (E, I, H) instead of (E, 2I, H) / (E, H, I)
+    # -- shared expert (Qwen2-MoE style: one dense MLP beside the routed ones) --
+    shared_intermediate: int = 0  # 0: no shared expert
+    shared_gate: bool = False  # output scaled by sigmoid(x @ w_shared_gate.T) (T, 1)
+    dtype: str = "float32"  # dtype of the layer's input and weights
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "hidden", "intermediate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MoESpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoESpec.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        for name, allowed in (("scoring", SCORINGS), ("topk_order", TOPK_ORDERS),
+                              ("activation", ACTIVATIONS), ("layout", LAYOUTS), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MoESpec.{name}={getattr(self, name)!r} not in {allowed}")
+        if self.layout != "concat" and not self.gated:
+            raise ValueError(f"MoESpec.layout={self.layout!r} needs gated experts")
+
+    def weight_names(self) -> tuple[str, ...]:
+        """Names of the op's weight list, in order; shapes are in `weight_shapes`."""
+        names = ["router_weight"] + (["router_bias"] if self.router_bias else [])
+        if self.layout == "separate":
+            names += ["gate_proj", "up_proj"]
+        else:
+            names += ["gate_up_proj" if self.gated else "up_proj"]
+        names += ["down_proj"]
+        if self.shared_intermediate:
+            names += ["shared_gate_proj", "shared_up_proj", "shared_down_proj"]
+            names += ["shared_expert_gate"] if self.shared_gate else []
+        return tuple(names)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        E, H, I, Ish = self.num_experts, self.hidden, self.intermediate, self.shared_intermediate
+        up_rows = 2 * I if (self.gated and self.layout != "separate") else I
+
+        def expert(rows: int, cols: int) -> tuple[int, ...]:
+            # stored (E, out, in) as nn.Linear does, or (E, in, out) when transposed
+            return (E, cols, rows) if self.transposed else (E, rows, cols)
+
+        shapes = {
+            "router_weight": (E, H), "router_bias": (E,),
+            "gate_up_proj": expert(up_rows, H), "up_proj": expert(up_rows, H),
+            "gate_proj": expert(I, H), "down_proj": expert(H, I),
+            "shared_gate_proj": (Ish, H), "shared_up_proj": (Ish, H), "shared_down_proj": (H, Ish),
+            "shared_expert_gate": (1, H),
+        }
+        return {name: shapes[name] for name in self.weight_names()}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "MoESpec":
+        return _spec_from_json(text)
+
+    def summary(self) -> dict[str, Any]:
+        """The fields a person wants in a report row."""
+        return {
+            "scoring": self.scoring, "topk_order": self.topk_order, "renormalize": self.renormalize,
+            "activation": self.activation, "gated": self.gated, "layout": self.layout,
+            "transposed": self.transposed, "shared_expert": self.shared_intermediate,
+            "shared_gate": self.shared_gate, "dtype": self.dtype,
+        }
+
+
+@lru_cache(maxsize=256)
+def _spec_from_json(text: str) -> MoESpec:
+    return MoESpec(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class MoERegion:
+    """One MoE layer found in a captured FX graph; what rewrites consume.
+
+    `nodes` are the graph nodes the layer's output depends on that the rest of the graph does not
+    feed in (router, dispatch, experts, combine, shared expert), in graph order. `x` is the layer
+    input (..., H); `weights` line up with `spec.weight_names()`; `output` is the node whose value
+    the replacement takes over.
+    """
+
+    graph_id: int
+    name: str
+    spec: MoESpec
+    x: Any  # torch.fx.Node
+    weights: tuple[Any, ...]  # torch.fx.Node per spec.weight_names()
+    output: Any  # torch.fx.Node
+    nodes: tuple[Any, ...] = ()
+    experts_impl: str = ""  # how the traced code ran its experts (grouped_mm, batched_mm, loop, ...)
+
+
+@dataclass
+class PassResult:
+    """What one pass did: counters are the contract with tests and the report."""
+
+    name: str
+    changed: bool = False
+    counters: dict[str, int] = field(default_factory=dict)
+    ms: float = 0.0
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def skip(self, reason: str) -> None:
+        self.count(f"skipped:{reason}")

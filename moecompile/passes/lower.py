@@ -1,0 +1,80 @@
+"""lower: replace each verified MoE region by one `moecompile::moe` call.
+
+    Matches:     x (..., H) -> [router, top-k, dispatch, expert GEMMs, combine, shared expert] -> y
+    Rewrites to: y = torch.ops.moecompile.moe(x2d (T, H), [weights...], spec_json, kernels, name)
+                 (then `.reshape_as(x)` when y had x's shape rather than (T, H))
+
+Nodes of the region that nothing else reads are erased, in-place writes included; nodes the rest of
+the graph still reads (router logits returned for an aux loss, say) stay and are computed as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..detect import _is_inplace, _shape
+from ..ir import MoERegion, PassResult
+
+
+@dataclass(frozen=True)
+class Lower:
+    name: str = "lower"
+    kernels: str = "torch"
+
+    def __call__(self, gm: fx.GraphModule, regions: list[MoERegion]) -> PassResult:
+        result = PassResult(self.name)
+        for region in regions:
+            reason = _cannot_lower(region)
+            if reason:
+                result.skip(reason)
+                continue
+            _rewrite(gm.graph, region, self.kernels)
+            result.count("regions_lowered")
+            result.changed = True
+        if result.changed:
+            gm.graph.lint()
+            gm.recompile()
+        return result
+
+
+def _op_input(region: MoERegion) -> fx.Node | None:
+    """The (T, H) view of x the op takes: the router's input, which the region already computes."""
+    router_users = [u for u in region.weights[0].users if u in set(region.nodes)]
+    return router_users[0].args[0] if router_users else None
+
+
+def _cannot_lower(region: MoERegion) -> str | None:
+    x2d = _op_input(region)
+    if x2d is None or len(_shape(x2d) or ()) != 2:
+        return "router_input_not_2d"
+    if _shape(region.output) not in (_shape(x2d), _shape(region.x)):
+        return "output_shape_unlike_input"
+    return None
+
+
+def _rewrite(graph: fx.Graph, region: MoERegion, kernels: str) -> None:
+    x2d = _op_input(region)
+    with graph.inserting_before(region.output):
+        out = graph.call_function(
+            torch.ops.moecompile.moe.default,
+            (x2d, list(region.weights), region.spec.to_json(), kernels, region.name))
+        if _shape(region.output) != _shape(x2d):
+            out = graph.call_method("reshape_as", (out, region.x))
+    out.meta.update({k: v for k, v in region.output.meta.items() if k in ("example_value", "val")})
+    region.output.replace_all_uses_with(out)
+    _erase_dead(graph, region)
+
+
+def _erase_dead(graph: fx.Graph, region: MoERegion) -> None:
+    """Erase region nodes nobody reads, last first. An in-place write into a region tensor goes too,
+    unless something outside the region still reads that tensor."""
+    inside = set(region.nodes)
+    for node in reversed(region.nodes):
+        if node.users:
+            continue
+        if _is_inplace(node) and any(u not in inside for u in node.args[0].users):
+            continue
+        graph.erase_node(node)
