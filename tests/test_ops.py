@@ -1,0 +1,129 @@
+"""The moecompile::moe op: fast torch path vs the eager reference, forward and backward.
+
+Shapes are chosen for edges: T=1, odd H and I tails, K == E, an expert with no tokens, all tokens
+to one expert; fresh random inputs every case, never zeros.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from conftest import assert_close
+from moecompile.codegen import moe_torch
+from moecompile.codegen import ops  # noqa: F401
+from moecompile.ir import MoESpec
+
+SPECS = {
+    "mixtral": MoESpec(8, 2, 32, 48, renormalize=True),
+    "odd_tails": MoESpec(5, 2, 33, 17),
+    "k_equals_e": MoESpec(4, 4, 16, 8, renormalize=True),
+    "sigmoid_interleaved_transposed": MoESpec(6, 3, 24, 12, scoring="sigmoid", layout="interleaved",
+                                              transposed=True, renormalize=True, routed_scaling=2.5),
+    "topk_then_softmax_gelu": MoESpec(6, 2, 16, 8, topk_order="topk_then_score", activation="gelu_tanh"),
+    "plain_mlp_relu": MoESpec(4, 1, 16, 8, gated=False, activation="relu"),
+    "separate_gate_up": MoESpec(5, 2, 16, 8, layout="separate"),
+    "shared_gated": MoESpec(8, 2, 32, 16, shared_intermediate=24, shared_gate=True),
+}
+
+
+def _weights(spec: MoESpec, dtype, gen) -> list[torch.Tensor]:
+    return [(torch.randn(shape, generator=gen) / shape[-1] ** 0.5).to(dtype)
+            for shape in spec.weight_shapes().values()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 7, 64])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fast_path_matches_reference(name, T, dtype):
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}{T}".encode()))
+    x = torch.randn(T, spec.hidden, generator=gen).to(dtype)
+    weights = _weights(spec, dtype, gen)
+    assert_close(moe_torch.moe_forward(x, weights, spec), moe_torch.moe_forward_reference(x, weights, spec),
+                 dtype, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_op_gradients_match_reference(name, dtype):
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(9, spec.hidden, generator=gen).to(dtype)
+    weights = _weights(spec, dtype, gen)
+    grad_out = torch.randn(9, spec.hidden, generator=gen).to(dtype)
+
+    def grads(fn):
+        xs = x.clone().requires_grad_()
+        ws = [w.clone().requires_grad_() for w in weights]
+        fn(xs, ws).backward(grad_out)
+        return [xs.grad] + [w.grad for w in ws]
+
+    got = grads(lambda xs, ws: torch.ops.moecompile.moe(xs, ws, spec.to_json(), "torch", "layer"))
+    want = grads(lambda xs, ws: moe_torch.moe_forward_reference(xs, ws, spec))
+    for wname, g, w in zip(("x",) + spec.weight_names(), got, want):
+        assert g is not None and torch.isfinite(g).all(), wname
+        assert_close(g, w, dtype, kind="grad", what=f"{name} d{wname}")
+
+
+def _routing_weights(spec, dtype, gen, hot_expert=None):
+    weights = _weights(spec, dtype, gen)
+    if hot_expert is not None:
+        # a large router bias toward one expert through its weight row: every token picks it first
+        weights[0] = weights[0].clone()
+        weights[0][hot_expert] += 50.0
+    return weights
+
+
+def test_all_tokens_to_one_expert_and_idle_experts():
+    spec = MoESpec(8, 1, 16, 8)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 16, generator=gen).abs() + 0.5  # positive rows: x @ (row + 50) is large
+    weights = _routing_weights(spec, torch.float32, gen, hot_expert=5)
+    topk_w, ids = moe_torch.route(x, moe_torch.named_weights(weights, spec), spec)
+    assert (ids == 5).all()  # the case under test really happens
+    assert_close(moe_torch.moe_forward(x, weights, spec), moe_torch.moe_forward_reference(x, weights, spec),
+                 torch.float32, what="one hot expert")
+
+
+def test_reference_matches_dense_formula():
+    """The reference itself against a direct dense computation of the MoE formula."""
+    spec = MoESpec(4, 2, 8, 6, renormalize=True)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 8, generator=gen)
+    wr, w1, w2 = _weights(spec, torch.float32, gen)
+    probs = torch.softmax(x @ wr.T, dim=-1)
+    vals, ids = probs.topk(2, dim=-1)
+    vals = vals / vals.sum(-1, keepdim=True)
+    want = torch.zeros(5, 8)
+    for t in range(5):
+        for k in range(2):
+            e = ids[t, k]
+            g, u = (w1[e] @ x[t]).chunk(2)
+            want[t] += vals[t, k] * (w2[e] @ (torch.nn.functional.silu(g) * u))
+    assert_close(moe_torch.moe_forward_reference(x, [wr, w1, w2], spec), want, torch.float32)
+
+
+def test_op_under_compile_with_dynamic_tokens():
+    spec = MoESpec(4, 2, 16, 8)
+    gen = torch.Generator().manual_seed(5)
+    weights = _weights(spec, torch.float32, gen)
+
+    def f(x):
+        return torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l") * 2
+
+    compiled = torch.compile(f, backend="aot_eager", dynamic=True)
+    for T in (3, 17):
+        x = torch.randn(T, 16, generator=gen)
+        assert_close(compiled(x), 2 * moe_torch.moe_forward_reference(x, weights, spec), torch.float32)
+
+
+def test_op_rejects_wrong_shapes_with_clear_message():
+    spec = MoESpec(4, 2, 16, 8)
+    weights = _weights(spec, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"x must be \(T, 16\)"):
+        torch.ops.moecompile.moe(torch.randn(3, 15), weights, spec.to_json(), "torch", "l")
+    with pytest.raises(ValueError, match="takes 3 weights"):
+        torch.ops.moecompile.moe(torch.randn(3, 16), weights[:2], spec.to_json(), "torch", "l")
