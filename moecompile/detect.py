@@ -244,7 +244,8 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
         if _is_inplace(n) and n.args[0] not in inside:
             raise _Reject(f"{n.name} writes in place into {n.args[0].name}, outside the layer")
     tensors = {n for n in free if _val(n) is not None}
-    params = {n for n in tensors if n.op == "placeholder" and n is not x}
+    params = {n for n in tensors if n.op == "placeholder" and n is not x
+              and (_is_weight(n) or n is w_router or n is b_router or (_shape(n) or (0,))[0] == E)}
     stray = tensors - params - {x} - x_anc
     if stray or (tensors & x_anc) - {x}:
         bad = sorted(n.name for n in (stray | ((tensors & x_anc) - {x})))
@@ -262,6 +263,11 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
     if not cand.options:
         shapes = [(n.name, _shape(n)) for n in expert_weights + shared_params]
         raise _Reject(f"weights {shapes} fit no expert layout")
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """A graph input that holds a module's parameter or buffer (Dynamo names and types them so)."""
+    return node.type is torch.nn.Parameter or "_parameters_" in node.name or "_buffers_" in node.name
 
 
 def _experts_impl(nodes) -> str:

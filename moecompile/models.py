@@ -84,7 +84,8 @@ def build(name: str, dtype: str | torch.dtype = "float32", experts_impl: str = "
         vocab = getattr(getattr(model, "config", None), "vocab_size", VOCAB)
     elif name in BUILDERS:
         model_cls, config = BUILDERS[name](hidden, layers)
-        config._experts_implementation = experts_impl
+        if name in MOE_MODELS:
+            config._experts_implementation = experts_impl
         config.use_cache = False
         model = model_cls(config)
         vocab = VOCAB

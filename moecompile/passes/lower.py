@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..codegen import ops  # noqa: F401  (registers torch.ops.moecompile.moe)
 from ..detect import _is_inplace, _shape
 from ..ir import MoERegion, PassResult
 
