@@ -33,6 +33,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
 def moe_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """Dynamo backend entry point (registered as 'moe')."""
     cfg = config_mod.make(options)
+    if cfg.routing_trace:
+        from .routing import recorder_for_file
+
+        recorder_for_file(cfg.routing_trace)
     graph_id = report.next_graph_id()
     t0 = time.perf_counter()
     nodes_before = len(gm.graph.nodes)

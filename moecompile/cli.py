@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecompile", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_placement(subparsers)
+    from .routing import add_trace_parser
+
+    add_trace_parser(subparsers)
     _add_explain(subparsers)
     from .bench import add_bench_parser
 

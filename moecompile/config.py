@@ -7,6 +7,7 @@ below, read in exactly one place (`from_env`); explicit options win over the env
     MOECOMPILE_KERNELS=<name>      kernels
     MOECOMPILE_VERIFY=0|1          verify
     MOECOMPILE_INNER=<name>        inner
+    MOECOMPILE_ROUTING_TRACE=<path> routing_trace
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class Config:
     fallback_on_error: bool = True
     """An internal error in our passes falls back to plain `inner` on that graph, with a warning."""
 
+    routing_trace: str | None = None
+    """If set, record every MoE layer's routing (expert load, inter-layer flow) and write it to this
+    .npz / .json path at exit or on `moecompile.routing.flush()`, for `moecompile place`."""
+
     verify_rtol: dict[str, float] = field(default_factory=lambda: {
         # fp32: sorted grouped GEMMs sum in another order than the traced code -> ~1e-6 relative.
         "float32": 1e-4,
@@ -57,6 +62,9 @@ class Config:
         if self.inner not in INNER_CHOICES:
             raise UserInputError(f"option inner={self.inner!r} is not one of {INNER_CHOICES}")
 
+        if self.routing_trace is not None and not str(self.routing_trace).endswith((".npz", ".json")):
+            raise UserInputError(f"option routing_trace={self.routing_trace!r} must end in .npz or .json")
+
     def op_kernels(self) -> str:
         """The `kernels` argument the moe op is called with."""
         return "torch" if self.kernels == "auto" else self.kernels
@@ -72,6 +80,8 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
         options["kernels"] = env["MOECOMPILE_KERNELS"]
     if env.get("MOECOMPILE_VERIFY"):
         options["verify"] = env["MOECOMPILE_VERIFY"] not in ("0", "false", "False")
+    if env.get("MOECOMPILE_ROUTING_TRACE"):
+        options["routing_trace"] = env["MOECOMPILE_ROUTING_TRACE"]
     if env.get("MOECOMPILE_INNER"):
         options["inner"] = env["MOECOMPILE_INNER"]
     return options

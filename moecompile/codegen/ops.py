@@ -18,7 +18,8 @@ from . import moe_torch
 
 KERNELS = ("torch", "reference")
 
-# Routing observers: callables (layer: str, topk_ids (T, K) int64) -> None. Empty when not tracing.
+# Routing observers: callables (layer: str, topk_ids (T, K) int64, num_experts: int) -> None.
+# Empty when no routing trace is being recorded.
 routing_observers: list = []
 
 
@@ -45,7 +46,7 @@ def moe(x: Tensor, weights: list[Tensor], spec: str, kernels: str, layer: str) -
     if kernels == "torch" and routing_observers:
         def on_route(topk_ids):
             for observe in routing_observers:
-                observe(layer, topk_ids)
+                observe(layer, topk_ids, moe_spec.num_experts)
         return moe_torch.moe_forward(x, weights, moe_spec, on_route=on_route)
     return _forward_fn(kernels)(x, weights, moe_spec)
 

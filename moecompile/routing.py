@@ -1,0 +1,171 @@
+"""Routing traces from real runs: per-layer expert load (L, E) and inter-layer flow (L-1, E, E).
+
+The `moecompile::moe` op reports each layer's top-k expert ids to the observers registered in
+`codegen.ops.routing_observers`; a `RoutingRecorder` turns them into the trace the placement solver
+reads. Two ways in:
+
+    moecompile trace --model mixtral --tokens 256 --out trace.npz        # CLI
+    torch.compile(model, backend="moe", options={"routing_trace": "trace.npz"})  # during normal runs
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+
+import numpy as np
+import torch
+
+from .codegen import ops
+from .errors import UserInputError
+
+
+class RoutingRecorder:
+    """Accumulates load and flow from the op's routing decisions.
+
+    Layers are numbered in the order they first run. Flow pairs layer l with layer l+1 when l+1 runs
+    right after l on the same tokens (same T), as in one forward pass of a decoder stack.
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[str, int] = {}
+        self.load: list[np.ndarray] = []  # per layer (E,) float64
+        self.flow: dict[int, np.ndarray] = {}  # l -> (E, E) float64
+        self._previous: tuple[int, torch.Tensor] | None = None  # (layer, (T, E) counts)
+        self._lock = threading.Lock()
+
+    def __call__(self, layer: str, topk_ids: torch.Tensor, num_experts: int) -> None:
+        ids = topk_ids.detach().to("cpu", torch.int64)
+        per_token = torch.zeros(ids.shape[0], num_experts, dtype=torch.float64)
+        per_token.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float64))  # (T, E)
+        with self._lock:
+            index = self.layers.setdefault(layer, len(self.layers))
+            if index == len(self.load):
+                self.load.append(np.zeros(num_experts))
+            self.load[index] += per_token.sum(0).numpy()
+            prev = self._previous
+            if prev is not None and prev[0] == index - 1 and prev[1].shape[0] == ids.shape[0]:
+                pair = (prev[1].T @ per_token).numpy()  # (E, E): sum over tokens of K x K' routings
+                self.flow[index - 1] = self.flow.get(index - 1, 0) + pair
+            self._previous = (index, per_token)
+
+    def trace(self):
+        """The recorded `RoutingTrace`; raises UserInputError if nothing was recorded."""
+        from .placement.trace import RoutingTrace
+
+        with self._lock:
+            if not self.load:
+                raise UserInputError("no MoE layer ran through moecompile, so no routing was recorded")
+            widths = {len(v) for v in self.load}
+            if len(widths) != 1:
+                raise UserInputError(f"layers have different expert counts {sorted(widths)}; "
+                                     "a trace needs one E for all layers")
+            load = np.stack(self.load)
+            L, E = load.shape
+            flow = None
+            if L > 1 and all(l in self.flow for l in range(L - 1)):
+                flow = np.stack([self.flow[l] for l in range(L - 1)])
+            return RoutingTrace(load=load, flow=flow)
+
+    def __enter__(self) -> "RoutingRecorder":
+        ops.routing_observers.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ops.routing_observers.remove(self)
+
+
+_file_recorders: dict[str, RoutingRecorder] = {}
+
+
+def recorder_for_file(path: str) -> RoutingRecorder:
+    """The recorder behind option `routing_trace=path`: starts observing now, writes at exit
+    (or on `flush()`)."""
+    if path not in _file_recorders:
+        rec = RoutingRecorder()
+        ops.routing_observers.append(rec)
+        _file_recorders[path] = rec
+        if len(_file_recorders) == 1:
+            atexit.register(flush)
+    return _file_recorders[path]
+
+
+def flush() -> None:
+    """Write every routing trace asked for with option `routing_trace` (also runs at exit)."""
+    from .placement.trace import save_trace
+
+    for path, rec in _file_recorders.items():
+        if rec.load:
+            save_trace(rec.trace(), path)
+
+
+def record_routing(model: torch.nn.Module, batches) -> "object":
+    """Run `model` over `batches` (each a tuple of positional args) through backend='moe' and return
+    the `RoutingTrace` of what its MoE layers did."""
+    from .backend import moe_backend
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=moe_backend, options={"inner": "eager"})
+    with RoutingRecorder() as rec, torch.no_grad():
+        for args in batches:
+            compiled(*args)
+    return rec.trace()
+
+
+def _token_batches(spec: str, vocab: int, batch: int, batches: int):
+    """--tokens: a count of random tokens per sequence, or a .npy / .pt file of token ids (B, S)."""
+    if spec.isdigit():
+        n = int(spec)
+        if n < 1:
+            raise UserInputError("--tokens must be at least 1")
+        gen = torch.Generator().manual_seed(0)
+        return [(torch.randint(0, vocab, (batch, n), generator=gen),) for _ in range(batches)]
+    try:
+        if spec.endswith(".npy"):
+            ids = torch.from_numpy(np.load(spec, allow_pickle=False))
+        elif spec.endswith(".pt"):
+            ids = torch.load(spec, weights_only=True)
+        else:
+            raise UserInputError(f"--tokens {spec!r}: expected a number or a .npy / .pt file of token ids")
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserInputError(f"cannot read token ids from {spec!r}: {err}") from None
+    if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.dtype.is_floating_point:
+        raise UserInputError(f"token ids in {spec!r} must be an integer array of shape (S,) or (B, S)")
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    if ids.numel() == 0 or ids.min() < 0 or ids.max() >= vocab:
+        raise UserInputError(f"token ids in {spec!r} must lie in [0, {vocab}) and not be empty")
+    return [(ids.long(),)]
+
+
+def add_trace_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trace", help="record routing statistics (expert load and inter-layer flow) of a model run",
+        description="Run a model through backend='moe' and write its routing trace (.npz or .json) "
+                    "for `moecompile place`.")
+    p.add_argument("--model", default="mixtral",
+                   help="built-in demo model name, or package.module:factory returning a model")
+    p.add_argument("--tokens", default="256",
+                   help="random tokens per sequence (a number), or a .npy/.pt file of token ids")
+    p.add_argument("--batch", type=int, default=4, help="sequences per batch (random tokens)")
+    p.add_argument("--batches", type=int, default=4, help="batches to run (random tokens)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of a built-in model")
+    p.add_argument("--out", required=True, help="trace file to write (.npz or .json)")
+    p.set_defaults(func=_run_trace)
+
+
+def _run_trace(args) -> int:
+    from . import models
+    from .placement.trace import save_trace
+
+    if not args.out.endswith((".npz", ".json")):
+        raise UserInputError(f"--out {args.out!r}: a trace file ends in .npz or .json")
+    if args.batch < 1 or args.batches < 1 or args.layers < 1:
+        raise UserInputError("--batch, --batches and --layers must be at least 1")
+    model, (ids,) = models.build(args.model, layers=args.layers, batch=1, tokens=1)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", models.VOCAB)
+    trace = record_routing(model, _token_batches(args.tokens, vocab, args.batch, args.batches))
+    save_trace(trace, args.out)
+    tokens = int(trace.load[0].sum())
+    print(f"wrote {args.out}: {trace.num_layers} MoE layers x {trace.num_experts} experts, "
+          f"{tokens} routings per layer, flow {'recorded' if trace.flow is not None else 'absent'}")
+    return 0

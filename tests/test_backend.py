@@ -1,0 +1,182 @@
+"""The backend as users meet it: entry point, fallback on errors, dense models, dumps, explain,
+routing traces, options."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import moecompile
+from conftest import assert_close
+from moecompile import config, models, routing
+from moecompile.errors import UserInputError
+from moecompile.passes import lower
+
+
+def test_entry_point_works_in_a_fresh_process_without_import():
+    code = (
+        "import sys, torch\n"
+        "from transformers import MixtralConfig, MixtralForCausalLM\n"
+        "cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,\n"
+        "    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)\n"
+        "m = MixtralForCausalLM(cfg).eval()\n"
+        "ids = torch.randint(0, 64, (2, 5))\n"
+        "assert 'moecompile' not in sys.modules\n"
+        "out = torch.compile(m, backend='moe', options={'inner': 'aot_eager'})(ids).logits\n"
+        "torch.testing.assert_close(out, m(ids).logits, rtol=1e-4, atol=1e-5)\n"
+        "import moecompile\n"
+        "print([r['status'] for r in moecompile.last_report().regions])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "['optimized']"
+
+
+def test_internal_error_falls_back_to_plain_compile(monkeypatch):
+    def broken(self, gm, regions):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(lower.Lower, "__call__", broken)
+    model, (ids,) = models.build("olmoe", layers=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = torch.compile(model, backend="moe", options={"inner": "aot_eager"})(ids).logits
+    assert_close(out, model(ids).logits, torch.float32)
+    assert any("injected failure" in str(w.message) for w in caught)
+    report = moecompile.last_report()
+    assert [g["status"] for g in report.graphs] == ["error"]
+    assert "injected failure" in report.graphs[0]["reason"]
+
+
+def test_dense_model_compiles_as_with_inductor():
+    model, (ids,) = models.build("dense", layers=1)
+    with torch.no_grad():
+        moe_out = torch.compile(model, backend="moe")(ids).logits
+        torch._dynamo.reset()
+        inductor_out = torch.compile(model)(ids).logits
+    report = moecompile.last_report()
+    assert report.regions == []
+    assert [g["status"] for g in report.graphs] == ["unchanged"]
+    assert report.graphs[0]["nodes_after"] == report.graphs[0]["nodes_before"]
+    torch.testing.assert_close(moe_out, inductor_out, rtol=0, atol=0)
+
+
+def test_dump_dir_writes_report_and_pass_dumps(tmp_path):
+    model, (ids,) = models.build("qwen2_moe", layers=2)
+    with torch.no_grad():
+        torch.compile(model, backend="moe", options={"inner": "aot_eager", "dump_dir": str(tmp_path)})(ids)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["regions"]) == 2
+    for row in report["regions"]:
+        assert set(row) >= {"graph", "name", "num_experts", "top_k", "hidden", "intermediate", "status",
+                            "reason", "kernels", "passes"}
+        assert row["status"] == "optimized" and row["passes"] == ["lower"]
+    assert {p["name"] for p in report["passes"]} == {"detect", "lower"}
+    assert all(isinstance(p["ms"], float) and isinstance(p["changed"], bool) for p in report["passes"])
+    graph_dir = tmp_path / "graph_000"
+    before = (graph_dir / "01_lower.before.py").read_text()
+    after = (graph_dir / "01_lower.after.py").read_text()
+    assert "torch.topk" in before and "torch.topk" not in after
+    assert after.count("torch.ops.moecompile.moe.default") == 2
+    assert (graph_dir / "kernels_torch.py").exists()
+
+
+def test_env_dump_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECOMPILE_DUMP_DIR", str(tmp_path))
+    model, (ids,) = models.build("mixtral", layers=1)
+    with torch.no_grad():
+        torch.compile(model, backend="moe", options={"inner": "eager"})(ids)
+    assert json.loads((tmp_path / "report.json").read_text())["regions"][0]["num_experts"] == 8
+
+
+def test_explain_returns_report_and_prints_table(capsys):
+    model, (ids,) = models.build("qwen3_moe", layers=2)
+    report = moecompile.explain(model, ids, options={"inner": "eager"})
+    printed = capsys.readouterr().out
+    assert [r["name"] for r in report.regions] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert "model.layers.1.mlp" in printed and "2 MoE layer(s) found, 2 optimized" in printed
+
+
+def test_unknown_option_is_a_clear_error():
+    with pytest.raises(UserInputError, match="unknown moecompile option"):
+        config.make({"kernel": "torch"})
+    with pytest.raises(UserInputError, match="kernels='cuda'"):
+        config.make({"kernels": "cuda"})
+
+
+def test_env_overrides_and_patch(monkeypatch):
+    monkeypatch.setenv("MOECOMPILE_KERNELS", "reference")
+    monkeypatch.setenv("MOECOMPILE_VERIFY", "0")
+    assert config.make().kernels == "reference" and config.make().verify is False
+    assert config.make({"kernels": "torch"}).kernels == "torch"  # explicit beats environment
+    with config.patch(inner="eager"):
+        assert config.make().inner == "eager"
+    assert config.make().inner == "inductor"
+
+
+def test_reference_kernels_option_runs_the_reference():
+    model, (ids,) = models.build("mixtral", layers=1)
+    with torch.no_grad():
+        out = torch.compile(model, backend="moe", options={"inner": "eager", "kernels": "reference"})(ids)
+    assert_close(out.logits, model(ids).logits, torch.float32)
+    assert moecompile.last_report().regions[0]["kernels"] == "reference"
+
+
+def test_routing_recorder_counts_load_and_flow():
+    model, (ids,) = models.build("mixtral", layers=3, batch=2, tokens=8)
+    trace = routing.record_routing(model, [(ids,), (ids,)])
+    assert trace.load.shape == (3, 8) and trace.flow.shape == (2, 8, 8)
+    np.testing.assert_array_equal(trace.load.sum(1), [2 * 16 * 2] * 3)  # batches x tokens x K
+    np.testing.assert_array_equal(trace.flow.sum((1, 2)), [2 * 16 * 2 * 2] * 2)  # x K' too
+    # flow rows sum to the load of the layer before, scaled by K of the layer after
+    np.testing.assert_allclose(trace.flow[0].sum(1), trace.load[0] * 2)
+    np.testing.assert_allclose(trace.flow[1].sum(0), trace.load[2] * 2)
+
+
+def test_routing_trace_option_writes_file(tmp_path):
+    path = tmp_path / "run.npz"
+    model, (ids,) = models.build("olmoe", layers=2)
+    with torch.no_grad():
+        torch.compile(model, backend="moe", options={"inner": "eager", "routing_trace": str(path)})(ids)
+    routing.flush()
+    from moecompile.placement import load_trace
+
+    trace = load_trace(str(path))
+    assert trace.load.shape == (2, 16) and trace.load[0].sum() == ids.numel() * 4
+    routing._file_recorders.pop(str(path)).__exit__()
+
+
+def test_cli_explain_and_errors(tmp_path):
+    env = {**os.environ, "MOECOMPILE_INNER": "eager"}
+    out = tmp_path / "r.json"
+    ok = subprocess.run([sys.executable, "-m", "moecompile.cli", "explain", "--model", "qwen2_moe",
+                         "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "2 MoE layer(s) found, 2 optimized" in ok.stdout
+    assert len(json.loads(out.read_text())["regions"]) == 2
+    bad = subprocess.run([sys.executable, "-m", "moecompile.cli", "explain", "--model", "nope"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert bad.stderr.startswith("moecompile: error: unknown model 'nope'")
+
+
+def test_cli_trace_writes_a_trace(tmp_path):
+    out = tmp_path / "t.json"
+    ok = subprocess.run([sys.executable, "-m", "moecompile.cli", "trace", "--model", "mixtral", "--tokens", "8",
+                         "--batch", "2", "--batches", "1", "--layers", "2", "--out", str(out)],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert np.array(data["load"]).shape == (2, 8) and np.array(data["flow"]).shape == (1, 8, 8)
+    bad = subprocess.run([sys.executable, "-m", "moecompile.cli", "trace", "--tokens", "missing.npy",
+                          "--out", str(tmp_path / "x.npz")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "cannot read token ids" in bad.stderr
+    assert not (tmp_path / "x.npz").exists()
