@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -56,23 +56,23 @@ def op_kind(node: fx.Node) -> str:
     return node.op
 
 
-def _is_inplace(node: fx.Node) -> bool:
+def is_inplace(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _INPLACE_FUNCTIONS
     return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
 
 
-def _val(node) -> torch.Tensor | None:
+def value_of(node) -> torch.Tensor | None:
     value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _shape(node) -> tuple | None:
+def shape_of(node) -> tuple | None:
     """Shape with ints for static dims and the symbol's text for dynamic ones.
 
     NOTE: comparing SymInts with == would add guards to the graph being compiled; text does not.
     """
-    value = _val(node)
+    value = value_of(node)
     if value is None:
         return None
     return tuple(d if isinstance(d, int) else str(d) for d in value.shape)
@@ -96,7 +96,7 @@ class _Flow:
     def __post_init__(self) -> None:
         for i, node in enumerate(self.graph.nodes):
             self.order[node] = i
-            if _is_inplace(node) and node.args and isinstance(node.args[0], fx.Node):
+            if is_inplace(node) and node.args and isinstance(node.args[0], fx.Node):
                 self.mutators.setdefault(node.args[0], []).append(node)
 
     def deps(self, node: fx.Node) -> list[fx.Node]:
@@ -190,7 +190,7 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
         raise _Reject("top-k input is not a (scored) router linear")
     w_router = router.args[1]
     b_router = router.args[2] if len(router.args) > 2 else router.kwargs.get("bias")
-    router_shape = _shape(w_router)
+    router_shape = shape_of(w_router)
     if w_router.op != "placeholder" or router_shape is None or len(router_shape) != 2:
         raise _Reject("router weight is not a 2D graph input")
     E, H = router_shape
@@ -201,21 +201,21 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
     x2d = router.args[0]
     x, _ = _walk_back(x2d, ("reshape",))
     cand.x, cand.x2d = x, x2d
-    x_shape = _shape(x)
+    x_shape = shape_of(x)
     if x_shape is None or x_shape[-1] != H:
         raise _Reject(f"router input shape {x_shape} does not end in H={H}")
 
     # 2. Output: the first value after top-k, shaped like x2d, that every expert weight feeds.
     x_anc = flow.ancestors(x)
     after_topk = flow.descendants(topk)
-    x_numel = _shape(x2d)
+    x_numel = shape_of(x2d)
     expert_weights = None
     for node in sorted(after_topk, key=flow.order.__getitem__):
-        if _shape(node) != x_numel or node is topk:
+        if shape_of(node) != x_numel or node is topk:
             continue
         anc = flow.ancestors(node) - x_anc
-        weights3d = [n for n in anc if n.op == "placeholder" and len(_shape(n) or ()) == 3
-                     and _shape(n)[0] == E]
+        weights3d = [n for n in anc if n.op == "placeholder" and len(shape_of(n) or ()) == 3
+                     and shape_of(n)[0] == E]
         if len(weights3d) >= 2:
             cand.output, expert_weights = node, weights3d
             break
@@ -241,11 +241,11 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
             if m not in inside and flow.order[m] < flow.order[cand.output]:
                 raise _Reject(f"{m.name} writes into {n.name} from outside the layer")
     for n in nodes:
-        if _is_inplace(n) and n.args[0] not in inside:
+        if is_inplace(n) and n.args[0] not in inside:
             raise _Reject(f"{n.name} writes in place into {n.args[0].name}, outside the layer")
-    tensors = {n for n in free if _val(n) is not None}
+    tensors = {n for n in free if value_of(n) is not None}
     params = {n for n in tensors if n.op == "placeholder" and n is not x
-              and (_is_weight(n) or n is w_router or n is b_router or (_shape(n) or (0,))[0] == E)}
+              and (_is_weight(n) or n is w_router or n is b_router or (shape_of(n) or (0,))[0] == E)}
     stray = tensors - params - {x} - x_anc
     if stray or (tensors & x_anc) - {x}:
         bad = sorted(n.name for n in (stray | ((tensors & x_anc) - {x})))
@@ -259,9 +259,9 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
     shared_params = sorted(params - set(expert_weights) - {w_router, b_router},
                            key=lambda n: min(flow.order[u] for u in n.users))
     cand.options = _spec_options(E, K, H, facts, nodes, expert_weights, shared_params,
-                                 w_router, b_router, shared is not None, _val(x).dtype)
+                                 w_router, b_router, shared is not None, value_of(x).dtype)
     if not cand.options:
-        shapes = [(n.name, _shape(n)) for n in expert_weights + shared_params]
+        shapes = [(n.name, shape_of(n)) for n in expert_weights + shared_params]
         raise _Reject(f"weights {shapes} fit no expert layout")
 
 
@@ -294,7 +294,7 @@ def _match_shared(flow: _Flow, routed: fx.Node, x_anc: set, topk: fx.Node) -> fx
     if not any(op_kind(n) == "linear" for n in private):
         return None
     for n in private:
-        if n.op == "placeholder" and len(_shape(n) or ()) != 2 and _val(n) is not None:
+        if n.op == "placeholder" and len(shape_of(n) or ()) != 2 and value_of(n) is not None:
             return None
     return add
 
@@ -307,7 +307,7 @@ def _router_facts(flow: _Flow, topk, chain, inside, router) -> dict:
         if op_kind(n) in ("softmax", "sigmoid"):
             facts["scoring_before"] = op_kind(n)
             facts["fp32"] |= n.kwargs.get("dtype") == torch.float32
-        if op_kind(n) == "cast" and _val(n) is not None and _val(n).dtype == torch.float32:
+        if op_kind(n) == "cast" and value_of(n) is not None and value_of(n).dtype == torch.float32:
             facts["fp32"] = True
     values_path = set()
     for v in _getitem_users(topk, 0):
@@ -317,12 +317,12 @@ def _router_facts(flow: _Flow, topk, chain, inside, router) -> dict:
         kind = op_kind(n)
         if kind in ("softmax", "sigmoid") and facts["scoring_before"] is None:
             facts["scoring_after"] = kind
-        elif kind == "sum" and _shape(n) is not None and _shape(n)[-1] == 1:
+        elif kind == "sum" and shape_of(n) is not None and shape_of(n)[-1] == 1:
             facts["renormalize"] = True
         elif kind == "mul" and any(isinstance(a, float) for a in n.args):
             facts["scale"] = next(a for a in n.args if isinstance(a, float))
-        elif kind == "cast" and _val(n) is not None and _val(n).dtype != torch.float32 \
-                and _val(n).dim() == 2 and _val(n).shape[-1] == topk.args[1]:
+        elif kind == "cast" and value_of(n) is not None and value_of(n).dtype != torch.float32 \
+                and value_of(n).dim() == 2 and value_of(n).shape[-1] == topk.args[1]:
             facts["to_input_dtype"] = True
     return facts
 
@@ -356,7 +356,7 @@ def _spec_options(E, K, H, facts, nodes, expert_weights, shared_params, w_router
 
     expert_options = []  # (fields, weights)
     if len(expert_weights) == 2:
-        w1, w2 = (_shape(w) for w in expert_weights)
+        w1, w2 = (shape_of(w) for w in expert_weights)
         for transposed in (False, True):
             h_ax, i_ax = (2, 1) if transposed else (1, 2)
             if w2[h_ax] != H or w1[3 - h_ax] != H:
@@ -371,7 +371,7 @@ def _spec_options(E, K, H, facts, nodes, expert_weights, shared_params, w_router
     elif len(expert_weights) == 3:
         a, b, down = expert_weights
         for transposed in (False, True):
-            inter = _shape(down)[2 if not transposed else 1]
+            inter = shape_of(down)[2 if not transposed else 1]
             for gate, up in ((a, b), (b, a)):
                 expert_options.append((dict(intermediate=inter, transposed=transposed, layout="separate"),
                                        [gate, up, down]))
@@ -390,7 +390,7 @@ def _spec_options(E, K, H, facts, nodes, expert_weights, shared_params, w_router
                 except ValueError:
                     continue
                 weights = tuple(router + list(weights_e) + list(weights_s))
-                if [_shape(w) for w in weights] == list(spec.weight_shapes().values()):
+                if [shape_of(w) for w in weights] == list(spec.weight_shapes().values()):
                     options.append((spec, weights))
     return options
 
@@ -403,20 +403,16 @@ def _has_step2(node: fx.Node) -> bool:
 
 def _shared_options(params, H) -> list:
     """Shared MLP weights (gate, up, down [, sigmoid gate]) in the orders their shapes allow."""
-    gate_vec = [p for p in params if _shape(p) == (1, H)]
+    gate_vec = [p for p in params if shape_of(p) == (1, H)]
     mats = [p for p in params if p not in gate_vec]
     if len(gate_vec) > 1 or len(mats) != 3:
         return []
-    downs = [p for p in mats if _shape(p)[0] == H]
+    downs = [p for p in mats if shape_of(p)[0] == H]
     options = []
     for down in downs:
         a, b = [p for p in mats if p is not down]
-        ish = _shape(down)[1]
+        ish = shape_of(down)[1]
         for gate, up in ((a, b), (b, a)):
             options.append(({"shared_intermediate": ish, "shared_gate": bool(gate_vec)},
                             [gate, up, down] + gate_vec))
     return options
-
-
-def with_name(spec: MoESpec, **changes) -> MoESpec:
-    return replace(spec, **changes)

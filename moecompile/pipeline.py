@@ -49,9 +49,9 @@ def _candidate_shape(cand: detect.Candidate) -> tuple:
         s = cand.options[0][0]
         return s.num_experts, s.top_k, s.hidden, s.intermediate
     w = cand.topk.args[0]
-    e = detect._shape(w)[-1] if detect._shape(w) else 0
+    e = detect.shape_of(w)[-1] if detect.shape_of(w) else 0
     k = cand.topk.args[1] if len(cand.topk.args) > 1 and isinstance(cand.topk.args[1], int) else 0
-    h = detect._shape(cand.x)[-1] if cand.x is not None and detect._shape(cand.x) else 0
+    h = detect.shape_of(cand.x)[-1] if cand.x is not None and detect.shape_of(cand.x) else 0
     return e, k, h, 0
 
 

@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from .codegen import moe_torch
 from .config import Config
-from .detect import Candidate, _val
+from .detect import Candidate, value_of
 from .ir import MoERegion
 
 
@@ -49,7 +49,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> tuple[b
 def verify(cand: Candidate, graph_id: int, placeholder_values: dict, config: Config
            ) -> tuple[MoERegion | None, str | None]:
     """Pick the first spec option whose op output matches the traced subgraph; else a reason."""
-    x_val = _val(cand.x)
+    x_val = value_of(cand.x)
     shape = [_concrete(d) for d in x_val.shape]
     generator = torch.Generator(device="cpu").manual_seed(1234 + graph_id)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(x_val.dtype).to(x_val.device)

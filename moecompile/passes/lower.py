@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..codegen import ops  # noqa: F401  (registers torch.ops.moecompile.moe)
-from ..detect import _is_inplace, _shape
+from ..detect import is_inplace, shape_of
 from ..ir import MoERegion, PassResult
 
 
@@ -49,9 +49,9 @@ def _op_input(region: MoERegion) -> fx.Node | None:
 
 def _cannot_lower(region: MoERegion) -> str | None:
     x2d = _op_input(region)
-    if x2d is None or len(_shape(x2d) or ()) != 2:
+    if x2d is None or len(shape_of(x2d) or ()) != 2:
         return "router_input_not_2d"
-    if _shape(region.output) not in (_shape(x2d), _shape(region.x)):
+    if shape_of(region.output) not in (shape_of(x2d), shape_of(region.x)):
         return "output_shape_unlike_input"
     return None
 
@@ -62,7 +62,7 @@ def _rewrite(graph: fx.Graph, region: MoERegion, kernels: str) -> None:
         out = graph.call_function(
             torch.ops.moecompile.moe.default,
             (x2d, list(region.weights), region.spec.to_json(), kernels, region.name))
-        if _shape(region.output) != _shape(x2d):
+        if shape_of(region.output) != shape_of(x2d):
             out = graph.call_method("reshape_as", (out, region.x))
     out.meta.update({k: v for k, v in region.output.meta.items() if k in ("example_value", "val")})
     region.output.replace_all_uses_with(out)
@@ -76,6 +76,6 @@ def _erase_dead(graph: fx.Graph, region: MoERegion) -> None:
     for node in reversed(region.nodes):
         if node.users:
             continue
-        if _is_inplace(node) and any(u not in inside for u in node.args[0].users):
+        if is_inplace(node) and any(u not in inside for u in node.args[0].users):
             continue
         graph.erase_node(node)

@@ -63,7 +63,7 @@ class WindowResult:
     seconds: float
 
 
-def solve_window(win: Window, time_limit: float) -> WindowResult:
+def solve_window(win: Window, time_limit: float, **options) -> WindowResult:
     """Solve one window; never returns worse than `win.start` on the model objective."""
     import pulp
 
@@ -134,11 +134,13 @@ def solve_window(win: Window, time_limit: float) -> WindowResult:
         _add_inner_pair(pulp, prob, win, layer, p_by, q, objective, warm, gpus_per_node)
     prob += pulp.LpAffineExpression(objective)
     # 5. solve from the warm start
-    solver = _warm_highs(pulp)(msg=False, timeLimit=max(time_limit - (time.perf_counter() - t0), 0.05), threads=1)
+    solver = _warm_highs(pulp)(msg=False, timeLimit=max(time_limit - (time.perf_counter() - t0), 0.05), threads=1, **options)
     for var, val in warm.items():
         var.setInitialValue(val)
+    import os
+    if os.environ.get('DUMP'): prob.writeMPS(os.environ['DUMP'])
     prob.solve(solver)
-    start_obj = pulp.value(pulp.LpAffineExpression(objective)) if False else _eval(objective, warm)
+    start_obj = _eval(objective, warm)
     info = prob.solverModel.getInfo()
     found = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
     new_obj = _eval(objective, {v: (v.varValue or 0.0) for v in warm}) if found else np.inf
@@ -147,3 +149,95 @@ def solve_window(win: Window, time_limit: float) -> WindowResult:
         phy2log = _decode(p_by, num_gpus, spg)
         return WindowResult(phy2log, new_obj, bound, pulp.LpStatus[prob.status], time.perf_counter() - t0)
     return WindowResult(win.start.copy(), start_obj, bound, "kept start", time.perf_counter() - t0)
+
+
+def _node_presence(pulp, prob, cells: list, layer: int, e: int, n: int, gpus_per_node: int, warm: dict):
+    """q[l, e, n] <= replicas of e on node n (q is pushed up by the objective, so q = min(1, count))."""
+    q = pulp.LpVariable(f"q{layer}_{e}_{n}", 0, 1)
+    on_node = [(v, 1) for g, _, v in cells if g // gpus_per_node == n]
+    prob += pulp.LpAffineExpression(on_node + [(q, -1)]) >= 0
+    warm[q] = min(1.0, sum(warm[v] for v, _ in on_node))
+    return q
+
+
+def _add_inner_pair(pulp, prob, win: Window, layer: int, p_by: list, q: dict, objective: list, warm: dict,
+                    gpus_per_node: int) -> None:
+    """Local flow between window layers `layer` and `layer + 1`: u per GPU, v per node."""
+    flow = win.inner_flow[layer]
+    for e, e2 in zip(*np.nonzero(flow)):
+        weight = float(flow[e, e2])
+        src = {}  # g -> [(var, 1/c)]: share of e's tokens on g
+        for g, c, v in p_by[layer][e]:
+            src.setdefault(g, []).append((v, weight / c))
+        dst = {}  # g -> [var]: e2 present on g
+        for g, _, v in p_by[layer + 1][e2]:
+            dst.setdefault(g, []).append(v)
+        for g in src.keys() & dst.keys():
+            u = pulp.LpVariable(f"u{layer}_{e}_{e2}_{g}", 0)
+            prob += pulp.LpAffineExpression(src[g] + [(u, -1)]) >= 0
+            prob += pulp.LpAffineExpression([(v, weight) for v in dst[g]] + [(u, -1)]) >= 0
+            warm[u] = min(_eval(src[g], warm), weight * sum(warm[v] for v in dst[g]))
+            objective.append((u, -win.hop_weight))
+        if win.num_nodes == 1 or not win.node_weight:
+            continue
+        for n in {g // gpus_per_node for g in src} & {g // gpus_per_node for g in dst}:
+            key = (layer + 1, int(e2), n)
+            if key not in q:
+                q[key] = _node_presence(pulp, prob, p_by[layer + 1][e2], *key, gpus_per_node, warm)
+            v = pulp.LpVariable(f"v{layer}_{e}_{e2}_{n}", 0)
+            share = [t for g, terms in src.items() if g // gpus_per_node == n for t in terms]
+            prob += pulp.LpAffineExpression(share + [(v, -1)]) >= 0
+            prob += pulp.LpAffineExpression([(q[key], weight), (v, -1)]) >= 0
+            warm[v] = min(_eval(share, warm), weight * warm[q[key]])
+            objective.append((v, -win.hop_weight * win.node_weight))
+
+
+_WARM_HIGHS = None
+
+
+def _warm_highs(pulp):
+    """pulp.HiGHS that hands HiGHS the variables' initial values as a starting solution."""
+    global _WARM_HIGHS
+    if _WARM_HIGHS is None:
+        import highspy
+
+        class WarmHiGHS(pulp.HiGHS):
+            def callSolver(self, lp):
+                start = highspy.HighsSolution()
+                start.col_value = [v.varValue or 0.0 for v in lp.variables()]
+                start.value_valid = True
+                lp.solverModel.setSolution(start)
+                lp.solverModel.run()
+
+        _WARM_HIGHS = WarmHiGHS
+    return _WARM_HIGHS
+
+
+def _eval(terms: list, values: dict) -> float:
+    return float(sum(coef * values[var] for var, coef in terms))
+
+
+def _decode(p_by: list, num_gpus: int, spg: int) -> np.ndarray:
+    """Binary solution -> (W, S) int64 phy2log (experts of each GPU in increasing id order)."""
+    rows = []
+    for layer_cells in p_by:
+        held: list[list[int]] = [[] for _ in range(num_gpus)]
+        for e, cells in enumerate(layer_cells):
+            for g, _, v in cells:
+                if (v.varValue or 0.0) > 0.5:
+                    held[g].append(e)
+        assert all(len(h) == spg for h in held), [len(h) for h in held]
+        rows.append(np.array([sorted(h) for h in held], dtype=np.int64).ravel())
+    return np.stack(rows)
+
+
+def _presence(phy2log: np.ndarray, num_experts: int, num_gpus: int) -> np.ndarray:
+    from .plan import presence
+
+    return presence(phy2log, num_experts, num_gpus)
+
+
+def _gpu_load(phy2log_row: np.ndarray, load_row: np.ndarray, num_gpus: int) -> np.ndarray:
+    from .metrics import gpu_loads
+
+    return gpu_loads(phy2log_row[None], load_row[None], num_gpus)[0]
