@@ -66,31 +66,35 @@ def test_forward_matches_eager(name, impl, dtype):
     _check_report(name)
 
 
+def _train_and_compare(name, impl, dt, inner, shapes) -> None:
+    """One loss.backward() per (batch, tokens) through eager and compiled twins; every gradient
+    (router and expert weights of every layer among them) and the loss must match."""
+    model, _ = models.build(name, dtype=dt, experts_impl=impl)
+    model.train()
+    twin = copy.deepcopy(model)
+    compiled = _compile(twin, inner=inner)
+    for batch, tokens in shapes:
+        ids = torch.randint(0, models.VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(tokens))
+        want = model(ids, labels=ids).loss
+        got = compiled(ids, labels=ids).loss
+        assert_close(got, want, dt, what=f"{name} {impl} loss")
+        want.backward()
+        got.backward()
+        moe_grads = 0
+        for (pname, p), q in zip(twin.named_parameters(), model.parameters()):
+            assert p.grad is not None and q.grad is not None, pname
+            assert_close(p.grad, q.grad, dt, kind="grad", what=f"{name} {impl} d{pname}")
+            moe_grads += ".mlp." in pname
+        assert moe_grads >= 6  # router + expert weights of both layers
+        model.zero_grad()
+        twin.zero_grad()
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", MODELS)
 def test_training_gradients_match_eager(name, impl, dtype):
-    dt = DTYPES[dtype]
-    model, _ = models.build(name, dtype=dt, experts_impl=impl)
-    model.train()
-    twin = copy.deepcopy(model)
-    compiled = _compile(twin)
-    gen = torch.Generator().manual_seed(23)
-    for batch, tokens in ((2, 7), (1, 64)):
-        ids = torch.randint(0, models.VOCAB, (batch, tokens), generator=gen)
-        model(ids, labels=ids).loss.backward()
-        loss = compiled(ids, labels=ids).loss
-        loss.backward()
-        params = dict(model.named_parameters())
-        checked = 0
-        for pname, p in twin.named_parameters():
-            if p.grad is None and params[pname].grad is None:
-                continue
-            assert_close(p.grad, params[pname].grad, dt, kind="grad", what=f"{name} {impl} d{pname}")
-            checked += "mlp" in pname
-        assert checked >= 6  # router and expert weights of both layers are among them
-        model.zero_grad()
-        twin.zero_grad()
+    _train_and_compare(name, impl, DTYPES[dtype], "aot_eager", shapes=((2, 7), (1, 64)))
     _check_report(name)
 
 
@@ -107,18 +111,7 @@ def test_inductor_forward(name):
 
 def test_inductor_training_and_dynamic_tokens():
     """Inductor end to end with backward; new token counts reuse one dynamic graph."""
-    model, _ = models.build("qwen2_moe", experts_impl="grouped_mm")
-    model.train()
-    twin = copy.deepcopy(model)
-    compiled = _compile(twin, inner="inductor")
-    for tokens in (5, 9, 33):
-        ids = torch.randint(0, models.VOCAB, (2, tokens), generator=torch.Generator().manual_seed(tokens))
-        model(ids, labels=ids).loss.backward()
-        compiled(ids, labels=ids).loss.backward()
-        for (pname, p), q in zip(twin.named_parameters(), model.parameters()):
-            assert_close(p.grad, q.grad, torch.float32, kind="grad", what=f"d{pname}")
-        model.zero_grad()
-        twin.zero_grad()
+    _train_and_compare("qwen2_moe", "grouped_mm", torch.float32, "inductor", shapes=((2, 5), (2, 9), (2, 33)))
     # 5 -> static graph; 9 -> one dynamic recompile; 33 -> reuses it
     assert len(moecompile.last_report().graphs) == 2
 
@@ -128,14 +121,5 @@ def test_inductor_training_and_dynamic_tokens():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", MODELS)
 def test_inductor_training_every_model(name, impl, dtype):
-    dt = DTYPES[dtype]
-    model, _ = models.build(name, dtype=dt, experts_impl=impl)
-    model.train()
-    twin = copy.deepcopy(model)
-    compiled = _compile(twin, inner="inductor")
-    ids = torch.randint(0, models.VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
-    assert_close(compiled(ids, labels=ids).loss, model(ids, labels=ids).loss, dt)
-    model(ids, labels=ids).loss.backward()
-    compiled(ids, labels=ids).loss.backward()
-    for (pname, p), q in zip(twin.named_parameters(), model.parameters()):
-        assert_close(p.grad, q.grad, dt, kind="grad", what=f"d{pname}")
+    _train_and_compare(name, impl, DTYPES[dtype], "inductor", shapes=((2, 11),))
+    _check_report(name)
