@@ -61,52 +61,71 @@ def _as_in_out(w: torch.Tensor, spec: MoESpec) -> torch.Tensor:
     return w if spec.transposed else w.transpose(-2, -1)
 
 
-def _can_grouped_mm(a: torch.Tensor, w: torch.Tensor) -> bool:
-    # NOTE: torch's grouped_mm wants 16-byte aligned rows and, on CUDA, bf16 on sm80+; anything
-    # else (odd H/I tails, fp32 on CUDA) goes through the per-expert loop, which is just as exact.
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if any((d * a.element_size()) % 16 for d in (a.shape[-1], w.shape[-1])):
+def use_grouped_mm(a: torch.Tensor, w: torch.Tensor, rows: int, num_experts: int) -> bool:
+    """torch's grouped_mm or a loop of one mm per active expert?
+
+    NOTE: grouped_mm wants 16-byte aligned rows and, on CUDA, bf16 on sm80+; anything else (odd H/I
+    tails, fp32 on CUDA) takes the loop, which is just as exact. On CPU grouped_mm is itself a loop
+    over all E groups with a host read per group, so the loop over active experts, sharing one
+    host read of the counts between both GEMMs, wins unless most experts are busy (bf16 only, where
+    grouped_mm's packed kernel pays).
+    """
+    if not hasattr(F, "grouped_mm") or not _aligned(a, w):
         return False
     if a.device.type == "cuda":
         return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
-    return a.device.type == "cpu"
+    return a.device.type == "cpu" and a.dtype == torch.bfloat16 and rows >= 4 * num_experts
 
 
-def grouped_linear(a: torch.Tensor, w_in_out: torch.Tensor, offs: torch.Tensor,
-                   counts: list[int]) -> torch.Tensor:
-    """(S, in) rows grouped by expert @ (E, in, out) -> (S, out); group e is rows offs[e-1]:offs[e]."""
-    if _can_grouped_mm(a, w_in_out):
-        return F.grouped_mm(a.contiguous(), w_in_out, offs=offs)
-    pieces, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            pieces.append(a[start:start + n] @ w_in_out[e])
-            start += n
-    if not pieces:
-        return a.new_zeros(a.shape[0], w_in_out.shape[-1])
-    return torch.cat(pieces, dim=0)
+def _aligned(a: torch.Tensor, w: torch.Tensor) -> bool:
+    return not any((d * a.element_size()) % 16 for d in (a.shape[-1], w.shape[-2], w.shape[-1]))
+
+
+class _Groups:
+    """Rows sorted by expert: offsets for grouped_mm, or per-expert counts for the loop."""
+
+    def __init__(self, counts: torch.Tensor, grouped: bool):  # counts (E,) int64
+        self.grouped = grouped
+        self.offs = torch.cumsum(counts, dim=0).to(torch.int32) if grouped else None  # (E,)
+        self._counts_t = counts
+        self._counts: list[int] | None = None
+
+    def linear(self, a: torch.Tensor, w_in_out: torch.Tensor) -> torch.Tensor:
+        """(S, in) rows grouped by expert @ (E, in, out) -> (S, out)."""
+        if self.grouped and _aligned(a, w_in_out):
+            return F.grouped_mm(a.contiguous(), w_in_out, offs=self.offs)
+        if self._counts is None:
+            self._counts = self._counts_t.tolist()  # one host sync, shared by both GEMMs
+        pieces, start = [], 0
+        for e, n in enumerate(self._counts):
+            if n:
+                pieces.append(a[start:start + n] @ w_in_out[e])
+                start += n
+        if not pieces:
+            return a.new_zeros(a.shape[0], w_in_out.shape[-1])
+        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
 
 
 def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec) -> torch.Tensor:
     T, K = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)  # (T*K,)
-    perm = torch.argsort(flat_ids, stable=True)  # (T*K,)
-    counts_t = torch.bincount(flat_ids, minlength=spec.num_experts)  # (E,)
-    offs = torch.cumsum(counts_t, dim=0).to(torch.int32)  # (E,)
-    counts = counts_t.tolist()  # one host sync, shared by both GEMMs
+    # any order within an expert is fine: every (token, k) row is computed alone and put back in place
+    perm = torch.sort(flat_ids).indices  # (T*K,)
     xs = x[perm // K]  # (T*K, H)
+    first = weights["gate_proj" if spec.layout == "separate" else ("gate_up_proj" if spec.gated else "up_proj")]
+    groups = _Groups(torch.bincount(flat_ids, minlength=spec.num_experts),
+                     use_grouped_mm(xs, first, T * K, spec.num_experts))
     act = _activation(spec)
     if spec.layout == "separate":
-        gate = grouped_linear(xs, _as_in_out(weights["gate_proj"], spec), offs, counts)
-        up = grouped_linear(xs, _as_in_out(weights["up_proj"], spec), offs, counts)
+        gate = groups.linear(xs, _as_in_out(weights["gate_proj"], spec))
+        up = groups.linear(xs, _as_in_out(weights["up_proj"], spec))
         h = act(gate) * up
     elif spec.gated:
-        gate, up = _split_gate_up(grouped_linear(xs, _as_in_out(weights["gate_up_proj"], spec), offs, counts), spec)
+        gate, up = _split_gate_up(groups.linear(xs, _as_in_out(weights["gate_up_proj"], spec)), spec)
         h = act(gate) * up
     else:
-        h = act(grouped_linear(xs, _as_in_out(weights["up_proj"], spec), offs, counts))
-    y = grouped_linear(h, _as_in_out(weights["down_proj"], spec), offs, counts)  # (T*K, H)
+        h = act(groups.linear(xs, _as_in_out(weights["up_proj"], spec)))
+    y = groups.linear(h, _as_in_out(weights["down_proj"], spec))  # (T*K, H)
     y = y * topk_w.reshape(-1)[perm].unsqueeze(-1)  # promotes to the weights' dtype, as traced code does
     unsorted = torch.empty_like(y).index_copy(0, perm, y)  # (T*K, H) back in (token, k) order
     return unsorted.view(T, K, -1).sum(dim=1)
