@@ -53,6 +53,7 @@ class Config:
         # expert GEMMs can flip a couple of such roundings.
         "bfloat16": 2e-2,
         "float16": 5e-3,
+        "float64": 1e-8,
     })
     """Relative tolerance of the verification, by dtype (|a - b| <= atol + rtol * |b|, atol = rtol * mean|b|)."""
 

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .ir import MoESpec
+from .ir import DTYPES, MoESpec
 
 # --- normalize: every spelling of an op we care about -> one kind -------------------------------
 
@@ -204,6 +204,9 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
     x_shape = shape_of(x)
     if x_shape is None or x_shape[-1] != H:
         raise _Reject(f"router input shape {x_shape} does not end in H={H}")
+    dtype_name = str(value_of(x).dtype).replace("torch.", "")
+    if dtype_name not in DTYPES:
+        raise _Reject(f"dtype {dtype_name} is not supported (supported: {', '.join(DTYPES)})")
 
     # 2. Output: the first value after top-k, shaped like x2d, that every expert weight feeds.
     x_anc = flow.ancestors(x)

@@ -25,7 +25,7 @@ SCORINGS = ("softmax", "sigmoid")
 TOPK_ORDERS = ("score_then_topk", "topk_then_score")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 LAYOUTS = ("concat", "interleaved", "separate")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass(frozen=True)
@@ -147,9 +147,14 @@ class PassResult:
     changed: bool = False
     counters: dict[str, int] = field(default_factory=dict)
     ms: float = 0.0
+    declined: dict[str, str] = field(default_factory=dict)  # region output node name -> reason
+
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, region: "MoERegion | None" = None) -> None:
+        """Count a decline; with a region, the report shows the reason on that region's row."""
         self.count(f"skipped:{reason}")
+        if region is not None:
+            self.declined[region.output.name] = reason

@@ -65,8 +65,9 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
     candidates = detect.find_candidates(gm)
     detect_ms = (time.perf_counter() - t0) * 1e3
     regions: list[MoERegion] = []
-    rows: dict[str, dict] = {}
-    for cand in candidates:
+    rows: dict[int, dict] = {}  # candidate index -> report row
+    region_index: dict[int, int] = {}
+    for index, cand in enumerate(candidates):
         reason = cand.reason
         region = None
         if reason is None and config.verify:
@@ -77,11 +78,12 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
                                cand.nodes, cand.experts_impl)
         if region is not None:
             regions.append(region)
-            rows[cand.name] = _region_row(graph_id, cand.name, region.spec, "optimized", None,
+            region_index[id(region)] = index
+            rows[index] = _region_row(graph_id, cand.name, region.spec, "optimized", None,
                                           config.op_kernels(), [], cand.experts_impl)
         elif cand.x is not None:
             # a router feeds this top-k, so it looked like an MoE layer: reported, left as traced
-            rows[cand.name] = _region_row(graph_id, cand.name, None, "fallback", reason, "traced", [],
+            rows[index] = _region_row(graph_id, cand.name, None, "fallback", reason, "traced", [],
                                           cand.experts_impl, _candidate_shape(cand))
     pass_rows = [{"graph": graph_id, "name": "detect", "changed": False, "ms": round(detect_ms, 3),
                   "counters": {"candidates": len(candidates), "verified": len(regions)}}]
@@ -96,8 +98,14 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
         changed |= result.changed
         pass_rows.append({"graph": graph_id, "name": p.name, "changed": result.changed,
                           "ms": round(result.ms, 3), "counters": dict(result.counters)})
-        for region in regions:
-            rows[region.name]["passes"].append(p.name)
+        for region in list(regions):
+            row = rows[region_index[id(region)]]
+            if region.output.name in result.declined:  # left as traced from here on
+                row.update(status="fallback", kernels="traced",
+                           reason=f"{p.name}: {result.declined[region.output.name]}")
+                regions.remove(region)
+            else:
+                row["passes"].append(p.name)
     if regions and config.dump_dir:
         dumper.write("kernels_torch.py", inspect.getsource(moe_torch))
     return GraphOutcome(list(rows.values()), pass_rows, changed)

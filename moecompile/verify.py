@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .codegen import moe_torch
+from .codegen import moe_torch, ops
 from .config import Config
 from .detect import Candidate, value_of
 from .ir import MoERegion
@@ -68,6 +68,10 @@ def verify(cand: Candidate, graph_id: int, placeholder_values: dict, config: Con
         x2d = x.reshape(-1, x.shape[-1])
         best = float("inf")
         for spec, weights in cand.options:
+            try:
+                ops.check_inputs(x2d, [env[w] for w in weights], spec)
+            except ValueError as err:
+                return None, str(err)
             actual = moe_torch.moe_forward(x2d, [env[w] for w in weights], spec).reshape(expected.shape)
             ok, err = _close(actual, expected, config.verify_rtol.get(spec.dtype, 1e-2))
             if ok:

@@ -31,9 +31,13 @@ def _forward_fn(kernels: str):
     raise ValueError(f"moecompile::moe: unknown kernels {kernels!r}; expected one of {KERNELS}")
 
 
-def _check(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
+def check_inputs(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
+    """Raise ValueError naming the first input the op cannot take."""
     if x.dim() != 2 or x.shape[-1] != spec.hidden:
         raise ValueError(f"moecompile::moe: x must be (T, {spec.hidden}), got {tuple(x.shape)}")
+    if len(weights) != len(spec.weight_names()):
+        raise ValueError(f"moecompile::moe for this spec takes {len(spec.weight_names())} weights "
+                         f"{spec.weight_names()}, got {len(weights)}")
     for name, w in zip(spec.weight_names(), weights):
         if w.dtype != x.dtype and not name.startswith("router"):
             raise ValueError(f"moecompile::moe: {name} is {w.dtype} but x is {x.dtype}")
@@ -42,7 +46,7 @@ def _check(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
 @torch.library.custom_op("moecompile::moe", mutates_args=())
 def moe(x: Tensor, weights: list[Tensor], spec: str, kernels: str, layer: str) -> Tensor:
     moe_spec = MoESpec.from_json(spec)
-    _check(x, weights, moe_spec)
+    check_inputs(x, weights, moe_spec)
     if kernels == "torch" and routing_observers:
         def on_route(topk_ids):
             for observe in routing_observers:

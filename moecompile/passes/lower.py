@@ -30,7 +30,7 @@ class Lower:
         for region in regions:
             reason = _cannot_lower(region)
             if reason:
-                result.skip(reason)
+                result.skip(reason, region)
                 continue
             _rewrite(gm.graph, region, self.kernels)
             result.count("regions_lowered")
