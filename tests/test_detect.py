@@ -152,3 +152,27 @@ def test_region_names_come_from_module_paths():
     gm, inputs = capture(model, ids)
     names = [c.name for c in detect.find_candidates(gm)]
     assert names == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+def test_region_a_pass_declines_is_reported_as_fallback(monkeypatch):
+    from moecompile.passes import lower
+
+    monkeypatch.setattr(lower, "_cannot_lower", lambda region: "forced_decline")
+    model, (ids,) = models.build("mixtral", layers=1)
+    gm, inputs = capture(model, ids)
+    before = gm.code
+    outcome = _run(gm, inputs)
+    (row,) = outcome.regions
+    assert row["status"] == "fallback" and row["reason"] == "lower: forced_decline"
+    assert next(p for p in outcome.passes if p["name"] == "lower")["counters"] == {"skipped:forced_decline": 1}
+    assert gm.code == before
+
+
+def test_float64_model_is_supported():
+    model = TinyMoE().double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    gm, inputs = capture(model, x)
+    (row,) = _run(gm, inputs).regions
+    assert row["status"] == "optimized" and row["spec"]["dtype"] == "float64"
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs)[0], model(x), rtol=1e-10, atol=1e-12)
