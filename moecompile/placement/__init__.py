@@ -5,6 +5,9 @@ File formats: `load_trace`/`save_trace` (routing statistics) and `load_plan`/`sa
 Heavy optional imports (pulp, highspy, matplotlib) happen inside the functions that need them.
 """
 
+from .metrics import evaluate
+from .plan import Plan, load_plan, save_plan
+from .solve import place
 from .trace import RoutingTrace, load_trace, save_trace
 
-__all__ = ["RoutingTrace", "load_trace", "save_trace"]
+__all__ = ["Plan", "RoutingTrace", "evaluate", "load_plan", "load_trace", "place", "save_plan", "save_trace"]

@@ -32,10 +32,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .plan import presence
+
 
 @dataclass(frozen=True)
 class Window:
-    """One sub-problem. W layers, E experts, G GPUs, N nodes, C count options."""
+    """One sub-problem: W layers, E experts, G GPUs, N nodes, C the largest replica count.
+
+    An expert whose only candidates are the GPUs it holds in `start`, with a single count option,
+    is fixed: it enters the model as constants, so a neighbourhood of a few GPUs stays small.
+    """
 
     load: np.ndarray  # (W, E) float64
     cap: np.ndarray  # (W,) float64 largest allowed GPU load
@@ -50,105 +56,123 @@ class Window:
     hop_weight: float
     node_weight: float
     num_nodes: int
-    moved_cost: np.ndarray | None = None  # (W, E, G) cost of a replica of e on g (not held before)
-    max_moves: np.ndarray | None = None  # (W,) bound on replicas not held before, or None
+    moved: np.ndarray | None = None  # (W, E, G) bool  a replica of e on g counts as a move
+    max_moves: np.ndarray | None = None  # (W,) int  bound on moves per layer
 
 
 @dataclass(frozen=True)
 class WindowResult:
     phy2log: np.ndarray  # (W, S) int64
-    objective: float  # model objective of phy2log
-    bound: float | None  # best proven lower bound, None if unknown
-    status: str
+    objective: float  # model objective of phy2log (without the constants of fixed experts)
+    start_objective: float  # model objective of the start
+    bound: float | None  # proven lower bound on the same scale, None if unknown
+    improved: bool
     seconds: float
 
 
-def solve_window(win: Window, time_limit: float, **options) -> WindowResult:
-    """Solve one window; never returns worse than `win.start` on the model objective."""
+def solve_window(win: Window, time_limit: float) -> WindowResult:
+    """Solve one window with HiGHS from `win.start`; never returns worse than the start."""
     import pulp
 
     num_layers, num_slots = win.start.shape
     num_experts, num_gpus = win.candidates.shape[1:]
     assert win.load.shape == (num_layers, num_experts) and win.cap.shape == (num_layers,), win.load.shape
-    assert win.inner_flow.shape == (num_layers - 1, num_experts, num_experts), win.inner_flow.shape
+    assert win.inner_flow.shape == (max(num_layers - 1, 0), num_experts, num_experts), win.inner_flow.shape
     assert time_limit > 0, time_limit
     t0 = time.perf_counter()
     spg = num_slots // num_gpus
     gpus_per_node = num_gpus // win.num_nodes
-    start_present = _presence(win.start, num_experts, num_gpus)  # (W, E, G)
-    start_count = start_present.sum(axis=2).astype(np.int64)  # (W, E)
+    start_present = presence(win.start, num_experts, num_gpus) > 0  # (W, E, G)
+    start_count = start_present.sum(axis=2)  # (W, E)
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
     objective: list[tuple] = []
     warm: dict = {}
-    # 1. placement and count variables; p_by[l][e] = [(g, c, var)]
-    p_by: list[list[list]] = []
+    # 1. placement and count variables of free experts; cells[l][e] = [(g, c, var)], [] if fixed
+    cells = [[_expert_cells(pulp, prob, win, layer, e, start_present, start_count, objective, warm)
+              for e in range(num_experts)] for layer in range(num_layers)]
+    assert num_layers == 1 or all(c for row in cells for c in row), "multi-layer windows fix no expert"
+    # 2. equal slots and capped loads per GPU (fixed experts are constants)
     for layer in range(num_layers):
-        rows = []
-        for e in range(num_experts):
-            counts = np.flatnonzero(win.count_options[layer, e])
-            gpus = np.flatnonzero(win.candidates[layer, e])
-            cells = [(int(g), int(c), pulp.LpVariable(f"p{layer}_{e}_{g}_{c}", cat="Binary"))
-                     for c in counts if c <= gpus.size for g in gpus]
-            for g, c, var in cells:
-                warm[var] = float(start_present[layer, e, g] > 0 and start_count[layer, e] == c)
-                gain = win.gain_present[layer, e, g] + win.gain_share[layer, e, g] / c
-                cost = 0.0 if win.moved_cost is None else win.moved_cost[layer, e, g]
-                if cost - gain:
-                    objective.append((var, cost - gain))
-            if counts.size > 1:
-                ys = {c: pulp.LpVariable(f"y{layer}_{e}_{c}", cat="Binary") for c in counts if c <= gpus.size}
-                prob += pulp.LpAffineExpression([(v, 1) for v in ys.values()]) == 1
-                for c, yv in ys.items():
-                    warm[yv] = float(start_count[layer, e] == c)
-                    prob += pulp.LpAffineExpression([(v, 1) for _, cc, v in cells if cc == c] + [(yv, -c)]) == 0
-                for g in gpus:
-                    prob += pulp.LpAffineExpression([(v, 1) for gg, _, v in cells if gg == g]) <= 1
-            else:
-                prob += pulp.LpAffineExpression([(v, 1) for _, _, v in cells]) == int(counts[0])
-            rows.append(cells)
-        p_by.append(rows)
-    # 2. slots, loads and balance per GPU
+        _add_gpu_rows(pulp, prob, win, layer, cells[layer], start_present[layer], spg, objective, warm)
+    # 3. node presence where a fixed neighbour rewards it
+    q: dict = {}
     for layer in range(num_layers):
-        m = pulp.LpVariable(f"m{layer}", 0, float(win.cap[layer]))
-        warm[m] = float(_gpu_load(win.start[layer], win.load[layer], num_gpus).max())
-        objective.append((m, float(win.balance_weight[layer])))
-        on_gpu: list[list] = [[] for _ in range(num_gpus)]
-        for e, cells in enumerate(p_by[layer]):
-            for g, c, var in cells:
-                on_gpu[g].append((var, win.load[layer, e] / c))
-        for g in range(num_gpus):
-            prob += pulp.LpAffineExpression([(v, 1) for v, _ in on_gpu[g]]) == spg
-            prob += pulp.LpAffineExpression([(v, w) for v, w in on_gpu[g] if w] + [(m, -1)]) <= 0
-        if win.max_moves is not None and win.moved_cost is not None:
-            moved = [(v, 1) for e, cells in enumerate(p_by[layer]) for g, c, v in cells if win.moved_cost[layer, e, g] > 0]
-            prob += pulp.LpAffineExpression(moved) <= int(win.max_moves[layer])
-    # 3. node presence where a fixed neighbour or an inner pair rewards it
-    q = {}
-    for layer in range(num_layers):
-        for e in range(num_experts):
-            for n in np.flatnonzero(win.node_gain[layer, e] > 0):
-                q[layer, e, n] = _node_presence(pulp, prob, p_by[layer][e], layer, e, int(n), gpus_per_node, warm)
+        for e, n in zip(*np.nonzero(win.node_gain[layer] > 0)):
+            if cells[layer][e]:
+                q[layer, e, n] = _node_presence(pulp, prob, cells[layer][e], layer, e, int(n), gpus_per_node, warm)
                 objective.append((q[layer, e, n], -float(win.node_gain[layer, e, n])))
     # 4. flow that stays local between consecutive layers inside the window
     for layer in range(num_layers - 1):
-        _add_inner_pair(pulp, prob, win, layer, p_by, q, objective, warm, gpus_per_node)
+        _add_inner_pair(pulp, prob, win, layer, cells, q, objective, warm, gpus_per_node)
     prob += pulp.LpAffineExpression(objective)
-    # 5. solve from the warm start
-    solver = _warm_highs(pulp)(msg=False, timeLimit=max(time_limit - (time.perf_counter() - t0), 0.05), threads=1, **options)
+    # 5. solve from the warm start; keep the start unless HiGHS found strictly better
     for var, val in warm.items():
         var.setInitialValue(val)
-    import os
-    if os.environ.get('DUMP'): prob.writeMPS(os.environ['DUMP'])
-    prob.solve(solver)
+    remaining = max(time_limit - (time.perf_counter() - t0), 0.01)
+    prob.solve(_warm_highs(pulp)(msg=False, timeLimit=remaining, threads=1))
     start_obj = _eval(objective, warm)
     info = prob.solverModel.getInfo()
-    found = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
-    new_obj = _eval(objective, {v: (v.varValue or 0.0) for v in warm}) if found else np.inf
     bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else None
-    if found and new_obj < start_obj - 1e-12:
-        phy2log = _decode(p_by, num_gpus, spg)
-        return WindowResult(phy2log, new_obj, bound, pulp.LpStatus[prob.status], time.perf_counter() - t0)
-    return WindowResult(win.start.copy(), start_obj, bound, "kept start", time.perf_counter() - t0)
+    found = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+    values = {v: (v.varValue or 0.0) for v in warm}
+    if found and _eval(objective, values) < start_obj - 1e-9 * max(1.0, abs(start_obj)):
+        phy2log = _decode(cells, start_present, num_gpus, spg)
+        return WindowResult(phy2log, _eval(objective, values), start_obj, bound, True, time.perf_counter() - t0)
+    return WindowResult(win.start.copy(), start_obj, start_obj, bound, False, time.perf_counter() - t0)
+
+
+def _expert_cells(pulp, prob, win: Window, layer: int, e: int, start_present: np.ndarray, start_count: np.ndarray,
+                  objective: list, warm: dict) -> list:
+    """Variables p[l, e, g, c] (and y[l, e, c]) of one expert; [] when the expert is fixed."""
+    counts = np.flatnonzero(win.count_options[layer, e])
+    gpus = np.flatnonzero(win.candidates[layer, e])
+    counts = counts[counts <= gpus.size]
+    if counts.size == 1 and counts[0] == start_count[layer, e] and gpus.size == counts[0] and win.load.shape[0] == 1:
+        return []
+    cells = [(int(g), int(c), pulp.LpVariable(f"p{layer}_{e}_{g}_{c}", cat="Binary")) for c in counts for g in gpus]
+    for g, c, var in cells:
+        warm[var] = float(start_present[layer, e, g] and start_count[layer, e] == c)
+        coef = -(win.gain_present[layer, e, g] + win.gain_share[layer, e, g] / c)
+        if coef:
+            objective.append((var, float(coef)))
+    if counts.size == 1:
+        prob += pulp.LpAffineExpression([(v, 1) for _, _, v in cells]) == int(counts[0])
+        return cells
+    ys = {int(c): pulp.LpVariable(f"y{layer}_{e}_{c}", cat="Binary") for c in counts}
+    prob += pulp.LpAffineExpression([(y, 1) for y in ys.values()]) == 1
+    for c, y in ys.items():
+        warm[y] = float(start_count[layer, e] == c)
+        prob += pulp.LpAffineExpression([(v, 1) for _, cc, v in cells if cc == c] + [(y, -c)]) == 0
+    for g in gpus:  # no two replicas of e on one GPU
+        prob += pulp.LpAffineExpression([(v, 1) for gg, _, v in cells if gg == g]) <= 1
+    return cells
+
+
+def _add_gpu_rows(pulp, prob, win: Window, layer: int, cells: list, start_present: np.ndarray, spg: int,
+                  objective: list, warm: dict) -> None:
+    num_experts, num_gpus = start_present.shape
+    fixed = np.array([not c for c in cells])  # (E,)
+    const_slots = start_present[fixed].sum(axis=0)  # (G,)
+    per_replica = win.load[layer] / np.maximum(start_present.sum(axis=1), 1)  # (E,) for fixed experts
+    const_load = (start_present[fixed] * per_replica[fixed, None]).sum(axis=0)  # (G,)
+    m = pulp.LpVariable(f"m{layer}", 0, float(win.cap[layer]))
+    warm[m] = float((start_present * per_replica[:, None]).sum(axis=0).max())
+    objective.append((m, float(win.balance_weight[layer])))
+    on_gpu: list[list] = [[] for _ in range(num_gpus)]
+    moved: list[tuple] = []
+    for e, expert_cells in enumerate(cells):
+        for g, c, var in expert_cells:
+            on_gpu[g].append((var, win.load[layer, e] / c))
+            if win.max_moves is not None and win.moved[layer, e, g]:
+                moved.append((var, 1))
+    for g in range(num_gpus):
+        if not on_gpu[g]:
+            continue
+        prob += pulp.LpAffineExpression([(v, 1) for v, _ in on_gpu[g]]) == int(spg - const_slots[g])
+        prob += pulp.LpAffineExpression([(v, w) for v, w in on_gpu[g] if w] + [(m, -1)]) <= -float(const_load[g])
+    if win.max_moves is not None:
+        const_moves = int((start_present[fixed] & win.moved[layer][fixed]).sum())
+        prob += pulp.LpAffineExpression(moved) <= int(win.max_moves[layer]) - const_moves
 
 
 def _node_presence(pulp, prob, cells: list, layer: int, e: int, n: int, gpus_per_node: int, warm: dict):
@@ -160,17 +184,17 @@ def _node_presence(pulp, prob, cells: list, layer: int, e: int, n: int, gpus_per
     return q
 
 
-def _add_inner_pair(pulp, prob, win: Window, layer: int, p_by: list, q: dict, objective: list, warm: dict,
+def _add_inner_pair(pulp, prob, win: Window, layer: int, cells: list, q: dict, objective: list, warm: dict,
                     gpus_per_node: int) -> None:
     """Local flow between window layers `layer` and `layer + 1`: u per GPU, v per node."""
     flow = win.inner_flow[layer]
     for e, e2 in zip(*np.nonzero(flow)):
         weight = float(flow[e, e2])
         src = {}  # g -> [(var, 1/c)]: share of e's tokens on g
-        for g, c, v in p_by[layer][e]:
+        for g, c, v in cells[layer][e]:
             src.setdefault(g, []).append((v, weight / c))
         dst = {}  # g -> [var]: e2 present on g
-        for g, _, v in p_by[layer + 1][e2]:
+        for g, _, v in cells[layer + 1][e2]:
             dst.setdefault(g, []).append(v)
         for g in src.keys() & dst.keys():
             u = pulp.LpVariable(f"u{layer}_{e}_{e2}_{g}", 0)
@@ -183,7 +207,7 @@ def _add_inner_pair(pulp, prob, win: Window, layer: int, p_by: list, q: dict, ob
         for n in {g // gpus_per_node for g in src} & {g // gpus_per_node for g in dst}:
             key = (layer + 1, int(e2), n)
             if key not in q:
-                q[key] = _node_presence(pulp, prob, p_by[layer + 1][e2], *key, gpus_per_node, warm)
+                q[key] = _node_presence(pulp, prob, cells[layer + 1][e2], *key, gpus_per_node, warm)
             v = pulp.LpVariable(f"v{layer}_{e}_{e2}_{n}", 0)
             share = [t for g, terms in src.items() if g // gpus_per_node == n for t in terms]
             prob += pulp.LpAffineExpression(share + [(v, -1)]) >= 0
@@ -217,27 +241,16 @@ def _eval(terms: list, values: dict) -> float:
     return float(sum(coef * values[var] for var, coef in terms))
 
 
-def _decode(p_by: list, num_gpus: int, spg: int) -> np.ndarray:
-    """Binary solution -> (W, S) int64 phy2log (experts of each GPU in increasing id order)."""
+def _decode(cells: list, start_present: np.ndarray, num_gpus: int, spg: int) -> np.ndarray:
+    """Binary solution (fixed experts from the start) -> (W, S) int64 phy2log, GPU rows sorted."""
     rows = []
-    for layer_cells in p_by:
+    for layer, layer_cells in enumerate(cells):
         held: list[list[int]] = [[] for _ in range(num_gpus)]
-        for e, cells in enumerate(layer_cells):
-            for g, _, v in cells:
-                if (v.varValue or 0.0) > 0.5:
-                    held[g].append(e)
+        for e, expert_cells in enumerate(layer_cells):
+            gpus = [g for g, _, v in expert_cells if (v.varValue or 0.0) > 0.5] if expert_cells \
+                else np.flatnonzero(start_present[layer, e])
+            for g in gpus:
+                held[int(g)].append(e)
         assert all(len(h) == spg for h in held), [len(h) for h in held]
         rows.append(np.array([sorted(h) for h in held], dtype=np.int64).ravel())
     return np.stack(rows)
-
-
-def _presence(phy2log: np.ndarray, num_experts: int, num_gpus: int) -> np.ndarray:
-    from .plan import presence
-
-    return presence(phy2log, num_experts, num_gpus)
-
-
-def _gpu_load(phy2log_row: np.ndarray, load_row: np.ndarray, num_gpus: int) -> np.ndarray:
-    from .metrics import gpu_loads
-
-    return gpu_loads(phy2log_row[None], load_row[None], num_gpus)[0]

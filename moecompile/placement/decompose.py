@@ -1,0 +1,247 @@
+"""The ILP solver's driver: the whole model when it is small, a decomposition when it is not.
+
+    small model   one window over all layers (ilp.py), warm-started from the exchange search:
+                  HiGHS proves a gap
+    large model   block-coordinate descent over layers: with its neighbours fixed a layer's part
+                  of the objective is linear (ilp.py's one-layer window), so
+                    sweep 0      forward, each layer follows the flow from the layer before it
+                    sweeps 1..   backward, forward, ...: each layer sees both neighbours; each
+                                 sub-problem is improved by the exchange search (exchange.py),
+                                 one-for-one in sweeps 0-1, then any k-for-k exchange that fits
+                                 its array budget (all of them at 5 slots per GPU)
+                    polish       while time is left: HiGHS re-solves neighbourhoods of a few GPUs
+                                 of a layer, where replica counts may change too
+                  every sweep is scored exactly and the best plan so far is kept
+
+Every layer keeps its largest GPU load at or under `cap` (greedy's, so balance never gets worse
+than greedy's in any layer) and, with a previous plan and `max_moves`, its moves within the bound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .exchange import exchange_layer
+from .metrics import NODE_WEIGHT, score, shares, to_nodes
+from .plan import presence
+
+# The whole model goes to HiGHS when it has at most this many columns (a few seconds to optimality
+# for the test sizes; DeepSeek-V3 would need ~10^9).
+MONOLITHIC_MAX_COLUMNS = 6000
+# GPUs per polishing neighbourhood: 3 solves in ~0.1 s at E = 256; 4 already takes ~0.3 s.
+POLISH_GPUS = 3
+
+
+@dataclass(frozen=True)
+class Problem:
+    load: np.ndarray  # (L, E) float64
+    flow: np.ndarray | None  # (L-1, E, E) float64
+    num_gpus: int
+    num_nodes: int
+    cap: np.ndarray  # (L,) float64 largest GPU load allowed per layer
+    previous: np.ndarray | None = None  # (L, S) int64 phy2log of the plan in service
+    move_cost: float = 0.0  # objective per moved slot share (moves / (L * S))
+    max_moves: int | None = None  # per layer
+
+    @property
+    def hop_weight(self) -> float:
+        total = 0.0 if self.flow is None else float(self.flow.sum())
+        return 1.0 / total if total > 0 else 0.0
+
+    @property
+    def node_weight(self) -> float:
+        return NODE_WEIGHT if self.num_nodes > 1 else 0.0
+
+
+def total_objective(problem: Problem, phy2log: np.ndarray) -> tuple[float, dict, int]:
+    """(objective incl. move cost, metrics, moves) of a full (L, S) phy2log."""
+    metrics = score(phy2log, problem.load, problem.flow, problem.num_gpus, problem.num_nodes)
+    moves = count_moves(problem, phy2log)
+    return metrics["objective"] + problem.move_cost * moves / phy2log.size, metrics, moves
+
+
+def count_moves(problem: Problem, phy2log: np.ndarray) -> int:
+    """Slots whose expert the previous plan did not hold on that GPU (weights to copy)."""
+    if problem.previous is None:
+        return 0
+    num_experts = problem.load.shape[1]
+    before = presence(problem.previous, num_experts, problem.num_gpus) > 0  # (L, E, G)
+    after = presence(phy2log, num_experts, problem.num_gpus)
+    return int((after * ~before).sum())
+
+
+def solve_ilp(problem: Problem, start: np.ndarray, deadline: float,
+              progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, dict]:
+    """Best (L, S) phy2log found by `deadline`, never worse than `start`, and solver info."""
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    best, (best_obj, _, _) = start, total_objective(problem, start)
+    info = {"method": "decomposition", "gap": None, "sweeps": 0, "polished": 0}
+    # 1. exchange sweeps (also the warm start of the whole-model solve)
+    current, sweep = start.copy(), 0
+    start_obj = best_obj
+    while time.perf_counter() < deadline:
+        forward = sweep % 2 == 0
+        for layer in (range(1 if sweep == 0 else 0, len(current)) if forward else range(len(current) - 1, -1, -1)):
+            if time.perf_counter() >= deadline:
+                break
+            current[layer] = _exchange(problem, current, layer, use_next=sweep > 0,
+                                       max_size=1 if sweep < 2 else problem.load.shape[1], deadline=deadline)
+        obj = total_objective(problem, current)[0]
+        say(f"sweep {sweep} {'forward' if forward else 'backward'}: objective {obj:.4f} "
+            f"(start {start_obj:.4f}), {time.perf_counter() - t0:.1f}s")
+        info["sweeps"] = sweep = sweep + 1
+        improved = obj < best_obj - 1e-6 * max(1.0, abs(best_obj))
+        if obj < best_obj:
+            best, best_obj = current.copy(), obj
+        if sweep >= 3 and not improved:
+            break
+    # 2. the whole model, or neighbourhood polishing, while time is left
+    if _monolithic_columns(problem, start) <= MONOLITHIC_MAX_COLUMNS:
+        best, gap = _solve_whole(problem, best, deadline)
+        info.update(method="monolithic", gap=gap)
+    else:
+        best, info["polished"] = _polish(problem, best, deadline, say)
+    return best, info
+
+
+def layer_gains(problem: Problem, phy2log: np.ndarray, layer: int, use_next: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Objective gains of one layer with its neighbours fixed.
+
+    returns  gain_present (E, G)  flow from the layer before that stays local, minus move costs
+             gain_share   (E, G)  flow to the layer after that stays local, to divide by logcnt
+             node_gain    (E, N)  flow from the layer before that stays on the node
+             moved        (E, G)  bool, a replica there would be a move (None without a previous plan)
+    """
+    num_layers, num_experts = problem.load.shape
+    num_gpus, num_nodes = problem.num_gpus, problem.num_nodes
+    hw, nw = problem.hop_weight, problem.node_weight
+    gain_present = np.zeros((num_experts, num_gpus))
+    gain_share = np.zeros((num_experts, num_gpus))
+    node_gain = np.zeros((num_experts, num_nodes))
+    if hw and layer > 0:
+        share = shares(phy2log[layer - 1:layer], num_experts, num_gpus)[0][0]  # (E, G)
+        gain_present += hw * problem.flow[layer - 1].T @ share
+        node_gain += hw * nw * problem.flow[layer - 1].T @ to_nodes(share, num_nodes)
+    if hw and use_next and layer < num_layers - 1:
+        present = shares(phy2log[layer + 1:layer + 2], num_experts, num_gpus)[1][0]  # (E, G)
+        on_node = np.minimum(to_nodes(present, num_nodes), 1.0)  # (E, N)
+        gain_share += hw * problem.flow[layer] @ present
+        gain_share += hw * nw * np.repeat(problem.flow[layer] @ on_node, num_gpus // num_nodes, axis=1)
+    moved = None
+    if problem.previous is not None:
+        moved = presence(problem.previous[layer:layer + 1], num_experts, num_gpus)[0] == 0
+        gain_present -= problem.move_cost / problem.previous.size * moved
+    return gain_present, gain_share, node_gain, moved
+
+
+def _exchange(problem: Problem, phy2log: np.ndarray, layer: int, use_next: bool, max_size: int,
+              deadline: float) -> np.ndarray:
+    gain_present, gain_share, node_gain, moved = layer_gains(problem, phy2log, layer, use_next)
+    logcnt = np.bincount(phy2log[layer], minlength=problem.load.shape[1])  # (E,)
+    gain = gain_present + gain_share / logcnt[:, None]
+    weight = problem.load[layer] / logcnt
+    return exchange_layer(phy2log[layer], weight, gain, node_gain, float(problem.cap[layer]), problem.num_nodes,
+                          moved=moved, max_moves=problem.max_moves, max_size=max_size, deadline=deadline)
+
+
+def _monolithic_columns(problem: Problem, start: np.ndarray) -> int:
+    num_layers, num_experts = problem.load.shape
+    counts = _count_range(problem, start)
+    inner = 0 if problem.flow is None else int((problem.flow > 0).sum()) * problem.num_gpus
+    return num_layers * num_experts * problem.num_gpus * counts + inner * (2 if problem.num_nodes > 1 else 1)
+
+
+def _count_range(problem: Problem, start: np.ndarray) -> int:
+    """Replica counts 1..C the whole-model solve may choose: C = min(G, redundant + 1)."""
+    return min(problem.num_gpus, start.shape[1] - problem.load.shape[1] + 1)
+
+
+def _solve_whole(problem: Problem, start: np.ndarray, deadline: float) -> tuple[np.ndarray, float | None]:
+    """All layers in one HiGHS model; returns the plan and its proven relative gap (None if unknown)."""
+    from .ilp import Window, solve_window
+
+    num_layers, num_experts = problem.load.shape
+    num_gpus, counts = problem.num_gpus, _count_range(problem, start)
+    remaining = deadline - time.perf_counter()
+    if remaining <= 0.05:
+        return start, None
+    mean = problem.load.sum(axis=1) / num_gpus  # (L,)
+    zeros = np.zeros((num_layers, num_experts, num_gpus))
+    gain_present = zeros.copy()
+    moved = None
+    if problem.previous is not None:
+        moved = presence(problem.previous, num_experts, num_gpus) == 0
+        gain_present -= problem.move_cost / problem.previous.size * moved
+    count_options = np.zeros((num_layers, num_experts, counts + 1), dtype=bool)
+    count_options[:, :, 1:] = True
+    win = Window(load=problem.load, cap=problem.cap,
+                 balance_weight=np.where(mean > 0, 1.0 / (num_layers * np.where(mean > 0, mean, 1.0)), 0.0),
+                 start=start, candidates=np.ones((num_layers, num_experts, num_gpus), dtype=bool),
+                 count_options=count_options, gain_present=gain_present, gain_share=zeros,
+                 node_gain=np.zeros((num_layers, num_experts, problem.num_nodes)),
+                 inner_flow=np.zeros((max(num_layers - 1, 0), num_experts, num_experts)) if problem.flow is None
+                 else problem.flow, hop_weight=problem.hop_weight, node_weight=problem.node_weight,
+                 num_nodes=problem.num_nodes, moved=moved,
+                 max_moves=None if problem.max_moves is None else np.full(num_layers, problem.max_moves))
+    result = solve_window(win, remaining)
+    if result.bound is None:
+        return result.phy2log, None
+    # the model leaves out constants (the 1s of the fractions): shift its bound by what it leaves out
+    bound = result.bound + total_objective(problem, start)[0] - result.start_objective
+    best = total_objective(problem, result.phy2log)[0]
+    return result.phy2log, max(0.0, (best - bound) / max(abs(best), 1e-12))
+
+
+def _polish(problem: Problem, phy2log: np.ndarray, deadline: float, say: Callable[[str], None]) -> tuple[np.ndarray, int]:
+    """HiGHS over neighbourhoods of POLISH_GPUS GPUs, layer after layer, until the deadline."""
+    from .ilp import Window, solve_window
+
+    num_layers, num_experts = problem.load.shape
+    num_gpus = problem.num_gpus
+    rng = np.random.default_rng(0)
+    improved = tried = 0
+    while time.perf_counter() < deadline - 0.2 and num_gpus >= 2:
+        layer = tried % num_layers
+        tried += 1
+        gain_present, gain_share, node_gain, moved = layer_gains(problem, phy2log, layer)
+        present = presence(phy2log[layer:layer + 1], num_experts, num_gpus)[0] > 0  # (E, G)
+        hood = _neighbourhood(rng, present, gain_present + gain_share, min(POLISH_GPUS, num_gpus))
+        inside = present[:, hood].any(axis=1)  # (E,)
+        candidates = present.copy()
+        candidates[np.ix_(inside, hood)] = True
+        logcnt = present.sum(axis=1)
+        whole = inside & (present[:, hood].sum(axis=1) == logcnt)  # all replicas in the hood
+        count_options = np.zeros((num_experts, max(int(logcnt.max()), len(hood)) + 1), dtype=bool)
+        count_options[np.arange(num_experts), logcnt] = True
+        count_options[whole, np.minimum(logcnt[whole] + 1, len(hood))] = True  # replicate once more
+        count_options[whole, np.maximum(logcnt[whole] - 1, 1)] = True  # or drop a replica
+        win = Window(load=problem.load[layer:layer + 1], cap=problem.cap[layer:layer + 1], balance_weight=np.zeros(1),
+                     start=phy2log[layer:layer + 1], candidates=candidates[None], count_options=count_options[None],
+                     gain_present=gain_present[None], gain_share=gain_share[None], node_gain=node_gain[None],
+                     inner_flow=np.zeros((0, num_experts, num_experts)), hop_weight=problem.hop_weight,
+                     node_weight=problem.node_weight, num_nodes=problem.num_nodes,
+                     moved=None if moved is None else moved[None],
+                     max_moves=None if problem.max_moves is None else np.array([problem.max_moves]))
+        result = solve_window(win, min(1.0, deadline - time.perf_counter()))
+        if result.improved:
+            phy2log = phy2log.copy()
+            phy2log[layer] = result.phy2log[0]
+            improved += 1
+    if tried:
+        say(f"polish: {improved} of {tried} neighbourhoods improved")
+    return phy2log, improved
+
+
+def _neighbourhood(rng: np.random.Generator, present: np.ndarray, gain: np.ndarray, size: int) -> np.ndarray:
+    """A random GPU and the GPUs its experts would most like to be on."""
+    num_gpus = present.shape[1]
+    first = int(rng.integers(num_gpus))
+    pull = gain[present[:, first]].sum(axis=0)  # (G,)
+    pull[first] = -np.inf
+    return np.concatenate([[first], np.argsort(-pull, kind="stable")[:size - 1]])

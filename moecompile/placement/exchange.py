@@ -1,0 +1,174 @@
+"""Exchange search: the fast exact-delta improver for one layer whose neighbours are fixed.
+
+With the layers before and after fixed, the objective of one layer is linear in "expert e has a
+replica on GPU g" (the flow to and from fixed neighbours, and moves against a previous plan), plus
+a node-presence term ("e has a replica somewhere on node n"). Replica counts, hence per-replica
+weights, stay fixed, so the moves are exchanges between two GPUs:
+
+    GPU a: [x1 x2 x3 x4 x5]        GPU a: [y1 y2 x3 x4 x5]
+    GPU b: [y1 y2 y3 y4 y5]  ->    GPU b: [x1 x2 y3 y4 y5]       (k-for-k, k <= max_size)
+
+Every exchange keeps slots per GPU equal, never puts two replicas of one expert on one GPU, keeps
+every GPU load at or under `cap` (a GPU already over it may only get lighter, and overload is
+charged so heavily that reducing it comes first), and respects the move budget. Each round
+evaluates the best exchange of every GPU pair at once (a (G, G, Qk, Qk) array per size k), then
+applies the best ones that touch disjoint GPUs and disjoint experts, so that every applied delta
+is exact. The objective strictly improves each round, so the search ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+
+# Largest (G, G, Qk, Qk) array one round may build; 4M float64 entries is 32 MB and ~20 ms.
+_MAX_ENTRIES = 4_000_000
+
+
+def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, node_gain: np.ndarray, cap: float,
+                   num_nodes: int, moved: np.ndarray | None = None, max_moves: int | None = None,
+                   max_size: int = 2, deadline: float | None = None) -> np.ndarray:
+    """Improve one layer's placement.
+
+    experts    (S,) int64       expert in each slot (slot s on GPU s // (S / G))
+    weight     (E,) float64     tokens per replica (load / logcnt), fixed
+    gain       (E, G) float64   objective gain of a replica of e on g (already / logcnt where due)
+    node_gain  (E, N) float64   objective gain of e having any replica on node n
+    moved      (E, G) bool      True where a replica of e on g counts as a move (not held before)
+    returns    (S,) int64       improved experts per slot, GPUs' experts in increasing id order
+    """
+    num_experts, num_gpus = gain.shape
+    num_slots = experts.shape[0]
+    assert weight.shape == (num_experts,) and node_gain.shape == (num_experts, num_nodes), (weight.shape, node_gain.shape)
+    assert num_slots % num_gpus == 0 and num_gpus % num_nodes == 0, (num_slots, num_gpus, num_nodes)
+    assert max_moves is None or moved is not None, "max_moves needs moved"
+    spg = num_slots // num_gpus
+    slots = experts.reshape(num_gpus, spg).copy()  # (G, spg) working copy
+    subsets = _subsets(spg, num_gpus, max_size)
+    scale = max(float(np.abs(gain).max(initial=0.0)), float(np.abs(node_gain).max(initial=0.0)))
+    if scale == 0.0 and _overload(slots, weight, cap).sum() == 0:
+        return _sorted(slots)
+    tol = 1e-9 * scale
+    penalty = 1e6 * max(scale, 1e-300) / max(cap, 1e-300)  # per token over cap: dominates any gain
+    while deadline is None or time.perf_counter() < deadline:
+        # 1. per-slot value of moving its replica to each GPU (exact when done alone)
+        delta, moves = _move_values(slots, gain, node_gain, num_nodes, moved)  # (G, spg, G) each
+        load = weight[slots].sum(axis=1)  # (G,)
+        budget = None if max_moves is None else max_moves - int(moved[slots, np.arange(num_gpus)[:, None]].sum())
+        # 2. best exchange per GPU pair, over all exchange sizes
+        best_val = np.full((num_gpus, num_gpus), -np.inf)
+        best_pick: dict[tuple[int, int], tuple] = {}
+        for members in subsets:  # members: (Qk, k) slot indices within a GPU
+            val, pick = _best_exchanges(slots, members, delta, moves, weight, load, cap, penalty, budget)
+            better = val > best_val
+            best_val = np.where(better, val, best_val)
+            for a, b in zip(*np.nonzero(better)):
+                best_pick[a, b] = (members[pick[a, b][0]], members[pick[a, b][1]])
+        # 3. apply the best exchanges on disjoint GPUs and experts
+        if not _apply(slots, best_val, best_pick, tol, moves, budget):
+            break
+    return _sorted(slots)
+
+
+def _move_values(slots: np.ndarray, gain: np.ndarray, node_gain: np.ndarray, num_nodes: int,
+                 moved: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(G, spg, G) objective change of moving one replica to GPU h alone (-inf where h holds it
+    already), and (G, spg, G) change of the move count."""
+    num_experts, num_gpus = gain.shape
+    gpu_node = np.arange(num_gpus) // (num_gpus // num_nodes)  # (G,)
+    here = np.arange(num_gpus)[:, None]  # (G, 1) GPU of each slot row
+    present = np.zeros((num_experts, num_gpus), dtype=bool)
+    present[slots, here] = True
+    on_node = present.reshape(num_experts, num_nodes, -1).sum(axis=2)  # (E, N) replicas per node
+    own_node = gpu_node[here]  # (G, 1)
+    g = gain[slots]  # (G, spg, G)
+    delta = g - np.take_along_axis(g, np.broadcast_to(here[:, :, None], g.shape[:2] + (1,)), axis=2)
+    # node presence: the target node gains e if it had none; the own node loses e if this was its last
+    other_node = gpu_node[None, None, :] != own_node[:, :, None]  # (G, 1, G)
+    node_g = node_gain[slots]  # (G, spg, N)
+    enter = np.where(on_node[slots] == 0, node_g, 0.0)[:, :, gpu_node]  # (G, spg, G)
+    leave = np.where(on_node[slots, own_node] == 1, node_g[np.arange(num_gpus)[:, None], np.arange(slots.shape[1]), own_node], 0.0)
+    delta = delta + np.where(other_node, enter - leave[:, :, None], 0.0)
+    delta[present[slots]] = -np.inf  # target already holds e (this includes staying home)
+    if moved is None:
+        return delta, np.zeros_like(delta)
+    m = moved[slots].astype(np.float64)  # (G, spg, G)
+    return delta, m - np.take_along_axis(m, np.broadcast_to(here[:, :, None], m.shape[:2] + (1,)), axis=2)
+
+
+def _best_exchanges(slots: np.ndarray, members: np.ndarray, delta: np.ndarray, moves: np.ndarray,
+                    weight: np.ndarray, load: np.ndarray, cap: float, penalty: float,
+                    budget: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """For k-for-k exchanges with the given member sets: (G, G) best value of pair (a, b), a < b,
+    and (G, G, 2) the chosen member-set indices on a and on b."""
+    num_gpus = slots.shape[0]
+    # value of sending members q of GPU a to GPU b: (a, b, q)
+    send = delta[:, members, :].sum(axis=2).transpose(0, 2, 1)
+    out_w = weight[slots][:, members].sum(axis=2)  # (G, Qk) tokens leaving with members q
+    new_a = load[:, None, None, None] - out_w[:, None, :, None] + out_w[None, :, None, :]  # (a, b, q, r)
+    new_b = load[None, :, None, None] - out_w[None, :, None, :] + out_w[:, None, :, None]
+    over = np.maximum(load - cap, 0.0)
+    d_over = (np.maximum(new_a - cap, 0.0) + np.maximum(new_b - cap, 0.0)
+              - over[:, None, None, None] - over[None, :, None, None])
+    total = send[:, :, :, None] + send.transpose(1, 0, 2)[:, :, None, :] - penalty * d_over
+    if budget is not None:  # exchanges that would exceed the move budget on their own
+        mv = moves[:, members, :].sum(axis=2).transpose(0, 2, 1)  # (a, b, q)
+        d_moves = mv[:, :, :, None] + mv.transpose(1, 0, 2)[:, :, None, :]
+        total = np.where(d_moves > max(budget, 0), -np.inf, total)
+    total[~np.triu(np.ones((num_gpus, num_gpus), dtype=bool), 1)] = -np.inf
+    flat = total.reshape(num_gpus, num_gpus, -1)
+    arg = flat.argmax(axis=2)
+    val = np.take_along_axis(flat, arg[:, :, None], axis=2)[:, :, 0]
+    qk = members.shape[0]
+    return val, np.stack([arg // qk, arg % qk], axis=2)
+
+
+def _apply(slots: np.ndarray, best_val: np.ndarray, best_pick: dict, tol: float, moves: np.ndarray,
+           budget: int | None) -> bool:
+    """Apply improving exchanges, best first, on disjoint GPUs and experts; False if none improves."""
+    pairs = np.argwhere(best_val > tol)
+    if pairs.size == 0:
+        return False
+    order = np.argsort(-best_val[pairs[:, 0], pairs[:, 1]], kind="stable")
+    used_gpu: set[int] = set()
+    used_expert: set[int] = set()
+    applied = False
+    for a, b in pairs[order]:
+        a, b = int(a), int(b)
+        if a in used_gpu or b in used_gpu:
+            continue
+        on_a, on_b = best_pick[a, b]
+        exps = [int(x) for x in slots[a, on_a]] + [int(x) for x in slots[b, on_b]]
+        if used_expert.intersection(exps):
+            continue
+        if budget is not None:
+            d = float(moves[a, on_a, b].sum() + moves[b, on_b, a].sum())
+            if d > max(budget, 0) + 1e-9:
+                continue
+            budget -= d
+        slots[a, on_a], slots[b, on_b] = slots[b, on_b].copy(), slots[a, on_a].copy()
+        used_gpu.update((a, b))
+        used_expert.update(exps)
+        applied = True
+    return applied
+
+
+def _subsets(spg: int, num_gpus: int, max_size: int) -> list[np.ndarray]:
+    """Member sets per exchange size k = 1..K: (Qk, k) int arrays, K bounded by _MAX_ENTRIES."""
+    out = []
+    for k in range(1, min(max_size, spg) + 1):
+        members = np.array(list(itertools.combinations(range(spg), k)), dtype=np.int64)
+        if k > 1 and num_gpus**2 * members.shape[0] ** 2 > _MAX_ENTRIES:
+            break
+        out.append(members)
+    return out
+
+
+def _overload(slots: np.ndarray, weight: np.ndarray, cap: float) -> np.ndarray:
+    return np.maximum(weight[slots].sum(axis=1) - cap, 0.0)
+
+
+def _sorted(slots: np.ndarray) -> np.ndarray:
+    return np.sort(slots, axis=1).ravel()

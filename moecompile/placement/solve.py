@@ -1,0 +1,134 @@
+"""`place`: the one public entry of the placement solvers."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UserInputError
+from .decompose import Problem, solve_ilp, total_objective
+from .greedy import greedy_phy2log
+from .metrics import gpu_loads
+from .plan import Plan, check_topology, presence
+from .trace import RoutingTrace
+
+SOLVERS = ("greedy", "ilp")
+
+
+def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int = 0, solver: str = "greedy",
+          time_limit: float = 60.0, previous: Plan | None = None, memory_cap: int | None = None,
+          progress: Callable[[str], None] | None = None, *, num_groups: int | None = None,
+          max_moves: int | None = None, move_cost: float = 0.0) -> Plan:
+    """Place E experts plus `redundant` replicas on `num_gpus` GPUs for every layer of `trace`.
+
+    solver      "greedy" (balanced packing, fast) or "ilp" (greedy, then the ILP within `time_limit`
+                seconds in all; returns greedy's plan unless it finds a better objective)
+    previous    the plan in service: with `max_moves` (per layer) or `move_cost` (objective per
+                share of slots moved) the ilp solver limits or charges moved experts
+    memory_cap  most expert slots one GPU can hold per layer
+    num_groups  contiguous expert groups of a group-limited router: greedy packs groups by node
+    progress    called with one line of text as a long solve advances
+    Raises UserInputError for inconsistent or impossible inputs.
+    """
+    t0 = time.perf_counter()
+    # 1. check the request
+    spg = _check_request(trace, num_gpus, num_nodes, redundant, solver, time_limit, memory_cap, num_groups)
+    _check_previous(trace, num_gpus, spg, solver, previous, max_moves, move_cost)
+    # 2. greedy: the baseline, the warm start, and the balance every layer must keep
+    greedy = greedy_phy2log(trace.load, num_gpus, spg, num_nodes, num_groups)  # (L, S)
+    cap = gpu_loads(greedy, trace.load, num_gpus).max(axis=1)  # (L,)
+    prev = None if previous is None else previous.phy2log
+    if prev is not None:  # the plan in service must stay a feasible start
+        cap = np.maximum(cap, gpu_loads(prev, trace.load, num_gpus).max(axis=1))
+    problem = Problem(load=trace.load, flow=trace.flow, num_gpus=num_gpus, num_nodes=num_nodes,
+                      cap=cap * (1 + 1e-12), previous=prev, move_cost=move_cost, max_moves=max_moves)
+    greedy_obj = total_objective(problem, greedy)[0]
+    info = {"name": solver, "greedy_objective": greedy_obj, "gap": None}
+    best, source = greedy, "greedy"
+    # 3. the ILP, from the better feasible start
+    if solver == "ilp":
+        starts = []  # feasible starts: greedy unless it breaks the move bound, and the plan in service
+        if max_moves is None or _moves_per_layer_ok(problem, greedy):
+            starts.append((greedy_obj, greedy, "greedy"))
+        if prev is not None:
+            starts.append((total_objective(problem, prev)[0], prev, "previous"))
+        _, start, source = min(starts, key=lambda c: c[0])
+        deadline = t0 + time_limit - min(2.0, 0.1 * time_limit)  # room to score and write the plan
+        found, solve_info = solve_ilp(problem, start, deadline, progress)
+        info.update(solve_info)
+        if total_objective(problem, found)[0] < total_objective(problem, start)[0]:
+            best, source = found, "ilp"
+        else:
+            best = start
+    # 4. the plan, scored the same way for every solver
+    objective, metrics, moves = total_objective(problem, best)
+    info.update(source=source, objective=objective, seconds=round(time.perf_counter() - t0, 3))
+    if prev is not None:
+        info["moved"] = moves
+    return Plan(num_gpus=num_gpus, num_nodes=num_nodes, num_experts=trace.num_experts, slots_per_gpu=spg,
+                phy2log=best, metrics=metrics, solver=info)
+
+
+def _check_request(trace: RoutingTrace, num_gpus: int, num_nodes: int, redundant: int, solver: str,
+                   time_limit: float, memory_cap: int | None, num_groups: int | None) -> int:
+    """All preconditions on the request; returns slots per GPU."""
+    if not isinstance(trace, RoutingTrace):
+        raise UserInputError(f"trace must be a RoutingTrace, got {type(trace).__name__}")
+    check_topology(num_gpus, num_nodes)
+    if solver not in SOLVERS:
+        raise UserInputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if not _is_count(redundant):
+        raise UserInputError(f"redundant slots must be a whole number >= 0, got {redundant!r}")
+    if not isinstance(time_limit, (int, float)) or not math.isfinite(time_limit) or time_limit <= 0:
+        raise UserInputError(f"time limit must be a positive number of seconds, got {time_limit!r}")
+    num_experts = trace.num_experts
+    num_slots = num_experts + redundant
+    if num_slots % num_gpus:
+        raise UserInputError(f"{num_experts} experts + {redundant} redundant = {num_slots} slots cannot be split "
+                             f"evenly over {num_gpus} GPUs")
+    if num_slots > num_experts * num_gpus:
+        raise UserInputError(f"{redundant} redundant slots need more replicas than GPUs: at most "
+                             f"{num_experts * (num_gpus - 1)} fit without two replicas of one expert on a GPU")
+    spg = num_slots // num_gpus
+    if memory_cap is not None and (not _is_count(memory_cap) or spg > memory_cap):
+        raise UserInputError(f"each GPU needs {spg} expert slots per layer but the memory cap is {memory_cap}")
+    if num_groups is not None and (not _is_count(num_groups) or num_groups < 1 or num_experts % num_groups
+                                   or num_groups % num_nodes):
+        raise UserInputError(f"{num_groups} expert groups must divide {num_experts} experts and be a multiple "
+                             f"of {num_nodes} nodes")
+    return spg
+
+
+def _check_previous(trace: RoutingTrace, num_gpus: int, spg: int, solver: str, previous: Plan | None,
+                    max_moves: int | None, move_cost: float) -> None:
+    if previous is None:
+        if max_moves is not None or move_cost:
+            raise UserInputError("a move bound or move cost needs a previous plan")
+        return
+    if not isinstance(previous, Plan):
+        raise UserInputError(f"previous must be a Plan, got {type(previous).__name__}")
+    want = (trace.num_layers, trace.num_experts, num_gpus, spg)
+    got = (previous.num_layers, previous.num_experts, previous.num_gpus, previous.slots_per_gpu)
+    if got != want:
+        raise UserInputError("previous plan is for {} layers, {} experts, {} GPUs x {} slots; this request is "
+                             "for {} layers, {} experts, {} GPUs x {} slots".format(*got, *want))
+    if max_moves is not None and not _is_count(max_moves):
+        raise UserInputError(f"max moves must be a whole number >= 0, got {max_moves!r}")
+    if not isinstance(move_cost, (int, float)) or not math.isfinite(move_cost) or move_cost < 0:
+        raise UserInputError(f"move cost must be a number >= 0, got {move_cost!r}")
+    if solver != "ilp" and (max_moves is not None or move_cost):
+        raise UserInputError("only the ilp solver limits or charges moves from a previous plan")
+
+
+def _moves_per_layer_ok(problem: Problem, phy2log: np.ndarray) -> bool:
+    num_experts = problem.load.shape[1]
+    before = presence(problem.previous, num_experts, problem.num_gpus) > 0
+    moves = (presence(phy2log, num_experts, problem.num_gpus) * ~before).sum(axis=(1, 2))
+    return bool(np.all(moves <= problem.max_moves))
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0
