@@ -205,8 +205,9 @@ def _polish(problem: Problem, phy2log: np.ndarray, deadline: float, say: Callabl
     num_layers, num_experts = problem.load.shape
     num_gpus = problem.num_gpus
     rng = np.random.default_rng(0)
-    improved = tried = 0
-    while time.perf_counter() < deadline - 0.2 and num_gpus >= 2:
+    improved = tried = since_improved = 0
+    patience = num_layers * max(1, num_gpus // POLISH_GPUS)  # about every GPU of every layer once
+    while time.perf_counter() < deadline - 0.2 and num_gpus >= 2 and since_improved < patience:
         layer = tried % num_layers
         tried += 1
         gain_present, gain_share, node_gain, moved = layer_gains(problem, phy2log, layer)
@@ -229,10 +230,12 @@ def _polish(problem: Problem, phy2log: np.ndarray, deadline: float, say: Callabl
                      moved=None if moved is None else moved[None],
                      max_moves=None if problem.max_moves is None else np.array([problem.max_moves]))
         result = solve_window(win, min(1.0, deadline - time.perf_counter()))
+        since_improved += 1
         if result.improved:
             phy2log = phy2log.copy()
             phy2log[layer] = result.phy2log[0]
             improved += 1
+            since_improved = 0
     if tried:
         say(f"polish: {improved} of {tried} neighbourhoods improved")
     return phy2log, improved

@@ -1,0 +1,142 @@
+"""`moecompile place`: solve or evaluate an expert placement from a routing trace.
+
+    moecompile place TRACE --gpus G [--nodes N] [--redundant R] [--solver greedy|ilp] [--time-limit S]
+                     [--previous PLAN [--max-moves M] [--move-cost C]] [--memory-cap SLOTS]
+                     [--groups K] [--out PLAN] [--plot PNG]
+    moecompile place --evaluate PLAN TRACE [--plot PNG]
+
+Prints a table comparing the plan with greedy. Bad input raises UserInputError, which the top-level
+CLI prints as one line and turns into exit code 2; outputs are written only after a successful
+solve, each atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import UserInputError
+from .metrics import evaluate
+from .plan import Plan, load_plan, save_plan
+from .solve import SOLVERS, place
+from .trace import load_trace
+
+_PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def register(subparsers) -> None:
+    """Add the `place` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "place",
+        help="place experts (and replicas) on GPUs from a routing trace",
+        description="Place experts on GPUs from a routing trace (.npz or .json with load (L, E) and "
+                    "optional flow (L-1, E, E)) and compare the plan with greedy balanced packing.",
+        epilog="example: moecompile place trace.npz --gpus 64 --nodes 8 --redundant 64 --solver ilp "
+               "--out plan.json --plot plan.png",
+    )
+    p.add_argument("trace", metavar="TRACE", help="routing trace, .npz or .json")
+    p.add_argument("--gpus", type=int, metavar="G", help="number of GPUs (required unless --evaluate)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N", help="number of nodes, dividing G (default 1)")
+    p.add_argument("--redundant", type=int, default=0, metavar="R",
+                   help="redundant slots for replicas; E + R must be a multiple of G (default 0)")
+    p.add_argument("--solver", choices=SOLVERS, default="greedy", help="greedy (default) or ilp")
+    p.add_argument("--time-limit", type=float, default=60.0, metavar="S",
+                   help="seconds for the whole ilp solve, greedy included (default 60)")
+    p.add_argument("--previous", metavar="PLAN", help="plan in service; moves from it can be bounded or charged")
+    p.add_argument("--max-moves", type=int, metavar="M", help="with --previous: at most M moved replicas per layer")
+    p.add_argument("--move-cost", type=float, default=0.0, metavar="C",
+                   help="with --previous: objective cost per share of slots moved (default 0)")
+    p.add_argument("--memory-cap", type=int, metavar="SLOTS", help="most expert slots a GPU holds per layer")
+    p.add_argument("--groups", type=int, metavar="K",
+                   help="expert groups of a group-limited router; greedy then packs groups by node")
+    p.add_argument("--out", metavar="PLAN", help="write the plan as JSON")
+    p.add_argument("--plot", metavar="PNG", help="draw per-GPU load per layer and the GPU traffic matrix")
+    p.add_argument("--evaluate", metavar="PLAN", help="score an existing plan on TRACE instead of solving")
+    p.set_defaults(func=run_place)
+
+
+def run_place(args: argparse.Namespace) -> int:
+    # 1. check outputs before any work, so that a bad path never costs a solve
+    for path in (args.out, args.plot):
+        _check_output(path)
+    if args.plot and not args.plot.lower().endswith(_PLOT_FORMATS):
+        raise UserInputError(f"--plot {args.plot} must end in one of {', '.join(_PLOT_FORMATS)}")
+    if args.plot:
+        _require_matplotlib()
+    trace = load_trace(args.trace)
+    # 2. evaluate an existing plan, or solve
+    if args.evaluate:
+        plan = load_plan(args.evaluate)
+        plan = Plan(plan.num_gpus, plan.num_nodes, plan.num_experts, plan.slots_per_gpu, plan.phy2log,
+                    metrics=evaluate(plan, trace), solver=plan.solver)
+        redundant = plan.phy2log.shape[1] - plan.num_experts
+        greedy = place(trace, plan.num_gpus, plan.num_nodes, redundant)
+    else:
+        if args.gpus is None:
+            raise UserInputError("--gpus is required (or use --evaluate PLAN)")
+        previous = load_plan(args.previous) if args.previous else None
+        greedy = place(trace, args.gpus, args.nodes, args.redundant, memory_cap=args.memory_cap,
+                       num_groups=args.groups)
+        if args.solver == "ilp":
+            print(f"solving with ilp for up to {args.time_limit:g} s ...", file=sys.stderr, flush=True)
+        plan = place(trace, args.gpus, args.nodes, args.redundant, solver=args.solver, time_limit=args.time_limit,
+                     previous=previous, memory_cap=args.memory_cap, progress=_progress, num_groups=args.groups,
+                     max_moves=args.max_moves, move_cost=args.move_cost)
+    # 3. outputs, each written atomically
+    if args.out:
+        save_plan(plan, args.out)
+    if args.plot:
+        from .plot import plot_plan
+
+        plot_plan(plan, trace, args.plot)
+    print(format_table(plan, greedy, evaluated=bool(args.evaluate)))
+    return 0
+
+
+def format_table(plan: Plan, greedy: Plan, evaluated: bool = False) -> str:
+    """Plan vs greedy: imbalance, hop fractions, objective, solve time."""
+    name = "plan" if evaluated else f"{plan.solver.get('name', 'plan')}"
+    rows = [("greedy", greedy)] + ([] if plan.solver.get("name") == "greedy" and not evaluated else [(name, plan)])
+    head = f"{'':8} {'imb mean':>9} {'imb max':>8} {'cross-GPU':>10} {'cross-node':>11} {'objective':>10} {'seconds':>8}"
+    lines = [f"{plan.num_layers} layers, {plan.num_experts} experts, {plan.num_gpus} GPUs on {plan.num_nodes} "
+             f"node(s), {plan.slots_per_gpu} slots per GPU", head]
+    for label, p in rows:
+        m = p.metrics
+        seconds = "" if evaluated and p is plan else f"{p.solver.get('seconds', 0.0):.2f}"
+        lines.append(f"{label:8} {m['imbalance_mean']:9.4f} {m['imbalance_max']:8.4f} {_frac(m['cross_gpu_fraction']):>10} "
+                     f"{_frac(m['cross_node_fraction']):>11} {m['objective']:10.4f} {seconds:>8}")
+    notes = []
+    if not evaluated and plan.solver.get("name") == "ilp":
+        gap = plan.solver.get("gap")
+        notes.append(f"ilp: {plan.solver.get('method')}, gap {'unknown' if gap is None else f'{gap:.1%}'}"
+                     + ("; kept the greedy plan (no better one found)" if plan.solver.get("source") == "greedy" else "")
+                     + ("; kept the previous plan" if plan.solver.get("source") == "previous" else ""))
+    if "moved" in plan.solver:
+        notes.append(f"moved replicas vs previous plan: {plan.solver['moved']}")
+    return "\n".join(lines + notes)
+
+
+def _frac(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2%}"
+
+
+def _progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _check_output(path: str | None) -> None:
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserInputError(f"cannot write {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UserInputError(f"cannot write {path}: it is a folder")
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserInputError("--plot needs matplotlib: pip install matplotlib") from None
