@@ -51,13 +51,15 @@ def moe(x: Tensor, weights: list[Tensor], spec: str, kernels: str, layer: str) -
         def on_route(topk_ids):
             for observe in routing_observers:
                 observe(layer, topk_ids, moe_spec.num_experts)
-        return moe_torch.moe_forward(x, weights, moe_spec, on_route=on_route)
-    return _forward_fn(kernels)(x, weights, moe_spec)
+        return moe_torch.moe_forward(x, weights, moe_spec, on_route=on_route).contiguous()
+    return _forward_fn(kernels)(x, weights, moe_spec).contiguous()
 
 
+# NOTE: outputs are contiguous in the real and the fake implementation alike; Inductor checks that
+# the strides it planned for match what the op returns.
 @moe.register_fake
 def _moe_fake(x, weights, spec, kernels, layer):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("moecompile::moe_backward", mutates_args=())
@@ -74,12 +76,12 @@ def moe_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: str, kern
         return forward(x_, list(ws), moe_spec)
 
     _, vjp = torch.func.vjp(f, x, *weights)
-    return list(vjp(grad.to(x.dtype)))
+    return [g.contiguous() for g in vjp(grad.to(x.dtype))]
 
 
 @moe_backward.register_fake
 def _moe_backward_fake(grad, x, weights, spec, kernels):
-    return [torch.empty_like(x)] + [torch.empty_like(w) for w in weights]
+    return [x.new_empty(x.shape)] + [w.new_empty(w.shape) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
