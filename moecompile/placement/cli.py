@@ -78,8 +78,6 @@ def run_place(args: argparse.Namespace) -> int:
         previous = load_plan(args.previous) if args.previous else None
         greedy = place(trace, args.gpus, args.nodes, args.redundant, memory_cap=args.memory_cap,
                        num_groups=args.groups)
-        if args.solver == "ilp":
-            print(f"solving with ilp for up to {args.time_limit:g} s ...", file=sys.stderr, flush=True)
         plan = place(trace, args.gpus, args.nodes, args.redundant, solver=args.solver, time_limit=args.time_limit,
                      previous=previous, memory_cap=args.memory_cap, progress=_progress, num_groups=args.groups,
                      max_moves=args.max_moves, move_cost=args.move_cost)

@@ -129,7 +129,7 @@ def _expert_cells(pulp, prob, win: Window, layer: int, e: int, start_present: np
     counts = counts[counts <= gpus.size]
     if counts.size == 1 and counts[0] == start_count[layer, e] and gpus.size == counts[0] and win.load.shape[0] == 1:
         return []
-    cells = [(int(g), int(c), pulp.LpVariable(f"p{layer}_{e}_{g}_{c}", cat="Binary")) for c in counts for g in gpus]
+    cells = [(int(g), int(c), _var(pulp, prob, f"p{layer}_{e}_{g}_{c}", 0, 1, "Binary")) for c in counts for g in gpus]
     for g, c, var in cells:
         warm[var] = float(start_present[layer, e, g] and start_count[layer, e] == c)
         coef = -(win.gain_present[layer, e, g] + win.gain_share[layer, e, g] / c)
@@ -138,7 +138,7 @@ def _expert_cells(pulp, prob, win: Window, layer: int, e: int, start_present: np
     if counts.size == 1:
         prob += pulp.LpAffineExpression([(v, 1) for _, _, v in cells]) == int(counts[0])
         return cells
-    ys = {int(c): pulp.LpVariable(f"y{layer}_{e}_{c}", cat="Binary") for c in counts}
+    ys = {int(c): _var(pulp, prob, f"y{layer}_{e}_{c}", 0, 1, "Binary") for c in counts}
     prob += pulp.LpAffineExpression([(y, 1) for y in ys.values()]) == 1
     for c, y in ys.items():
         warm[y] = float(start_count[layer, e] == c)
@@ -155,7 +155,7 @@ def _add_gpu_rows(pulp, prob, win: Window, layer: int, cells: list, start_presen
     const_slots = start_present[fixed].sum(axis=0)  # (G,)
     per_replica = win.load[layer] / np.maximum(start_present.sum(axis=1), 1)  # (E,) for fixed experts
     const_load = (start_present[fixed] * per_replica[fixed, None]).sum(axis=0)  # (G,)
-    m = pulp.LpVariable(f"m{layer}", 0, float(win.cap[layer]))
+    m = _var(pulp, prob, f"m{layer}", 0, float(win.cap[layer]))
     warm[m] = float((start_present * per_replica[:, None]).sum(axis=0).max())
     objective.append((m, float(win.balance_weight[layer])))
     on_gpu: list[list] = [[] for _ in range(num_gpus)]
@@ -177,7 +177,7 @@ def _add_gpu_rows(pulp, prob, win: Window, layer: int, cells: list, start_presen
 
 def _node_presence(pulp, prob, cells: list, layer: int, e: int, n: int, gpus_per_node: int, warm: dict):
     """q[l, e, n] <= replicas of e on node n (q is pushed up by the objective, so q = min(1, count))."""
-    q = pulp.LpVariable(f"q{layer}_{e}_{n}", 0, 1)
+    q = _var(pulp, prob, f"q{layer}_{e}_{n}", 0, 1)
     on_node = [(v, 1) for g, _, v in cells if g // gpus_per_node == n]
     prob += pulp.LpAffineExpression(on_node + [(q, -1)]) >= 0
     warm[q] = min(1.0, sum(warm[v] for v, _ in on_node))
@@ -197,7 +197,7 @@ def _add_inner_pair(pulp, prob, win: Window, layer: int, cells: list, q: dict, o
         for g, _, v in cells[layer + 1][e2]:
             dst.setdefault(g, []).append(v)
         for g in src.keys() & dst.keys():
-            u = pulp.LpVariable(f"u{layer}_{e}_{e2}_{g}", 0)
+            u = _var(pulp, prob, f"u{layer}_{e}_{e2}_{g}", 0)
             prob += pulp.LpAffineExpression(src[g] + [(u, -1)]) >= 0
             prob += pulp.LpAffineExpression([(v, weight) for v in dst[g]] + [(u, -1)]) >= 0
             warm[u] = min(_eval(src[g], warm), weight * sum(warm[v] for v in dst[g]))
@@ -208,12 +208,19 @@ def _add_inner_pair(pulp, prob, win: Window, layer: int, cells: list, q: dict, o
             key = (layer + 1, int(e2), n)
             if key not in q:
                 q[key] = _node_presence(pulp, prob, cells[layer + 1][e2], *key, gpus_per_node, warm)
-            v = pulp.LpVariable(f"v{layer}_{e}_{e2}_{n}", 0)
+            v = _var(pulp, prob, f"v{layer}_{e}_{e2}_{n}", 0)
             share = [t for g, terms in src.items() if g // gpus_per_node == n for t in terms]
             prob += pulp.LpAffineExpression(share + [(v, -1)]) >= 0
             prob += pulp.LpAffineExpression([(q[key], weight), (v, -1)]) >= 0
             warm[v] = min(_eval(share, warm), weight * warm[q[key]])
             objective.append((v, -win.hop_weight * win.node_weight))
+
+
+def _var(pulp, prob, name: str, low: float | None = None, up: float | None = None, cat: str = "Continuous"):
+    """A variable of `prob`; PuLP 3 attaches it on creation, older PuLP builds it standalone."""
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, low, up, cat=cat)
+    return pulp.LpVariable(name, low, up, cat=cat)
 
 
 _WARM_HIGHS = None

@@ -57,6 +57,9 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
             starts.append((total_objective(problem, prev)[0], prev, "previous"))
         _, start, source = min(starts, key=lambda c: c[0])
         deadline = t0 + time_limit - min(2.0, 0.1 * time_limit)  # room to score and write the plan
+        if progress:
+            progress(f"ilp from the {source} plan (objective {total_objective(problem, start)[0]:.4f}), "
+                     f"{max(deadline - time.perf_counter(), 0):.0f} s")
         found, solve_info = solve_ilp(problem, start, deadline, progress)
         info.update(solve_info)
         if total_objective(problem, found)[0] < total_objective(problem, start)[0]:
