@@ -53,8 +53,11 @@ def _output(value):
 def compare(case: str, module: torch.nn.Module, args: tuple, device, warmup=3, iters=10,
             backends=("eager", "inductor", "moe")) -> list[Timing]:
     """Time `module(*args)` under each backend; error is max |out - eager out|."""
+    import torch._inductor.config as inductor_config
+
     rows = []
-    with torch.no_grad():
+    # NOTE: no on-disk graph cache, so each backend's compile time is a cold compile of its own graph.
+    with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
         reference = _output(module(*args)).float()
         for backend in backends:
             torch._dynamo.reset()
