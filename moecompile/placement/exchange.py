@@ -9,8 +9,8 @@ weights, stay fixed, so the moves are exchanges between two GPUs:
     GPU b: [y1 y2 y3 y4 y5]  ->    GPU b: [x1 x2 y3 y4 y5]       (k-for-k, k <= max_size)
 
 Every exchange keeps slots per GPU equal, never puts two replicas of one expert on one GPU, keeps
-every GPU load at or under `cap` (a GPU already over it may only get lighter, and overload is
-charged so heavily that reducing it comes first), and respects the move budget. Each round
+every GPU load at or under `cap` (a GPU already over it may only get lighter, and reducing
+overload is rewarded above any gain), and respects the move budget. Each round
 evaluates the best exchange of every GPU pair at once (a (G, G, Qk, Qk) array per size k), then
 applies the best ones that touch disjoint GPUs and disjoint experts, so that every applied delta
 is exact. The objective strictly improves each round, so the search ends.
@@ -51,7 +51,7 @@ def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, no
     if scale == 0.0 and _overload(slots, weight, cap).sum() == 0:
         return _sorted(slots)
     tol = 1e-9 * scale
-    penalty = 1e6 * max(scale, 1e-300) / max(cap, 1e-300)  # per token over cap: dominates any gain
+    penalty = 1e6 * max(scale, 1e-300) / max(cap, 1e-300)  # reward per token of overload removed
     while deadline is None or time.perf_counter() < deadline:
         # 1. per-slot value of moving its replica to each GPU (exact when done alone)
         delta, moves = _move_values(slots, gain, node_gain, num_nodes, moved)  # (G, spg, G) each
@@ -113,6 +113,7 @@ def _best_exchanges(slots: np.ndarray, members: np.ndarray, delta: np.ndarray, m
     d_over = (np.maximum(new_a - cap, 0.0) + np.maximum(new_b - cap, 0.0)
               - over[:, None, None, None] - over[None, :, None, None])
     total = send[:, :, :, None] + send.transpose(1, 0, 2)[:, :, None, :] - penalty * d_over
+    total[d_over > 0] = -np.inf  # never more overload, however large the gain
     if budget is not None:  # exchanges that would exceed the move budget on their own
         mv = moves[:, members, :].sum(axis=2).transpose(0, 2, 1)  # (a, b, q)
         d_moves = mv[:, :, :, None] + mv.transpose(1, 0, 2)[:, :, None, :]

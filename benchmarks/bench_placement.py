@@ -1,0 +1,179 @@
+"""Placement benchmark: greedy vs ILP on synthetic traces at DeepSeek-V3 and Qwen3-30B-A3B sizes,
+and on any recorded traces.
+
+    python benchmarks/bench_placement.py                      # synthetic suite, 60 s per ILP solve
+    python benchmarks/bench_placement.py --quick              # smaller, for a smoke run
+    python benchmarks/bench_placement.py --trace a.npz b.npz  # recorded traces (moecompile trace)
+
+Synthetic traces come from `moecompile.placement.synthetic.synthetic_trace`: tokens with a
+Zipf-popular topic (exponent `skew`), per layer disjoint topic sets of K experts shuffled
+independently, lognormal expert popularity (sigma = `skew`), and each of a token's K picks taken
+from its topic's set with probability `affinity` (the inter-layer affinity knob), else by
+popularity. The suite runs every size at the default affinity and sweeps affinity at the target
+configuration (DeepSeek-V3, G = 64, N = 8, 64 redundant slots).
+
+Targets checked at DeepSeek-V3 size, G = 64, N = 8, 64 redundant slots, 60 s: ILP mean imbalance
+<= 1.05, and cross-GPU hop fraction at least 30% below greedy's at no worse mean imbalance.
+Prints a table; writes JSON (machine, date, generator, every run) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from moecompile.placement import load_trace, place  # noqa: E402
+from moecompile.placement.synthetic import synthetic_trace  # noqa: E402
+
+# (name, layers, experts, top_k, [(gpus, nodes, redundant), ...])
+SIZES = [
+    ("DeepSeek-V3", 58, 256, 8, [(64, 8, 64), (32, 4, 32)]),
+    ("Qwen3-30B-A3B", 48, 128, 8, [(32, 4, 32), (16, 2, 16)]),
+]
+TARGET = ("DeepSeek-V3", 64, 8, 64)
+GENERATOR = {"num_tokens": 8192, "skew": 0.5, "affinity": 0.9, "seed": 0}
+AFFINITY_SWEEP = (0.0, 0.5, 0.8, 0.95)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", nargs="+", default=[], metavar="FILE", help="recorded trace files to benchmark")
+    parser.add_argument("--config", nargs="+", default=None, metavar="G:N:R",
+                        help="GPU/node/redundant configurations for --trace (default: 4:2:4 and 8:2:8)")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per ILP solve (default 60)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and 10 s solves, for a smoke run")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the affinity sweep")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/placement_<kind>.json)")
+    parser.add_argument("--date", default=datetime.date.today().isoformat(), help="date recorded in the JSON")
+    args = parser.parse_args(argv)
+    time_limit = 10.0 if args.quick and args.time_limit == 60.0 else args.time_limit
+    runs = []
+    if args.trace:
+        configs = [tuple(int(x) for x in c.split(":")) for c in (args.config or ["4:2:4", "8:2:8"])]
+        for path in args.trace:
+            trace = load_trace(path)
+            for gpus, nodes, redundant in configs:
+                runs.append(_compare(os.path.basename(path), trace, gpus, nodes, redundant, time_limit, {"file": path}))
+    else:
+        for name, layers, experts, top_k, configs in _sizes(args.quick):
+            trace = synthetic_trace(layers, experts, top_k, **GENERATOR)
+            for gpus, nodes, redundant in configs:
+                runs.append(_compare(name, trace, gpus, nodes, redundant, time_limit, dict(GENERATOR, top_k=top_k)))
+        if not args.no_sweep and not args.quick:
+            name, gpus, nodes, redundant = TARGET
+            _, layers, experts, top_k, _ = next(s for s in SIZES if s[0] == name)
+            for affinity in AFFINITY_SWEEP:
+                gen = dict(GENERATOR, affinity=affinity)
+                trace = synthetic_trace(layers, experts, top_k, **gen)
+                runs.append(_compare(name, trace, gpus, nodes, redundant, time_limit, dict(gen, top_k=top_k)))
+    targets = _targets(runs, time_limit)
+    print(_table(runs))
+    for line in targets["lines"]:
+        print(line)
+    kind = "recorded" if args.trace else ("quick" if args.quick else "synthetic")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"placement_{kind}.json")
+    result = {"date": args.date, "machine": _machine(), "time_limit_s": time_limit, "generator_defaults": GENERATOR,
+              "runs": runs, "targets": {k: v for k, v in targets.items() if k != "lines"}}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _sizes(quick: bool):
+    if not quick:
+        return SIZES
+    return [("DeepSeek-V3/4", 15, 64, 8, [(16, 2, 16)]), ("Qwen3-30B-A3B/4", 12, 32, 8, [(8, 2, 8)])]
+
+
+def _compare(name: str, trace, gpus: int, nodes: int, redundant: int, time_limit: float, source: dict) -> dict:
+    """Greedy and ILP on one trace and configuration."""
+    t0 = time.perf_counter()
+    greedy = place(trace, gpus, nodes, redundant)
+    greedy_s = time.perf_counter() - t0
+    print(f"{name}: L={trace.num_layers} E={trace.num_experts} G={gpus} N={nodes} R={redundant} "
+          f"affinity={source.get('affinity', '-')}: ilp for {time_limit:g} s ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    ilp = place(trace, gpus, nodes, redundant, solver="ilp", time_limit=time_limit)
+    ilp_s = time.perf_counter() - t0
+    g, m = greedy.metrics, ilp.metrics
+    reduction = None
+    if g["cross_gpu_fraction"]:
+        reduction = 1.0 - m["cross_gpu_fraction"] / g["cross_gpu_fraction"]
+    return {
+        "name": name, "layers": trace.num_layers, "experts": trace.num_experts, "gpus": gpus, "nodes": nodes,
+        "redundant": redundant, "source": source,
+        "greedy": {**_summary(g), "seconds": round(greedy_s, 3)},
+        "ilp": {**_summary(m), "seconds": round(ilp_s, 3), "method": ilp.solver.get("method"),
+                "gap": ilp.solver.get("gap"), "sweeps": ilp.solver.get("sweeps"), "kept": ilp.solver.get("source")},
+        "cross_gpu_reduction": reduction,
+        "cross_node_reduction": (1.0 - m["cross_node_fraction"] / g["cross_node_fraction"])
+        if g["cross_node_fraction"] else None,
+    }
+
+
+def _summary(metrics: dict) -> dict:
+    keys = ("imbalance_mean", "imbalance_max", "cross_gpu_fraction", "cross_node_fraction", "objective")
+    return {k: metrics[k] for k in keys}
+
+
+def _targets(runs: list[dict], time_limit: float) -> dict:
+    name, gpus, nodes, redundant = TARGET
+    hits = [r for r in runs if (r["name"], r["gpus"], r["nodes"], r["redundant"]) == TARGET
+            and r["source"].get("affinity") == GENERATOR["affinity"]]
+    if not hits:
+        return {"lines": ["targets: the target configuration was not run"], "checked": False}
+    r = hits[0]
+    imb_ok = r["ilp"]["imbalance_mean"] <= 1.05
+    no_worse = r["ilp"]["imbalance_mean"] <= r["greedy"]["imbalance_mean"] + 1e-12
+    cut_ok = r["cross_gpu_reduction"] is not None and r["cross_gpu_reduction"] >= 0.30
+    lines = [
+        f"target ({name}, G={gpus}, N={nodes}, R={redundant}, {time_limit:g} s, affinity {GENERATOR['affinity']}):",
+        f"  mean imbalance <= 1.05: {r['ilp']['imbalance_mean']:.4f} -> {'met' if imb_ok else 'MISSED'}",
+        f"  no worse than greedy's {r['greedy']['imbalance_mean']:.4f}: {'met' if no_worse else 'MISSED'}",
+        f"  cross-GPU hops >= 30% below greedy: {r['cross_gpu_reduction']:.1%} lower "
+        f"({r['greedy']['cross_gpu_fraction']:.2%} -> {r['ilp']['cross_gpu_fraction']:.2%}) -> "
+        f"{'met' if cut_ok else 'MISSED'}",
+    ]
+    return {"lines": lines, "checked": True, "imbalance_le_1_05": imb_ok, "imbalance_no_worse_than_greedy": no_worse,
+            "cross_gpu_reduction": r["cross_gpu_reduction"], "cross_gpu_reduction_ge_30pct": cut_ok}
+
+
+def _table(runs: list[dict]) -> str:
+    head = (f"{'trace':16} {'L':>3} {'E':>4} {'G':>3} {'N':>2} {'R':>3} {'aff':>4} {'solver':6} {'imb mean':>8} "
+            f"{'imb max':>7} {'x-GPU':>7} {'x-node':>7} {'obj':>7} {'sec':>6} {'x-GPU cut':>9} {'x-node cut':>10}")
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        aff = r["source"].get("affinity")
+        for solver in ("greedy", "ilp"):
+            s = r[solver]
+            cut = "" if solver == "greedy" else _pct(r["cross_gpu_reduction"])
+            node_cut = "" if solver == "greedy" else _pct(r["cross_node_reduction"])
+            lines.append(f"{r['name'][:16]:16} {r['layers']:3} {r['experts']:4} {r['gpus']:3} {r['nodes']:2} "
+                         f"{r['redundant']:3} {'-' if aff is None else f'{aff:.2f}':>4} {solver:6} "
+                         f"{s['imbalance_mean']:8.4f} {s['imbalance_max']:7.4f} {_pct(s['cross_gpu_fraction']):>7} "
+                         f"{_pct(s['cross_node_fraction']):>7} {s['objective']:7.4f} {s['seconds']:6.1f} "
+                         f"{cut:>9} {node_cut:>10}")
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _machine() -> dict:
+    return {"processor": platform.processor(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "system": platform.system(), "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
