@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.trace:
             trace = load_trace(path)
             for gpus, nodes, redundant in configs:
-                runs.append(_compare(os.path.basename(path), trace, gpus, nodes, redundant, time_limit, {"file": path}))
+                runs.append(_compare(os.path.basename(path), trace, gpus, nodes, redundant, time_limit,
+                                     {"file": os.path.basename(path)}))
     else:
         for name, layers, experts, top_k, configs in _sizes(args.quick):
             trace = synthetic_trace(layers, experts, top_k, **GENERATOR)
@@ -171,8 +172,17 @@ def _pct(x: float | None) -> str:
 
 
 def _machine() -> dict:
-    return {"processor": platform.processor(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "system": platform.system(), "python": platform.python_version()}
+    return {"processor": platform.processor(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "system": platform.system(), "python": platform.python_version()}
+
+
+def _cpu_model() -> str:
+    """platform.processor() is often empty on Linux; the kernel's cpuinfo names the model."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moecompile.errors import UserInputError
-from moecompile.placement import RoutingTrace, evaluate, place
+from moecompile.placement import Plan, RoutingTrace, evaluate, place
 from moecompile.placement.metrics import gpu_loads
 from moecompile.placement.plan import presence
 from moecompile.placement.synthetic import synthetic_trace
@@ -89,7 +89,7 @@ def _brute_force_best(trace, num_gpus, num_nodes, redundant):
         layer_options.append(sorted(rows))
     best = np.inf
     for combo in itertools.product(*layer_options):
-        plan = place.__globals__["Plan"](num_gpus, num_nodes, num_experts, spg, np.array(combo))
+        plan = Plan(num_gpus, num_nodes, num_experts, spg, np.array(combo))
         best = min(best, evaluate(plan, trace)["objective"])
     return best
 
@@ -183,6 +183,9 @@ def test_place_rejects_mismatched_previous_plan():
         place(trace, 2, solver="ilp", previous=other)
     with pytest.raises(UserInputError, match="only the ilp solver"):
         place(trace, 2, previous=place(trace, 2), max_moves=1)
+    doubled = Plan(num_gpus=2, num_nodes=1, num_experts=4, slots_per_gpu=3, phy2log=[[0, 0, 1, 2, 3, 1]] * 2)
+    with pytest.raises(UserInputError, match="two replicas of expert 0 on GPU 0 in layer 0"):
+        place(trace, 2, redundant=2, solver="ilp", previous=doubled)
 
 
 def test_synthetic_flow_is_consistent_with_load():

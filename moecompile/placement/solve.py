@@ -124,6 +124,11 @@ def _check_previous(trace: RoutingTrace, num_gpus: int, spg: int, solver: str, p
         raise UserInputError(f"move cost must be a number >= 0, got {move_cost!r}")
     if solver != "ilp" and (max_moves is not None or move_cost):
         raise UserInputError("only the ilp solver limits or charges moves from a previous plan")
+    doubled = np.argwhere(presence(previous.phy2log, previous.num_experts, num_gpus) > 1)
+    if solver == "ilp" and doubled.size:
+        layer, expert, gpu = (int(x) for x in doubled[0])
+        raise UserInputError(f"previous plan puts two replicas of expert {expert} on GPU {gpu} in layer {layer}; "
+                             "the ilp solver needs at most one per GPU")
 
 
 def _moves_per_layer_ok(problem: Problem, phy2log: np.ndarray) -> bool:
