@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UserInputError
 from .plan import Plan, presence
 from .trace import RoutingTrace
 
@@ -28,8 +29,6 @@ NODE_WEIGHT = 1.0
 
 def evaluate(plan: Plan, trace: RoutingTrace) -> dict:
     """Score `plan` on `trace`; the two must agree on L and E."""
-    from ..errors import UserInputError
-
     if (plan.num_layers, plan.num_experts) != trace.load.shape:
         raise UserInputError(f"plan is for {plan.num_layers} layers x {plan.num_experts} experts "
                              f"but the trace has {trace.load.shape[0]} x {trace.load.shape[1]}")
