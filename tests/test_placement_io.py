@@ -158,3 +158,13 @@ def test_plan_is_read_only():
     plan = Plan(num_gpus=1, num_nodes=1, num_experts=2, slots_per_gpu=2, phy2log=[[0, 1]])
     with pytest.raises(ValueError):
         plan.phy2log[0, 0] = 1
+
+
+def test_import_loads_no_solver_or_plotting_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, moecompile.placement; "
+            "print(sorted(m for m in ('pulp', 'highspy', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
