@@ -42,8 +42,10 @@ def test_fast_path_matches_reference(name, T, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{name}{T}".encode()))
     x = torch.randn(T, spec.hidden, generator=gen).to(dtype)
     weights = _weights(spec, dtype, gen)
-    assert_close(moe_torch.moe_forward(x, weights, spec), moe_torch.moe_forward_reference(x, weights, spec),
-                 dtype, what=name)
+    want = moe_torch.moe_forward_reference(x, weights, spec)
+    assert_close(moe_torch.moe_forward(x, weights, spec), want, dtype, what=name)
+    # the op's forward reuses its buffers (inplace path): same numbers
+    assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"), want, dtype, what=f"{name} op")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

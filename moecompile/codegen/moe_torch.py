@@ -40,13 +40,16 @@ def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec):
     return topk_w, topk_ids
 
 
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
 def _activation(spec: MoESpec):
-    return {
-        "silu": F.silu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "relu": F.relu,
-    }[spec.activation]
+    return _ACTIVATIONS[spec.activation]
 
 
 def _split_gate_up(h: torch.Tensor, spec: MoESpec):
@@ -65,19 +68,22 @@ def use_grouped_mm(a: torch.Tensor, w: torch.Tensor, rows: int, num_experts: int
     """torch's grouped_mm or a loop of one mm per active expert?
 
     NOTE: grouped_mm wants 16-byte aligned rows and, on CUDA, bf16 on sm80+; anything else (odd H/I
-    tails, fp32 on CUDA) takes the loop, which is just as exact. On CPU grouped_mm is itself a loop
-    over all E groups with a host read per group, so the loop over active experts, sharing one
-    host read of the counts between both GEMMs, wins unless most experts are busy (bf16 only, where
-    grouped_mm's packed kernel pays).
+    tails, fp32 on CUDA) takes the loop, which is just as exact. On CPU grouped_mm walks all E
+    groups in C++; with fewer (token, expert) rows than experts (decode) most groups are empty and
+    the loop over the active ones is faster (measured: benchmarks/results/README.md).
     """
     if not hasattr(F, "grouped_mm") or not _aligned(a, w):
         return False
     if a.device.type == "cuda":
         return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
-    return a.device.type == "cpu" and a.dtype == torch.bfloat16 and rows >= 4 * num_experts
+    return a.device.type == "cpu" and rows >= num_experts
 
 
 def _aligned(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """grouped_mm's layout rules: 16-byte aligned rows, and a weight that is row- or column-major
+    per expert (a strided view, e.g. the gate half of an interleaved weight, is neither)."""
+    if 1 not in (w.stride(-1), w.stride(-2)):
+        return False
     return not any((d * a.element_size()) % 16 for d in (a.shape[-1], w.shape[-2], w.shape[-1]))
 
 
@@ -106,27 +112,59 @@ class _Groups:
         return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
 
 
-def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec) -> torch.Tensor:
+def _gated(act_name: str, gate: torch.Tensor, up: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """act(gate) * up; with `inplace` (gate a fresh contiguous GEMM output), written over gate:
+    no (T*K, I) allocation, the costly part of an elementwise op on CPU."""
+    if inplace and gate.is_contiguous():
+        act = F.silu(gate, inplace=True) if act_name == "silu" else _ACTIVATIONS[act_name](gate)
+        return act.mul_(up)
+    return _ACTIVATIONS[act_name](gate) * up
+
+
+def _gate_up_weights(w: torch.Tensor, spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the gate and the up halves of a fused (E, 2I, H) weight (or (E, H, 2I) transposed)."""
+    axis = -1 if spec.transposed else -2
+    if spec.layout == "interleaved":
+        index = [slice(None)] * 3
+        gate, up = list(index), list(index)
+        gate[axis], up[axis] = slice(0, None, 2), slice(1, None, 2)
+        return w[tuple(gate)], w[tuple(up)]
+    gate, up = w.chunk(2, dim=axis)
+    return gate, up
+
+
+def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace: bool = False) -> torch.Tensor:
     T, K = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)  # (T*K,)
     # any order within an expert is fine: every (token, k) row is computed alone and put back in place
     perm = torch.sort(flat_ids).indices  # (T*K,)
-    xs = x[perm // K]  # (T*K, H)
+    token = perm // K  # (T*K,) token of each sorted row
+    xs = x[token]  # (T*K, H)
     first = weights["gate_proj" if spec.layout == "separate" else ("gate_up_proj" if spec.gated else "up_proj")]
     groups = _Groups(torch.bincount(flat_ids, minlength=spec.num_experts),
                      use_grouped_mm(xs, first, T * K, spec.num_experts))
-    act = _activation(spec)
     if spec.layout == "separate":
         gate = groups.linear(xs, _as_in_out(weights["gate_proj"], spec))
         up = groups.linear(xs, _as_in_out(weights["up_proj"], spec))
-        h = act(gate) * up
+        h = _gated(spec.activation, gate, up, inplace)
+    elif spec.gated and inplace:
+        # two half-width GEMMs give contiguous gate and up, so act(gate) * up needs no new buffer
+        w_gate, w_up = _gate_up_weights(weights["gate_up_proj"], spec)
+        gate = groups.linear(xs, _as_in_out(w_gate, spec))
+        h = _gated(spec.activation, gate, groups.linear(xs, _as_in_out(w_up, spec)), inplace)
     elif spec.gated:
         gate, up = _split_gate_up(groups.linear(xs, _as_in_out(weights["gate_up_proj"], spec)), spec)
-        h = act(gate) * up
+        h = _gated(spec.activation, gate, up, inplace)
     else:
-        h = act(groups.linear(xs, _as_in_out(weights["up_proj"], spec)))
+        h = _ACTIVATIONS[spec.activation](groups.linear(xs, _as_in_out(weights["up_proj"], spec)))
     y = groups.linear(h, _as_in_out(weights["down_proj"], spec))  # (T*K, H)
-    y = y * topk_w.reshape(-1)[perm].unsqueeze(-1)  # promotes to the weights' dtype, as traced code does
+    w_sorted = topk_w.reshape(-1)[perm].unsqueeze(-1)  # (T*K, 1)
+    if inplace and x.device.type == "cpu" and y.dtype == torch.promote_types(y.dtype, w_sorted.dtype):
+        # NOTE: CPU index_add_ adds rows in index order, so it is deterministic; on CUDA it uses
+        # atomics, hence the gather + sum below there.
+        out = y.new_zeros(T, y.shape[-1])
+        return out.index_add_(0, token, y.mul_(w_sorted))
+    y = y * w_sorted  # promotes to the weights' dtype, as traced code does
     unsorted = torch.empty_like(y).index_copy(0, perm, y)  # (T*K, H) back in (token, k) order
     return unsorted.view(T, K, -1).sum(dim=1)
 
@@ -148,8 +186,9 @@ def named_weights(weights, spec: MoESpec) -> dict[str, torch.Tensor]:
 
 
 def moe_forward(x: torch.Tensor, weights: list[torch.Tensor], spec: MoESpec,
-                on_route=None) -> torch.Tensor:
-    """Fast torch path: (T, H) -> (T, H). Differentiable with torch autograd / torch.func.
+                on_route=None, inplace: bool = False) -> torch.Tensor:
+    """Fast torch path: (T, H) -> (T, H). Differentiable with torch autograd / torch.func unless
+    `inplace`, which reuses intermediate buffers (the op's forward, where nothing records them).
 
     `on_route(topk_ids (T, K) int64)`, if given, sees the routing decision (routing traces).
     """
@@ -157,7 +196,7 @@ def moe_forward(x: torch.Tensor, weights: list[torch.Tensor], spec: MoESpec,
     topk_w, topk_ids = route(x, w, spec)
     if on_route is not None:
         on_route(topk_ids)
-    out = _routed_experts_sorted(x, topk_w, topk_ids, w, spec).to(x.dtype)
+    out = _routed_experts_sorted(x, topk_w, topk_ids, w, spec, inplace).to(x.dtype)
     if spec.shared_intermediate:
         out = out + _shared_expert(x, w, spec)
     return out

@@ -47,12 +47,17 @@ def check_inputs(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
 def moe(x: Tensor, weights: list[Tensor], spec: str, kernels: str, layer: str) -> Tensor:
     moe_spec = MoESpec.from_json(spec)
     check_inputs(x, weights, moe_spec)
-    if kernels == "torch" and routing_observers:
+    if kernels == "reference":
+        return moe_torch.moe_forward_reference(x, weights, moe_spec).contiguous()
+    if kernels != "torch":
+        raise ValueError(f"moecompile::moe: unknown kernels {kernels!r}; expected one of {KERNELS}")
+    on_route = None
+    if routing_observers:
         def on_route(topk_ids):
             for observe in routing_observers:
                 observe(layer, topk_ids, moe_spec.num_experts)
-        return moe_torch.moe_forward(x, weights, moe_spec, on_route=on_route).contiguous()
-    return _forward_fn(kernels)(x, weights, moe_spec).contiguous()
+    # below autograd nothing records intermediates, so the forward may reuse its buffers
+    return moe_torch.moe_forward(x, weights, moe_spec, on_route=on_route, inplace=True).contiguous()
 
 
 # NOTE: outputs are contiguous in the real and the fake implementation alike; Inductor checks that
