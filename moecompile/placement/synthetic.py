@@ -1,6 +1,6 @@
 """Synthetic routing traces with skewed expert popularity and tunable inter-layer affinity.
 
-Generative model (documented in docs/placement.md, used by tests and benchmarks):
+Generative model (documented in the README, used by tests and benchmarks):
 
     - Every token has a topic t in [0, E / K), drawn with Zipf popularity p(t) ~ 1 / (rank + 1)^skew.
     - In every layer the experts are shuffled and cut into E / K disjoint topic sets of K experts,
