@@ -64,6 +64,9 @@ def _as_in_out(w: torch.Tensor, spec: MoESpec) -> torch.Tensor:
     return w if spec.transposed else w.transpose(-2, -1)
 
 
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def use_grouped_mm(a: torch.Tensor, w: torch.Tensor, rows: int, num_experts: int) -> bool:
     """torch's grouped_mm or a loop of one mm per active expert?
 
@@ -72,7 +75,7 @@ def use_grouped_mm(a: torch.Tensor, w: torch.Tensor, rows: int, num_experts: int
     groups in C++; with fewer (token, expert) rows than experts (decode) most groups are empty and
     the loop over the active ones is faster (measured: benchmarks/results/README.md).
     """
-    if not hasattr(F, "grouped_mm") or not _aligned(a, w):
+    if not hasattr(F, "grouped_mm") or a.dtype not in _GROUPED_MM_DTYPES or not _aligned(a, w):
         return False
     if a.device.type == "cuda":
         return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
