@@ -52,29 +52,50 @@ def _output(value):
 
 def compare(case: str, module: torch.nn.Module, args: tuple, device, warmup=3, iters=10,
             backends=("eager", "inductor", "moe")) -> list[Timing]:
-    """Time `module(*args)` under each backend; error is max |out - eager out|."""
+    """Time `module(*args)` under each backend; error is max |out - eager out|.
+
+    Compile time is each backend's first call. The timed calls then go round-robin over the
+    backends, `iters` rounds, so that a drift of the machine's speed hits all of them alike; each
+    backend's time is its median.
+    """
     import torch._inductor.config as inductor_config
 
-    rows = []
     # NOTE: no on-disk graph cache, so each backend's compile time is a cold compile of its own graph.
     with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
         reference = _output(module(*args)).float()
+        torch._dynamo.reset()
+        fns, compile_s, errors = {}, {}, {}
         for backend in backends:
-            torch._dynamo.reset()
-            fn = module if backend == "eager" else torch.compile(module, backend=backend)
+            fns[backend] = module if backend == "eager" else torch.compile(module, backend=backend)
             t0 = time.perf_counter()
-            out = _output(fn(*args)).float()
+            out = _output(fns[backend](*args)).float()
             _sync(device)
-            compile_s = 0.0 if backend == "eager" else time.perf_counter() - t0
-            ms = time_call(fn, args, device, warmup, iters)
-            rows.append(Timing(case, backend, ms, compile_s, (out - reference).abs().max().item()))
-    return rows
+            compile_s[backend] = 0.0 if backend == "eager" else time.perf_counter() - t0
+            errors[backend] = (out - reference).abs().max().item()
+        samples: dict[str, list[float]] = {b: [] for b in backends}
+        for backend in backends:
+            time_call(fns[backend], args, device, warmup, 1)
+        for _ in range(iters):
+            for backend in backends:
+                samples[backend].append(time_call(fns[backend], args, device, 0, 1))
+    return [Timing(case, b, statistics.median(samples[b]), compile_s[b], errors[b]) for b in backends]
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def table(rows: list[Timing]) -> str:
