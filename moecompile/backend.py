@@ -33,16 +33,17 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
 def moe_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """Dynamo backend entry point (registered as 'moe')."""
     cfg = config_mod.make(options)
-    if cfg.routing_trace:
-        from .routing import recorder_for_file
-
-        recorder_for_file(cfg.routing_trace)
     graph_id = report.next_graph_id()
     t0 = time.perf_counter()
     nodes_before = len(gm.graph.nodes)
-    rewritten = pipeline.copy_module(gm)
+    rewritten = gm
     status, reason, outcome = "unchanged", None, None
     try:
+        if cfg.routing_trace:
+            from .routing import recorder_for_file
+
+            recorder_for_file(cfg.routing_trace)
+        rewritten = pipeline.copy_module(gm)
         outcome = pipeline.run(rewritten, example_inputs, cfg, graph_id)
         status = "rewritten" if outcome.changed else "unchanged"
     except Exception as err:  # noqa: BLE001 -- never let our passes break the user's model
@@ -72,7 +73,10 @@ def moe_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
     if compiled is None:
         compiled = _inner_compile(gm, example_inputs, cfg.inner)
     graph_row["compile_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
-    report.record(graph_row, regions, outcome.passes if outcome else [], cfg.dump_dir)
+    try:
+        report.record(graph_row, regions, outcome.passes if outcome else [], cfg.dump_dir)
+    except OSError as err:  # an unwritable dump_dir must not stop the model
+        warnings.warn(f"moecompile: could not write the report to {cfg.dump_dir}: {err}", stacklevel=2)
     return compiled
 
 

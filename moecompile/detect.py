@@ -57,9 +57,18 @@ def op_kind(node: fx.Node) -> str:
 
 
 def is_inplace(node: fx.Node) -> bool:
+    """Writes into its first argument: x.add_(), operator.setitem / iadd, F.silu(x, inplace=True),
+    torch.relu_(x), or an `out=` argument."""
+    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+        return True
     if node.op == "call_function":
-        return node.target in _INPLACE_FUNCTIONS
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
     return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+
+
+def _is_autocast(node: fx.Node) -> bool:
+    return node.op == "call_function" and "autocast" in getattr(node.target, "__name__", "")
 
 
 def value_of(node) -> torch.Tensor | None:
@@ -158,6 +167,9 @@ def region_name(weight: fx.Node, index: int) -> str:
 def find_candidates(gm: fx.GraphModule) -> list[Candidate]:
     """Every top-k node in the graph, matched as an MoE layer or rejected with a reason."""
     flow = _Flow(gm.graph)
+    # NOTE: under autocast the traced ops run in another dtype than their inputs say, and the op has
+    # no autocast rule; leave such graphs as traced.
+    autocast = any(_is_autocast(n) for n in gm.graph.nodes)
     found = []
     for index, node in enumerate(n for n in gm.graph.nodes if op_kind(n) == "topk"):
         cand = Candidate(name=f"topk{index}", topk=node)
@@ -165,6 +177,8 @@ def find_candidates(gm: fx.GraphModule) -> list[Candidate]:
             _match(flow, cand, index)
         except _Reject as why:
             cand.reason = str(why)
+        if autocast and cand.x is not None:
+            cand.reason = "graph runs under torch.autocast, which the moe op does not follow yet"
         found.append(cand)
     return found
 
@@ -241,11 +255,17 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
     free = {d for n in nodes for d in flow.deps(n) if d not in inside}
     for n in nodes:
         for m in flow.mutators.get(n, ()):
-            if m not in inside and flow.order[m] < flow.order[cand.output]:
+            if m not in inside:
                 raise _Reject(f"{m.name} writes into {n.name} from outside the layer")
     for n in nodes:
-        if is_inplace(n) and n.args[0] not in inside:
-            raise _Reject(f"{n.name} writes in place into {n.args[0].name}, outside the layer")
+        if is_inplace(n):
+            # a write into x, a weight or a view of them would be seen outside the layer
+            target, _ = _walk_back(n.args[0], ("reshape",))
+            if n.args[0] not in inside or target is x or target.op == "placeholder":
+                raise _Reject(f"{n.name} writes in place into {n.args[0].name}, which outlives the layer")
+    out_dtype = value_of(cand.output).dtype if value_of(cand.output) is not None else None
+    if out_dtype != value_of(x).dtype:
+        raise _Reject(f"layer output is {out_dtype} but its input is {value_of(x).dtype}")
     tensors = {n for n in free if value_of(n) is not None}
     params = {n for n in tensors if n.op == "placeholder" and n is not x
               and (_is_weight(n) or n is w_router or n is b_router or (shape_of(n) or (0,))[0] == E)}

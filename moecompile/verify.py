@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .codegen import moe_torch, ops
+from .codegen import ops
 from .config import Config
 from .detect import Candidate, value_of
 from .ir import MoERegion
@@ -69,10 +69,12 @@ def verify(cand: Candidate, graph_id: int, placeholder_values: dict, config: Con
         best = float("inf")
         for spec, weights in cand.options:
             try:
-                ops.check_inputs(x2d, [env[w] for w in weights], spec)
+                actual = ops.run_forward(x2d, [env[w] for w in weights], spec, config.op_kernels())
             except ValueError as err:
                 return None, str(err)
-            actual = moe_torch.moe_forward(x2d, [env[w] for w in weights], spec).reshape(expected.shape)
+            if actual.dtype != expected.dtype:
+                return None, f"replacement returns {actual.dtype} where the layer returns {expected.dtype}"
+            actual = actual.reshape(expected.shape)
             ok, err = _close(actual, expected, config.verify_rtol.get(spec.dtype, 1e-2))
             if ok:
                 return MoERegion(graph_id=graph_id, name=cand.name, spec=spec, x=cand.x,

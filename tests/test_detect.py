@@ -176,3 +176,66 @@ def test_float64_model_is_supported():
     assert row["status"] == "optimized" and row["spec"]["dtype"] == "float64"
     with torch.no_grad():
         torch.testing.assert_close(gm(*inputs)[0], model(x), rtol=1e-10, atol=1e-12)
+
+
+def test_output_dtype_unlike_input_is_left_as_traced():
+    """A bf16 layer whose routing weights stay fp32 returns fp32: the op (x's dtype) must not take it."""
+
+    class Fp32Out(TinyMoE):
+        def forward(self, x):
+            B, S, H = x.shape
+            flat = x.view(-1, H)
+            top_logits, ids = torch.topk(self.router(flat), self.K, dim=-1)
+            weights = torch.softmax(top_logits.float(), dim=-1)
+            rep = flat.repeat_interleave(self.K, dim=0)
+            h = torch.nn.functional.gelu(torch.bmm(rep.unsqueeze(1), self.w_up[ids.reshape(-1)]).squeeze(1))
+            y = torch.bmm(h.unsqueeze(1), self.w_down[ids.reshape(-1)]).squeeze(1)
+            return (y * weights.reshape(-1, 1)).view(-1, self.K, H).sum(dim=1).view(B, S, H)
+
+    model = Fp32Out().to(torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    gm, inputs = capture(model, x)
+    (row,) = _run(gm, inputs).regions
+    assert row["status"] == "fallback" and "float32" in row["reason"]
+    with torch.no_grad():
+        assert gm(*inputs)[0].dtype == model(x).dtype == torch.float32
+
+
+def test_autocast_graph_is_left_as_traced():
+    class Autocast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = TinyMoE()
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.moe(x)
+
+    model, x = Autocast(), torch.randn(2, 5, 16)
+    gm, inputs = capture(model, x)
+    before = gm.code
+    (row,) = _run(gm, inputs).regions
+    assert row["status"] == "fallback" and "autocast" in row["reason"]
+    assert gm.code == before
+
+
+def test_write_into_layer_input_after_the_layer_keeps_results():
+    """x is written in place after the layer ran: the op reads x where the router did, before it."""
+
+    class WritesInput(TinyMoE):
+        def forward(self, x):
+            out = super().forward(x)
+            x.view(-1, x.shape[-1]).mul_(2.0)  # the caller sees this write
+            return out
+
+    model, x = WritesInput(), torch.randn(2, 5, 16)
+    gm, inputs = capture(model, x.clone())
+    outcome = _run(gm, inputs)
+    assert [r["status"] for r in outcome.regions] == ["optimized"]
+    x_eager, x_graph = x.clone(), x.clone()
+    with torch.no_grad():
+        want = model(x_eager)
+        args = [x_graph if a.shape == x.shape and not isinstance(a, torch.nn.Parameter) else a for a in inputs]
+        got = gm(*args)[0]
+    assert_close(got, want, torch.float32)
+    torch.testing.assert_close(x_graph, x_eager)

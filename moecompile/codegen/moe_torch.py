@@ -169,7 +169,7 @@ def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace:
         return out.index_add_(0, token, y.mul_(w_sorted))
     y = y * w_sorted  # promotes to the weights' dtype, as traced code does
     unsorted = torch.empty_like(y).index_copy(0, perm, y)  # (T*K, H) back in (token, k) order
-    return unsorted.view(T, K, -1).sum(dim=1)
+    return unsorted.view(T, K, y.shape[-1]).sum(dim=1)
 
 
 def _shared_expert(x, weights, spec: MoESpec) -> torch.Tensor:

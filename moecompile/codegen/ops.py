@@ -43,21 +43,26 @@ def check_inputs(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
             raise ValueError(f"moecompile::moe: {name} is {w.dtype} but x is {x.dtype}")
 
 
+def run_forward(x: Tensor, weights: list[Tensor], spec: MoESpec, kernels: str, on_route=None) -> Tensor:
+    """What the op computes, callable without the op (verification runs exactly this)."""
+    check_inputs(x, weights, spec)
+    if kernels == "reference":
+        return moe_torch.moe_forward_reference(x, weights, spec).contiguous()
+    if kernels != "torch":
+        raise ValueError(f"moecompile::moe: unknown kernels {kernels!r}; expected one of {KERNELS}")
+    # below autograd nothing records intermediates, so the forward may reuse its buffers
+    return moe_torch.moe_forward(x, weights, spec, on_route=on_route, inplace=True).contiguous()
+
+
 @torch.library.custom_op("moecompile::moe", mutates_args=())
 def moe(x: Tensor, weights: list[Tensor], spec: str, kernels: str, layer: str) -> Tensor:
     moe_spec = MoESpec.from_json(spec)
-    check_inputs(x, weights, moe_spec)
-    if kernels == "reference":
-        return moe_torch.moe_forward_reference(x, weights, moe_spec).contiguous()
-    if kernels != "torch":
-        raise ValueError(f"moecompile::moe: unknown kernels {kernels!r}; expected one of {KERNELS}")
     on_route = None
     if routing_observers:
         def on_route(topk_ids):
             for observe in routing_observers:
                 observe(layer, topk_ids, moe_spec.num_experts)
-    # below autograd nothing records intermediates, so the forward may reuse its buffers
-    return moe_torch.moe_forward(x, weights, moe_spec, on_route=on_route, inplace=True).contiguous()
+    return run_forward(x, weights, moe_spec, kernels, on_route)
 
 
 # NOTE: outputs are contiguous in the real and the fake implementation alike; Inductor checks that

@@ -58,11 +58,13 @@ def _cannot_lower(region: MoERegion) -> str | None:
 
 def _rewrite(graph: fx.Graph, region: MoERegion, kernels: str) -> None:
     x2d = _op_input(region)
-    with graph.inserting_before(region.output):
+    # Right after its input: the op reads x where the traced router read it, before any later write.
+    with graph.inserting_after(x2d):
         out = graph.call_function(
             torch.ops.moecompile.moe.default,
             (x2d, list(region.weights), region.spec.to_json(), kernels, region.name))
-        if shape_of(region.output) != shape_of(x2d):
+    if shape_of(region.output) != shape_of(x2d):
+        with graph.inserting_after(out):
             out = graph.call_method("reshape_as", (out, region.x))
     out.meta.update({k: v for k, v in region.output.meta.items() if k in ("example_value", "val")})
     region.output.replace_all_uses_with(out)
