@@ -26,6 +26,9 @@ SPECS = {
     "plain_mlp_relu": MoESpec(4, 1, 16, 8, gated=False, activation="relu"),
     "separate_gate_up": MoESpec(5, 2, 16, 8, layout="separate"),
     "shared_gated": MoESpec(8, 2, 32, 16, shared_intermediate=24, shared_gate=True),
+    # I >= 256: the op's forward splits gate and up into two GEMMs (moe_torch._SPLIT_MIN_I)
+    "wide_split": MoESpec(4, 2, 16, 256, renormalize=True),
+    "wide_split_interleaved": MoESpec(4, 2, 16, 256, layout="interleaved", transposed=True),
 }
 
 
