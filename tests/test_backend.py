@@ -180,3 +180,12 @@ def test_cli_trace_writes_a_trace(tmp_path):
                           "--out", str(tmp_path / "x.npz")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cannot read token ids" in bad.stderr
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_routing_is_recorded_with_reference_kernels_too():
+    model, (ids,) = models.build("mixtral", layers=2, batch=1, tokens=4)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe", options={"inner": "eager", "kernels": "reference"})
+    with routing.RoutingRecorder() as rec, torch.no_grad():
+        compiled(ids)
+    assert rec.trace().load.sum() == 2 * 4 * 2  # layers x tokens x K

@@ -48,10 +48,6 @@ _ACTIVATIONS = {
 }
 
 
-def _activation(spec: MoESpec):
-    return _ACTIVATIONS[spec.activation]
-
-
 def _split_gate_up(h: torch.Tensor, spec: MoESpec):
     if spec.layout == "interleaved":
         return h[..., ::2], h[..., 1::2]
@@ -177,7 +173,7 @@ def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace:
 
 
 def _shared_expert(x, weights, spec: MoESpec) -> torch.Tensor:
-    act = _activation(spec)
+    act = _ACTIVATIONS[spec.activation]
     h = act(F.linear(x, weights["shared_gate_proj"])) * F.linear(x, weights["shared_up_proj"])
     out = F.linear(h, weights["shared_down_proj"])  # (T, H)
     if spec.shared_gate:
@@ -209,11 +205,15 @@ def moe_forward(x: torch.Tensor, weights: list[torch.Tensor], spec: MoESpec,
     return out
 
 
-def moe_forward_reference(x: torch.Tensor, weights: list[torch.Tensor], spec: MoESpec) -> torch.Tensor:
-    """Eager reference: the textbook per-token, per-expert loop. Slow; for tests and benchmarks."""
+def moe_forward_reference(x: torch.Tensor, weights: list[torch.Tensor], spec: MoESpec,
+                          on_route=None, inplace: bool = False) -> torch.Tensor:
+    """Eager reference: the textbook per-token, per-expert loop. Slow; for tests and benchmarks.
+    Same signature as `moe_forward`; `inplace` changes nothing here."""
     w = named_weights(weights, spec)
     topk_w, topk_ids = route(x, w, spec)
-    act = _activation(spec)
+    if on_route is not None:
+        on_route(topk_ids)
+    act = _ACTIVATIONS[spec.activation]
     acc = torch.zeros(x.shape[0], x.shape[1], dtype=torch.promote_types(x.dtype, topk_w.dtype),
                       device=x.device)
     for e in range(spec.num_experts):

@@ -35,9 +35,7 @@ def check_inputs(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
     """Raise ValueError naming the first input the op cannot take."""
     if x.dim() != 2 or x.shape[-1] != spec.hidden:
         raise ValueError(f"moecompile::moe: x must be (T, {spec.hidden}), got {tuple(x.shape)}")
-    if len(weights) != len(spec.weight_names()):
-        raise ValueError(f"moecompile::moe for this spec takes {len(spec.weight_names())} weights "
-                         f"{spec.weight_names()}, got {len(weights)}")
+    moe_torch.named_weights(weights, spec)  # the weight count
     for name, w in zip(spec.weight_names(), weights):
         if w.dtype != x.dtype and not name.startswith("router"):
             raise ValueError(f"moecompile::moe: {name} is {w.dtype} but x is {x.dtype}")
@@ -46,12 +44,8 @@ def check_inputs(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
 def run_forward(x: Tensor, weights: list[Tensor], spec: MoESpec, kernels: str, on_route=None) -> Tensor:
     """What the op computes, callable without the op (verification runs exactly this)."""
     check_inputs(x, weights, spec)
-    if kernels == "reference":
-        return moe_torch.moe_forward_reference(x, weights, spec).contiguous()
-    if kernels != "torch":
-        raise ValueError(f"moecompile::moe: unknown kernels {kernels!r}; expected one of {KERNELS}")
     # below autograd nothing records intermediates, so the forward may reuse its buffers
-    return moe_torch.moe_forward(x, weights, spec, on_route=on_route, inplace=True).contiguous()
+    return _forward_fn(kernels)(x, weights, spec, on_route=on_route, inplace=True).contiguous()
 
 
 @torch.library.custom_op("moecompile::moe", mutates_args=())
