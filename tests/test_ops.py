@@ -93,6 +93,37 @@ def test_all_tokens_to_one_expert_and_idle_experts():
                  torch.float32, what="one hot expert")
 
 
+@pytest.mark.parametrize("name", ["mixtral", "shared_gated", "wide_split", "separate_gate_up"])
+def test_op_outputs_survive_later_calls(name):
+    """The op's forward keeps CPU scratch buffers between calls (moe_torch._Scratch): an output it
+    returned must not change when later calls, at other token counts, reuse them."""
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(17)
+    weights = _weights(spec, torch.float32, gen)
+    kept = []
+    for T in (64, 200, 3, 64):  # grow, shrink, then the small grouped path, then back
+        x = torch.randn(T, spec.hidden, generator=gen)
+        x_before = x.clone()
+        out = torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l")
+        assert torch.equal(x, x_before)
+        kept.append((out, moe_torch.moe_forward_reference(x, weights, spec)))
+    for out, want in kept:
+        assert_close(out, want, torch.float32, what=name)
+
+
+def test_op_past_the_scratch_cap(monkeypatch):
+    """Buffers over SCRATCH_MAX_BYTES are allocated per call; the numbers stay the same."""
+    spec = SPECS["shared_gated"]
+    gen = torch.Generator().manual_seed(19)
+    weights = _weights(spec, torch.float32, gen)
+    x = torch.randn(96, spec.hidden, generator=gen)
+    monkeypatch.setattr(moe_torch, "SCRATCH_MAX_BYTES", 64)
+    moe_torch.release_scratch()
+    assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"),
+                 moe_torch.moe_forward_reference(x, weights, spec), torch.float32)
+    assert not moe_torch._scratch.buffers  # nothing was kept
+
+
 def test_reference_matches_dense_formula():
     """The reference itself against a direct dense computation of the MoE formula."""
     spec = MoESpec(4, 2, 8, 6, renormalize=True)

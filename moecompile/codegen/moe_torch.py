@@ -15,6 +15,8 @@ The fast path is what the `moecompile::moe` op runs when no Triton kernel applie
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -99,12 +101,21 @@ class _Groups:
         self._counts_t = counts
         self._counts: list[int] | None = None
 
-    def linear(self, a: torch.Tensor, w_in_out: torch.Tensor) -> torch.Tensor:
-        """(S, in) rows grouped by expert @ (E, in, out) -> (S, out)."""
-        if self.grouped and _aligned(a, w_in_out):
-            return F.grouped_mm(a.contiguous(), w_in_out, offs=self.offs)
+    def linear(self, a: torch.Tensor, w_in_out: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(S, in) rows grouped by expert @ (E, in, out) -> (S, out), into `out` if given."""
+        if out is None and self.grouped and _aligned(a, w_in_out):
+            if a.stride(-1) != 1 or (a.stride(0) * a.element_size()) % 16:
+                a = a.contiguous()
+            return F.grouped_mm(a, w_in_out, offs=self.offs)
         if self._counts is None:
             self._counts = self._counts_t.tolist()  # one host sync, shared by both GEMMs
+        if out is not None:  # no autograd through out=: only the op's forward passes `out`
+            start = 0
+            for e, n in enumerate(self._counts):
+                if n:
+                    torch.mm(a[start:start + n], w_in_out[e], out=out[start:start + n])
+                    start += n
+            return out
         pieces, start = [], 0
         for e, n in enumerate(self._counts):
             if n:
@@ -115,10 +126,50 @@ class _Groups:
         return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
 
 
+# Average rows per expert from which the GEMMs write into the scratch buffers (a loop of mm): the
+# page faults a fresh output costs then outweigh the loop's Python cost per expert (about 3 us);
+# below, grouped_mm (fresh output) is faster (measured at E = 16..128, 2-core Xeon, 2026-11-23).
+_SCRATCH_GEMM_MIN_ROWS = 16
+# Largest buffer the CPU scratch keeps per slot and thread; bigger ones are allocated per call.
+SCRATCH_MAX_BYTES = 64 << 20
+
+
+class _Scratch(threading.local):
+    """Per-thread CPU buffers for the op's intermediates, kept between calls.
+
+    NOTE: a fresh multi-MB CPU tensor costs a page fault per 4 KiB page on first write, which at
+    512 tokens is as much as the elementwise work around the GEMMs (measured on the demo models,
+    2-core Xeon VM, 2026-11-23: about 0.3 ms per MB). The op's forward writes its sorted rows and
+    expert activations here instead; nothing it returns aliases these buffers. CUDA needs none of
+    this: its caching allocator already reuses memory.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, slot: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """A (rows, cols) tensor of like's dtype; its contents are garbage."""
+        numel = rows * cols
+        if numel * like.element_size() > SCRATCH_MAX_BYTES:
+            return like.new_empty(rows, cols)
+        buf = self.buffers.get((slot, like.dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[(slot, like.dtype)] = like.new_empty(numel)
+        return buf[:numel].view(rows, cols)
+
+
+_scratch = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free the calling thread's CPU scratch buffers (they are reallocated on the next call)."""
+    _scratch.buffers.clear()
+
+
 def _gated(act_name: str, gate: torch.Tensor, up: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """act(gate) * up; with `inplace` (gate a fresh contiguous GEMM output), written over gate:
-    no (T*K, I) allocation, the costly part of an elementwise op on CPU."""
-    if inplace and gate.is_contiguous():
+    """act(gate) * up; with `inplace` (gate a view of a fresh GEMM output, rows of unit stride),
+    written over gate: no (T*K, I) allocation, the costly part of an elementwise op on CPU."""
+    if inplace and gate.stride(-1) == 1:
         act = F.silu(gate, inplace=True) if act_name == "silu" else _ACTIVATIONS[act_name](gate)
         return act.mul_(up)
     return _ACTIVATIONS[act_name](gate) * up
@@ -136,40 +187,62 @@ def _gate_up_weights(w: torch.Tensor, spec: MoESpec) -> tuple[torch.Tensor, torc
     return gate, up
 
 
-def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace: bool = False) -> torch.Tensor:
+def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace: bool = False,
+                           acc: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, H) weighted sum of each token's K expert outputs, in x's dtype; with `acc` (T, H) in
+    x's dtype, that sum added into acc (which is returned)."""
     T, K = topk_ids.shape
+    H, I = spec.hidden, spec.intermediate
     flat_ids = topk_ids.reshape(-1)  # (T*K,)
     # any order within an expert is fine: every (token, k) row is computed alone and put back in place
     perm = torch.sort(flat_ids).indices  # (T*K,)
     token = perm // K  # (T*K,) token of each sorted row
-    xs = x[token]  # (T*K, H)
     first = weights["gate_proj" if spec.layout == "separate" else ("gate_up_proj" if spec.gated else "up_proj")]
+    # inplace on CPU: intermediates go to the scratch buffers; with enough rows per expert the
+    # GEMMs write into them too, through a loop of mm (grouped_mm has no out=)
+    scratch = inplace and x.device.type == "cpu"
+    gemm_into_scratch = scratch and T * K >= _SCRATCH_GEMM_MIN_ROWS * spec.num_experts
     groups = _Groups(torch.bincount(flat_ids, minlength=spec.num_experts),
-                     use_grouped_mm(xs, first, T * K, spec.num_experts))
+                     not gemm_into_scratch and use_grouped_mm(x, first, T * K, spec.num_experts))
+    rows = _scratch.take("rows", T * K, H, x) if scratch else None
+    # (T*K, H); index_select is several times faster than x[token] on CPU
+    xs = torch.index_select(x, 0, token, out=rows) if scratch else x.index_select(0, token)
+
+    def into(cols: int, half: int = 0):  # scratch for a GEMM output: the whole (T*K, 2I) or a half
+        if not gemm_into_scratch:
+            return None
+        buf = _scratch.take("inner", 2 * T * K, cols, x) if half else _scratch.take("inner", T * K, cols, x)
+        return buf[(half - 1) * T * K: half * T * K] if half else buf
+
     if spec.layout == "separate":
-        gate = groups.linear(xs, _as_in_out(weights["gate_proj"], spec))
-        up = groups.linear(xs, _as_in_out(weights["up_proj"], spec))
-        h = _gated(spec.activation, gate, up, inplace)
-    elif spec.gated and inplace and spec.intermediate >= _SPLIT_MIN_I:
+        gate = groups.linear(xs, _as_in_out(weights["gate_proj"], spec), into(I, 1))
+        h = _gated(spec.activation, gate, groups.linear(xs, _as_in_out(weights["up_proj"], spec), into(I, 2)),
+                   inplace)
+    elif spec.gated and inplace and I >= _SPLIT_MIN_I:
         # two half-width GEMMs give contiguous gate and up, so act(gate) * up needs no new buffer
         w_gate, w_up = _gate_up_weights(weights["gate_up_proj"], spec)
-        gate = groups.linear(xs, _as_in_out(w_gate, spec))
-        h = _gated(spec.activation, gate, groups.linear(xs, _as_in_out(w_up, spec)), inplace)
+        gate = groups.linear(xs, _as_in_out(w_gate, spec), into(I, 1))
+        h = _gated(spec.activation, gate, groups.linear(xs, _as_in_out(w_up, spec), into(I, 2)), inplace)
     elif spec.gated:
-        gate, up = _split_gate_up(groups.linear(xs, _as_in_out(weights["gate_up_proj"], spec)), spec)
+        gate, up = _split_gate_up(groups.linear(xs, _as_in_out(weights["gate_up_proj"], spec), into(2 * I)),
+                                  spec)
         h = _gated(spec.activation, gate, up, inplace)
     else:
-        h = _ACTIVATIONS[spec.activation](groups.linear(xs, _as_in_out(weights["up_proj"], spec)))
-    y = groups.linear(h, _as_in_out(weights["down_proj"], spec))  # (T*K, H)
+        h = _ACTIVATIONS[spec.activation](groups.linear(xs, _as_in_out(weights["up_proj"], spec), into(I)))
     w_sorted = topk_w.reshape(-1)[perm].unsqueeze(-1)  # (T*K, 1)
-    if inplace and x.device.type == "cpu" and y.dtype == torch.promote_types(y.dtype, w_sorted.dtype):
-        # NOTE: CPU index_add_ adds rows in index order, so it is deterministic; on CUDA it uses
-        # atomics, hence the gather + sum below there.
-        out = y.new_zeros(T, y.shape[-1])
-        return out.index_add_(0, token, y.mul_(w_sorted))
+    if inplace and x.device.type == "cpu" and h.dtype == torch.promote_types(h.dtype, w_sorted.dtype):
+        # (w * h) @ W_down == w * (h @ W_down): scaling the I-wide rows costs less than the H-wide ones,
+        # and CPU index_add_ adds rows in index order, so the combine is deterministic. The sorted
+        # rows of x are dead by now: the down GEMM writes over them.
+        # NOTE: on CUDA index_add_ uses atomics, hence the gather + sum below there.
+        y = groups.linear(h.mul_(w_sorted), _as_in_out(weights["down_proj"], spec),
+                          rows if gemm_into_scratch else None)  # (T*K, H)
+        return (y.new_zeros(T, H) if acc is None else acc).index_add_(0, token, y)
+    y = groups.linear(h, _as_in_out(weights["down_proj"], spec))  # (T*K, H)
     y = y * w_sorted  # promotes to the weights' dtype, as traced code does
     unsorted = torch.empty_like(y).index_copy(0, perm, y)  # (T*K, H) back in (token, k) order
-    return unsorted.view(T, K, y.shape[-1]).sum(dim=1)
+    out = unsorted.view(T, K, H).sum(dim=1).to(x.dtype)
+    return out if acc is None else acc.add_(out)
 
 
 def _shared_expert(x, weights, spec: MoESpec) -> torch.Tensor:
@@ -178,6 +251,19 @@ def _shared_expert(x, weights, spec: MoESpec) -> torch.Tensor:
     out = F.linear(h, weights["shared_down_proj"])  # (T, H)
     if spec.shared_gate:
         out = torch.sigmoid(F.linear(x, weights["shared_expert_gate"])) * out
+    return out
+
+
+def _shared_expert_cpu(x, weights, spec: MoESpec) -> torch.Tensor:
+    """`_shared_expert` for the op's forward on CPU: intermediates in the scratch buffers, the down
+    GEMM straight into a fresh (T, H) output that the routed experts then add into."""
+    T, Ish = x.shape[0], spec.shared_intermediate
+    inner = _scratch.take("inner", 2 * T, Ish, x)
+    gate = torch.mm(x, weights["shared_gate_proj"].t(), out=inner[:T])
+    h = _gated(spec.activation, gate, torch.mm(x, weights["shared_up_proj"].t(), out=inner[T:]), True)
+    out = torch.mm(h, weights["shared_down_proj"].t(), out=x.new_empty(T, spec.hidden))
+    if spec.shared_gate:
+        out.mul_(torch.sigmoid(F.linear(x, weights["shared_expert_gate"])))
     return out
 
 
@@ -199,7 +285,10 @@ def moe_forward(x: torch.Tensor, weights: list[torch.Tensor], spec: MoESpec,
     topk_w, topk_ids = route(x, w, spec)
     if on_route is not None:
         on_route(topk_ids)
-    out = _routed_experts_sorted(x, topk_w, topk_ids, w, spec, inplace).to(x.dtype)
+    if spec.shared_intermediate and inplace and x.device.type == "cpu":
+        # the shared expert first, computed into the output; the routed experts add into it
+        return _routed_experts_sorted(x, topk_w, topk_ids, w, spec, inplace, acc=_shared_expert_cpu(x, w, spec))
+    out = _routed_experts_sorted(x, topk_w, topk_ids, w, spec, inplace)
     if spec.shared_intermediate:
         out = out + _shared_expert(x, w, spec)
     return out
