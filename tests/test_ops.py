@@ -111,6 +111,26 @@ def test_op_outputs_survive_later_calls(name):
         assert_close(out, want, torch.float32, what=name)
 
 
+def test_op_across_inference_mode_and_autograd():
+    """Scratch buffers first made under inference_mode must stay writable outside it (an inference
+    tensor refuses in-place writes there), and the other way round."""
+    spec = SPECS["shared_gated"]
+    gen = torch.Generator().manual_seed(23)
+    weights = _weights(spec, torch.float32, gen)
+    x = torch.randn(64, spec.hidden, generator=gen)
+    want = moe_torch.moe_forward_reference(x, weights, spec)
+    moe_torch.release_scratch()
+    with torch.inference_mode():
+        assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"), want, torch.float32)
+    with torch.no_grad():
+        assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"), want, torch.float32)
+    xr = x.clone().requires_grad_()
+    torch.ops.moecompile.moe(xr, weights, spec.to_json(), "torch", "l").sum().backward()
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()
+    with torch.inference_mode():
+        assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"), want, torch.float32)
+
+
 def test_op_past_the_scratch_cap(monkeypatch):
     """Buffers over SCRATCH_MAX_BYTES are allocated per call; the numbers stay the same."""
     spec = SPECS["shared_gated"]

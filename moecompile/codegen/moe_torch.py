@@ -154,7 +154,9 @@ class _Scratch(threading.local):
             return like.new_empty(rows, cols)
         buf = self.buffers.get((slot, like.dtype))
         if buf is None or buf.numel() < numel:
-            buf = self.buffers[(slot, like.dtype)] = like.new_empty(numel)
+            # a normal tensor even under inference_mode, so later calls outside it may write into it
+            with torch.inference_mode(False):
+                buf = self.buffers[(slot, like.dtype)] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(rows, cols)
 
 
