@@ -7,10 +7,15 @@ The fast path is what the `moecompile::moe` op runs when no Triton kernel applie
     Rewrites to:
         w, ids   = route(x)                          (T, K) float, (T, K) int64
         perm     = argsort(ids.flatten())            (T*K,)  token-expert pairs grouped by expert
-        xs       = x[perm // K]                      (T*K, H)
+        xs       = x.index_select(0, perm // K)      (T*K, H)
         h        = grouped_mm(xs, W_gate_up, offs)   (T*K, 2I)   one GEMM per expert, no padding
         y        = grouped_mm(act(g) * u, W_down)    (T*K, H)
         out[t]   = sum_k w[t, k] * y[inv_perm][t, k] (T, H)      gather + sum: deterministic
+
+The op's forward (`inplace`) reuses its buffers: the activation runs in place, and on CPU the
+intermediates live in per-thread scratch buffers (`_Scratch`) that the GEMMs write into, the routing
+weights scale the I-wide rows before the down GEMM, and the combine is an `index_add_` (in index
+order on CPU, so still deterministic), into the shared expert's output when there is one.
 """
 
 from __future__ import annotations
