@@ -46,6 +46,8 @@ KICKS = 2
 # Exchange size of the repair after a kick: measured at 16 layers x 64 GPUs, 2-for-2 repairs reach
 # a better objective in the same time than repairs with every exchange size (up to 5-for-5).
 KICK_REPAIR_SIZE = 2
+# Kick sweeps start once a sweep gains less than this share of the objective.
+KICK_START = 0.003
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,12 @@ def solve_ilp(problem: Problem, start: np.ndarray, deadline: float,
             f"objective {obj:.4f} (start {start_obj:.4f}), {time.perf_counter() - t0:.1f}s")
         info["sweeps"] = sweep = sweep + 1
         improved = obj < best_obj - 1e-6 * max(1.0, abs(best_obj))
+        stalling = obj > best_obj - KICK_START * max(1.0, abs(best_obj))
         if obj < best_obj:
             best, best_obj = current.copy(), obj
-        if sweep >= 3 and not improved:
-            if kicking or not problem.hop_weight:
-                break
-            kicking = True
+        if sweep >= 3 and not improved and (kicking or not problem.hop_weight):
+            break
+        kicking = kicking or (sweep >= 3 and stalling and bool(problem.hop_weight))
     # 2. the whole model, or neighbourhood polishing, while time is left
     if _monolithic_columns(problem, start) <= MONOLITHIC_MAX_COLUMNS:
         best, gap = _solve_whole(problem, best, deadline)
