@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .exchange import exchange_layer
-from .metrics import NODE_WEIGHT, score, shares, to_nodes
+from .metrics import NODE_WEIGHT, gpu_loads, score, shares, to_nodes
 from .plan import presence
 from .transfer import kick_transfers, transfer_replicas
 
@@ -74,6 +74,11 @@ class Problem:
         return NODE_WEIGHT if self.num_nodes > 1 else 0.0
 
 
+def within_caps(problem: Problem, phy2log: np.ndarray) -> bool:
+    """Every layer's largest GPU load at or under its cap."""
+    return bool(np.all(gpu_loads(phy2log, problem.load, problem.num_gpus).max(axis=1) <= problem.cap))
+
+
 def total_objective(problem: Problem, phy2log: np.ndarray) -> tuple[float, dict, int]:
     """(objective incl. move cost, metrics, moves) of a full (L, S) phy2log."""
     metrics = score(phy2log, problem.load, problem.flow, problem.num_gpus, problem.num_nodes)
@@ -93,15 +98,20 @@ def count_moves(problem: Problem, phy2log: np.ndarray) -> int:
 
 def solve_ilp(problem: Problem, start: np.ndarray, deadline: float,
               progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, dict]:
-    """Best (L, S) phy2log found by `deadline`, never worse than `start`, and solver info."""
+    """Best (L, S) phy2log found by `deadline`, never worse than `start`, and solver info.
+
+    `start` may break the caps (the block start does): the search repairs it, and only plans within
+    every cap count as found; if none is, `start` itself comes back and the caller must check it.
+    """
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
-    best, (best_obj, _, _) = start, total_objective(problem, start)
+    best = start
+    best_obj = total_objective(problem, start)[0] if within_caps(problem, start) else np.inf
     info = {"method": "decomposition", "gap": None, "sweeps": 0, "polished": 0}
     # 1. exchange sweeps (also the warm start of the whole-model solve); once they stop improving,
     #    sweeps that also try replica transfers repaired by exchanges ("kicks")
     current, sweep, kicking = start.copy(), 0, False
-    start_obj = best_obj
+    start_obj = total_objective(problem, start)[0]
     while time.perf_counter() < deadline:
         forward = sweep % 2 == 0
         for layer in (range(1 if sweep == 0 else 0, len(current)) if forward else range(len(current) - 1, -1, -1)):
@@ -114,15 +124,19 @@ def solve_ilp(problem: Problem, start: np.ndarray, deadline: float,
         say(f"sweep {sweep} {'forward' if forward else 'backward'}{' with kicks' if kicking else ''}: "
             f"objective {obj:.4f} (start {start_obj:.4f}), {time.perf_counter() - t0:.1f}s")
         info["sweeps"] = sweep = sweep + 1
-        improved = obj < best_obj - 1e-6 * max(1.0, abs(best_obj))
-        stalling = obj > best_obj - KICK_START * max(1.0, abs(best_obj))
-        if obj < best_obj:
+        feasible = within_caps(problem, current)
+        if np.isfinite(best_obj):
+            improved = feasible and obj < best_obj - 1e-6 * max(1.0, abs(best_obj))
+            stalling = obj > best_obj - KICK_START * max(1.0, abs(best_obj))
+        else:  # from a start over its caps: the first plan within them is progress
+            improved, stalling = feasible, False
+        if feasible and obj < best_obj:
             best, best_obj = current.copy(), obj
         if sweep >= 3 and not improved and (kicking or not problem.hop_weight):
             break
         kicking = kicking or (sweep >= 3 and stalling and bool(problem.hop_weight))
     # 2. the whole model, or neighbourhood polishing, while time is left
-    if _monolithic_columns(problem, start) <= MONOLITHIC_MAX_COLUMNS:
+    if monolithic(problem, start):
         best, gap = _solve_whole(problem, best, deadline)
         info.update(method="monolithic", gap=gap)
     elif problem.hop_weight or problem.move_cost:  # neighbourhoods cannot see a layer's max load
@@ -188,6 +202,11 @@ def _exchange(problem: Problem, phy2log: np.ndarray, layer: int, use_next: bool,
                                     lambda x: repair(x, min(max_size, KICK_REPAIR_SIZE)), kicks, moved=moved,
                                     max_moves=problem.max_moves, deadline=deadline)
     return experts
+
+
+def monolithic(problem: Problem, start: np.ndarray) -> bool:
+    """Small enough for one HiGHS model over all layers (else the decomposition)."""
+    return _monolithic_columns(problem, start) <= MONOLITHIC_MAX_COLUMNS
 
 
 def _monolithic_columns(problem: Problem, start: np.ndarray) -> int:

@@ -9,7 +9,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserInputError
-from .decompose import Problem, solve_ilp, total_objective
+from .blocks import block_start
+from .decompose import Problem, monolithic, solve_ilp, total_objective, within_caps
 from .greedy import greedy_phy2log
 from .metrics import gpu_loads
 from .plan import Plan, check_topology, presence
@@ -57,12 +58,18 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
             starts.append((total_objective(problem, prev)[0], prev, "previous"))
         _, start, source = min(starts, key=lambda c: c[0])
         deadline = t0 + time_limit - min(2.0, 0.1 * time_limit)  # room to score and write the plan
+        search_from, origin = start, source
+        if prev is None and trace.flow is not None and not monolithic(problem, greedy):
+            # co-routed experts gathered from the start; the search brings it under the caps
+            blocks = block_start(trace.load, trace.flow, num_gpus, spg)
+            if blocks is not None:
+                search_from, origin = blocks, "block"
         if progress:
-            progress(f"ilp from the {source} plan (objective {total_objective(problem, start)[0]:.4f}), "
+            progress(f"ilp from the {origin} plan (objective {total_objective(problem, search_from)[0]:.4f}), "
                      f"{max(deadline - time.perf_counter(), 0):.0f} s")
-        found, solve_info = solve_ilp(problem, start, deadline, progress)
-        info.update(solve_info)
-        if total_objective(problem, found)[0] < total_objective(problem, start)[0]:
+        found, solve_info = solve_ilp(problem, search_from, deadline, progress)
+        info.update(solve_info, start=origin)
+        if within_caps(problem, found) and total_objective(problem, found)[0] < total_objective(problem, start)[0]:
             best, source = found, "ilp"
         else:
             best = start
