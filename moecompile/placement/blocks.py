@@ -15,10 +15,11 @@ cannot gather a group that greedy spread out. This start builds the groups in fr
                     its load would fill, in community order) that stays under `SPAN_SLACK` x the mean
                     GPU load, else on the least-loaded GPU with a free slot
 
-The result follows the flow but is not balanced (about 1.1 x the mean GPU load on the synthetic
-DeepSeek-V3 trace); the ILP's search then brings every layer under its cap. Measured at DeepSeek-V3
-size (58 layers, E = 256, 64 GPUs x 5 slots, 60 s): 30.2% fewer cross-GPU hops than greedy, against
-27.8% when the search starts from greedy's plan.
+The result follows the flow but is not balanced (largest GPU load about 1.11 x the mean on the
+synthetic DeepSeek-V3 trace, at 72.6% cross-GPU hops against greedy's 97.6%); the ILP's search then
+brings every layer under its cap. Measured at DeepSeek-V3 size (58 layers, E = 256, 64 GPUs x 5
+slots, 60 s): 30.4% fewer cross-GPU hops than greedy, against 27.8% when the search starts from
+greedy's plan (benchmarks/results/placement_synthetic.json).
 """
 
 from __future__ import annotations
