@@ -11,7 +11,7 @@ weights, stay fixed, so the moves are exchanges between two GPUs:
 Every exchange keeps slots per GPU equal, never puts two replicas of one expert on one GPU, keeps
 every GPU load at or under `cap` (a GPU already over it may only get lighter, and reducing
 overload is rewarded above any gain), and respects the move budget. Each round
-evaluates the best exchange of every GPU pair at once (a (G, G, Qk, Qk) array per size k), then
+evaluates the best exchange of every GPU pair at once (a (G(G-1)/2, Qk, Qk) array per size k), then
 applies the best ones that touch disjoint GPUs and disjoint experts, so that every applied delta
 is exact. The objective strictly improves each round, so the search ends.
 """
@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-# Largest (G, G, Qk, Qk) array one round may build; 4M float64 entries is 32 MB and ~20 ms.
+# Bound on G^2 * Qk^2 for the exchange sizes a round tries (its (G(G-1)/2, Qk, Qk) arrays hold about
+# half of that): 4M float64 entries is 32 MB.
 _MAX_ENTRIES = 4_000_000
 
 
@@ -48,26 +49,27 @@ def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, no
     slots = experts.reshape(num_gpus, spg).copy()  # (G, spg) working copy
     subsets = _subsets(spg, num_gpus, max_size)
     scale = max(float(np.abs(gain).max(initial=0.0)), float(np.abs(node_gain).max(initial=0.0)))
-    if scale == 0.0 and _overload(slots, weight, cap).sum() == 0:
+    if num_gpus < 2 or (scale == 0.0 and _overload(slots, weight, cap).sum() == 0):
         return _sorted(slots)
     tol = 1e-9 * scale
     penalty = 1e6 * max(scale, 1e-300) / max(cap, 1e-300)  # reward per token of overload removed
+    pair_a, pair_b = np.triu_indices(num_gpus, 1)  # (P,) every GPU pair a < b
     while deadline is None or time.perf_counter() < deadline:
         # 1. per-slot value of moving its replica to each GPU (exact when done alone)
         delta, moves = _move_values(slots, gain, node_gain, num_nodes, moved)  # (G, spg, G) each
         load = weight[slots].sum(axis=1)  # (G,)
         budget = None if max_moves is None else max_moves - int(moved[slots, np.arange(num_gpus)[:, None]].sum())
-        # 2. best exchange per GPU pair, over all exchange sizes
-        best_val = np.full((num_gpus, num_gpus), -np.inf)
-        best_pick: dict[tuple[int, int], tuple] = {}
-        for members in subsets:  # members: (Qk, k) slot indices within a GPU
-            val, pick = _best_exchanges(slots, members, delta, moves, weight, load, cap, penalty, budget)
+        # 2. best exchange per GPU pair, over all exchange sizes: value, size index, member sets on a and b
+        best_val = np.full(pair_a.shape, -np.inf)
+        best = np.zeros((3, pair_a.shape[0]), dtype=np.int64)
+        for size, members in enumerate(subsets):  # members: (Qk, k) slot indices within a GPU
+            val, pick = _best_exchanges(slots, members, pair_a, pair_b, delta, moves, weight, load, cap, penalty,
+                                        budget)
             better = val > best_val
             best_val = np.where(better, val, best_val)
-            for a, b in zip(*np.nonzero(better)):
-                best_pick[a, b] = (members[pick[a, b][0]], members[pick[a, b][1]])
+            best[:, better] = np.concatenate([np.full((1, int(better.sum())), size), pick[:, better]])
         # 3. apply the best exchanges on disjoint GPUs and experts
-        if not _apply(slots, best_val, best_pick, tol, moves, budget):
+        if not _apply(slots, pair_a, pair_b, best_val, best, subsets, tol, moves, budget):
             break
     return _sorted(slots)
 
@@ -98,49 +100,52 @@ def _move_values(slots: np.ndarray, gain: np.ndarray, node_gain: np.ndarray, num
     return delta, m - np.take_along_axis(m, np.broadcast_to(here[:, :, None], m.shape[:2] + (1,)), axis=2)
 
 
-def _best_exchanges(slots: np.ndarray, members: np.ndarray, delta: np.ndarray, moves: np.ndarray,
-                    weight: np.ndarray, load: np.ndarray, cap: float, penalty: float,
-                    budget: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """For k-for-k exchanges with the given member sets: (G, G) best value of pair (a, b), a < b,
-    and (G, G, 2) the chosen member-set indices on a and on b."""
-    num_gpus = slots.shape[0]
-    # value of sending members q of GPU a to GPU b: (a, b, q)
-    send = delta[:, members, :].sum(axis=2).transpose(0, 2, 1)
+def _best_exchanges(slots: np.ndarray, members: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray,
+                    delta: np.ndarray, moves: np.ndarray, weight: np.ndarray, load: np.ndarray, cap: float,
+                    penalty: float, budget: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """For k-for-k exchanges with the given member sets: (P,) best value of each pair (a, b), a < b,
+    and (2, P) the chosen member-set indices on a and on b."""
+    # value of sending members q of GPU a to GPU b: (a, q, b), then per pair (P, Qk) both ways
+    send = delta[:, members, :].sum(axis=2)
+    send_ab, send_ba = send[pair_a, :, pair_b], send[pair_b, :, pair_a]
     out_w = weight[slots][:, members].sum(axis=2)  # (G, Qk) tokens leaving with members q
-    new_a = load[:, None, None, None] - out_w[:, None, :, None] + out_w[None, :, None, :]  # (a, b, q, r)
-    new_b = load[None, :, None, None] - out_w[None, :, None, :] + out_w[:, None, :, None]
-    over = np.maximum(load - cap, 0.0)
-    d_over = (np.maximum(new_a - cap, 0.0) + np.maximum(new_b - cap, 0.0)
-              - over[:, None, None, None] - over[None, :, None, None])
-    total = send[:, :, :, None] + send.transpose(1, 0, 2)[:, :, None, :] - penalty * d_over
-    total[d_over > 0] = -np.inf  # never more overload, however large the gain
+    w_a, w_b = out_w[pair_a], out_w[pair_b]  # (P, Qk)
+    gets = w_b[:, None, :] - w_a[:, :, None]  # (P, q, r) tokens a gains (b loses) by trading q for r
+    room_a, room_b = cap - load[pair_a], cap - load[pair_b]  # (P,)
+    total = send_ab[:, :, None] + send_ba[:, None, :]
+    if room_a.min() >= 0 and room_b.min() >= 0:  # nobody over the cap: an exchange must keep it so
+        total[(gets > room_a[:, None, None]) | (-gets > room_b[:, None, None])] = -np.inf
+    else:  # remove overload first (rewarded above any gain), never add any
+        over_a, over_b = np.maximum(-room_a, 0.0), np.maximum(-room_b, 0.0)
+        d_over = (np.maximum(gets - room_a[:, None, None], 0.0) + np.maximum(-gets - room_b[:, None, None], 0.0)
+                  - (over_a + over_b)[:, None, None])
+        total -= penalty * d_over
+        total[d_over > 0] = -np.inf
     if budget is not None:  # exchanges that would exceed the move budget on their own
-        mv = moves[:, members, :].sum(axis=2).transpose(0, 2, 1)  # (a, b, q)
-        d_moves = mv[:, :, :, None] + mv.transpose(1, 0, 2)[:, :, None, :]
-        total = np.where(d_moves > max(budget, 0), -np.inf, total)
-    total[~np.triu(np.ones((num_gpus, num_gpus), dtype=bool), 1)] = -np.inf
-    flat = total.reshape(num_gpus, num_gpus, -1)
-    arg = flat.argmax(axis=2)
-    val = np.take_along_axis(flat, arg[:, :, None], axis=2)[:, :, 0]
+        mv = moves[:, members, :].sum(axis=2)  # (a, q, b)
+        d_moves = mv[pair_a, :, pair_b][:, :, None] + mv[pair_b, :, pair_a][:, None, :]
+        total[d_moves > max(budget, 0)] = -np.inf
+    flat = total.reshape(total.shape[0], -1)
+    arg = flat.argmax(axis=1)
     qk = members.shape[0]
-    return val, np.stack([arg // qk, arg % qk], axis=2)
+    return flat[np.arange(flat.shape[0]), arg], np.stack([arg // qk, arg % qk])
 
 
-def _apply(slots: np.ndarray, best_val: np.ndarray, best_pick: dict, tol: float, moves: np.ndarray,
-           budget: int | None) -> bool:
+def _apply(slots: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, best_val: np.ndarray, best: np.ndarray,
+           subsets: list[np.ndarray], tol: float, moves: np.ndarray, budget: int | None) -> bool:
     """Apply improving exchanges, best first, on disjoint GPUs and experts; False if none improves."""
-    pairs = np.argwhere(best_val > tol)
-    if pairs.size == 0:
+    improving = np.flatnonzero(best_val > tol)
+    if improving.size == 0:
         return False
-    order = np.argsort(-best_val[pairs[:, 0], pairs[:, 1]], kind="stable")
     used_gpu: set[int] = set()
     used_expert: set[int] = set()
     applied = False
-    for a, b in pairs[order]:
-        a, b = int(a), int(b)
+    for p in improving[np.argsort(-best_val[improving], kind="stable")]:
+        a, b = int(pair_a[p]), int(pair_b[p])
         if a in used_gpu or b in used_gpu:
             continue
-        on_a, on_b = best_pick[a, b]
+        size, q, r = (int(x) for x in best[:, p])
+        on_a, on_b = subsets[size][q], subsets[size][r]
         exps = [int(x) for x in slots[a, on_a]] + [int(x) for x in slots[b, on_b]]
         if used_expert.intersection(exps):
             continue
