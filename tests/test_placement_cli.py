@@ -142,3 +142,15 @@ def test_top_level_cli_runs_place(tmp_path, trace_file):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "moecompile: error: 16 experts + 0 redundant = 16 slots cannot be split evenly over 5 GPUs"]
+
+
+def test_ilp_output_is_only_the_table(tmp_path, trace_file):
+    """HiGHS prints a banner on its first instance; the CLI's stdout must stay the plan table."""
+    out = tmp_path / "plan.json"
+    run = subprocess.run([sys.executable, "-m", "moecompile.cli", "place", str(trace_file), "--gpus", "4",
+                          "--nodes", "2", "--redundant", "4", "--solver", "ilp", "--time-limit", "3", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("4 layers, 16 experts, 4 GPUs on 2 node(s)"), lines
+    assert not any("HiGHS" in line for line in lines), lines

@@ -27,6 +27,8 @@ objective when only this layer moves.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -232,6 +234,8 @@ def _warm_highs(pulp):
     if _WARM_HIGHS is None:
         import highspy
 
+        _quiet_first_instance(highspy)
+
         class WarmHiGHS(pulp.HiGHS):
             def callSolver(self, lp):
                 start = highspy.HighsSolution()
@@ -242,6 +246,21 @@ def _warm_highs(pulp):
 
         _WARM_HIGHS = WarmHiGHS
     return _WARM_HIGHS
+
+
+def _quiet_first_instance(highspy) -> None:
+    """HiGHS prints a banner to the process's stdout when its first instance is made, whatever the
+    options; make that instance with stdout (file descriptor 1) pointed at /dev/null, so that the
+    CLI's table stays the only output."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _eval(terms: list, values: dict) -> float:
