@@ -19,7 +19,7 @@ The result follows the flow but is not balanced (largest GPU load about 1.11 x t
 synthetic DeepSeek-V3 trace, at 72.6% cross-GPU hops against greedy's 97.6%); the ILP's search then
 brings every layer under its cap. Measured at DeepSeek-V3 size (58 layers, E = 256, 64 GPUs x 5
 slots, 60 s, with the search of that time): 30.4% fewer cross-GPU hops than greedy, against 27.8%
-when the search starts from greedy's plan; with today's faster search 31.3%
+when the search starts from greedy's plan; with the current, faster search 31.3%
 (benchmarks/results/placement_synthetic.json).
 """
 
