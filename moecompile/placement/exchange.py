@@ -13,7 +13,9 @@ every GPU load at or under `cap` (a GPU already over it may only get lighter, an
 overload is rewarded above any gain), and respects the move budget. Each round
 evaluates the best exchange of every GPU pair at once (a (G(G-1)/2, Qk, Qk) array per size k), then
 applies the best ones that touch disjoint GPUs and disjoint experts, so that every applied delta
-is exact. The objective strictly improves each round, so the search ends.
+is exact. The objective strictly improves each round, so the search ends. After the first round
+only pairs with a GPU that the round changed are evaluated again (most rounds apply a few
+exchanges); the other pairs' best exchanges are still exact.
 """
 
 from __future__ import annotations
@@ -54,23 +56,29 @@ def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, no
     tol = 1e-9 * scale
     penalty = 1e6 * max(scale, 1e-300) / max(cap, 1e-300)  # reward per token of overload removed
     pair_a, pair_b = np.triu_indices(num_gpus, 1)  # (P,) every GPU pair a < b
+    best_val = np.full(pair_a.shape, -np.inf)  # (P,) best exchange of each pair: value,
+    best = np.zeros((3, pair_a.shape[0]), dtype=np.int64)  # and (size index, member sets on a and b)
+    stale = np.ones(num_gpus, dtype=bool)  # GPUs whose pairs' best exchanges must be recomputed
     while deadline is None or time.perf_counter() < deadline:
         # 1. per-slot value of moving its replica to each GPU (exact when done alone)
         delta, moves = _move_values(slots, gain, node_gain, num_nodes, moved)  # (G, spg, G) each
         load = weight[slots].sum(axis=1)  # (G,)
         budget = None if max_moves is None else max_moves - int(moved[slots, np.arange(num_gpus)[:, None]].sum())
-        # 2. best exchange per GPU pair, over all exchange sizes: value, size index, member sets on a and b
-        best_val = np.full(pair_a.shape, -np.inf)
-        best = np.zeros((3, pair_a.shape[0]), dtype=np.int64)
+        # 2. best exchange of every pair with a stale GPU, over all exchange sizes; the others keep theirs
+        sel = np.flatnonzero(stale[pair_a] | stale[pair_b])
+        sel_val = np.full(sel.shape, -np.inf)
         for size, members in enumerate(subsets):  # members: (Qk, k) slot indices within a GPU
-            val, pick = _best_exchanges(slots, members, pair_a, pair_b, delta, moves, weight, load, cap, penalty,
-                                        budget)
-            better = val > best_val
-            best_val = np.where(better, val, best_val)
-            best[:, better] = np.concatenate([np.full((1, int(better.sum())), size), pick[:, better]])
+            val, pick = _best_exchanges(slots, members, pair_a[sel], pair_b[sel], delta, moves, weight, load, cap,
+                                        penalty, budget)
+            better = val > sel_val
+            sel_val = np.where(better, val, sel_val)
+            best[:, sel[better]] = np.concatenate([np.full((1, int(better.sum())), size), pick[:, better]])
+        best_val[sel] = sel_val
         # 3. apply the best exchanges on disjoint GPUs and experts
+        before = slots.copy()
         if not _apply(slots, pair_a, pair_b, best_val, best, subsets, tol, moves, budget):
             break
+        stale = _stale_gpus(before, slots, num_experts, num_nodes, max_moves is not None)
     return _sorted(slots)
 
 
@@ -106,8 +114,7 @@ def _best_exchanges(slots: np.ndarray, members: np.ndarray, pair_a: np.ndarray, 
     """For k-for-k exchanges with the given member sets: (P,) best value of each pair (a, b), a < b,
     and (2, P) the chosen member-set indices on a and on b."""
     # value of sending members q of GPU a to GPU b: (a, q, b), then per pair (P, Qk) both ways
-    send = delta[:, members, :].sum(axis=2)
-    send_ab, send_ba = send[pair_a, :, pair_b], send[pair_b, :, pair_a]
+    send_ab, send_ba = _sent(delta, members, pair_a, pair_b), _sent(delta, members, pair_b, pair_a)
     out_w = weight[slots][:, members].sum(axis=2)  # (G, Qk) tokens leaving with members q
     w_a, w_b = out_w[pair_a], out_w[pair_b]  # (P, Qk)
     gets = w_b[:, None, :] - w_a[:, :, None]  # (P, q, r) tokens a gains (b loses) by trading q for r
@@ -122,13 +129,17 @@ def _best_exchanges(slots: np.ndarray, members: np.ndarray, pair_a: np.ndarray, 
         total -= penalty * d_over
         total[d_over > 0] = -np.inf
     if budget is not None:  # exchanges that would exceed the move budget on their own
-        mv = moves[:, members, :].sum(axis=2)  # (a, q, b)
-        d_moves = mv[pair_a, :, pair_b][:, :, None] + mv[pair_b, :, pair_a][:, None, :]
+        d_moves = _sent(moves, members, pair_a, pair_b)[:, :, None] + _sent(moves, members, pair_b, pair_a)[:, None, :]
         total[d_moves > max(budget, 0)] = -np.inf
     flat = total.reshape(total.shape[0], -1)
     arg = flat.argmax(axis=1)
     qk = members.shape[0]
     return flat[np.arange(flat.shape[0]), arg], np.stack([arg // qk, arg % qk])
+
+
+def _sent(per_slot: np.ndarray, members: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """(P, Qk) sum of per_slot[src, s, dst] over the slots s of each member set."""
+    return per_slot[src[:, None, None], members[None], dst[:, None, None]].sum(axis=2)
 
 
 def _apply(slots: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, best_val: np.ndarray, best: np.ndarray,
@@ -159,6 +170,23 @@ def _apply(slots: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, best_val: 
         used_expert.update(exps)
         applied = True
     return applied
+
+
+def _stale_gpus(before: np.ndarray, after: np.ndarray, num_experts: int, num_nodes: int,
+                budgeted: bool) -> np.ndarray:
+    """(G,) GPUs whose pairs' best exchanges may differ after a round: those that exchanged, and
+    those holding a replica of an expert whose replicas per node changed (its node presence terms
+    did). A pair of other GPUs sees the same slots, loads and per-slot values as before, so its best
+    exchange stands. A move budget is shared by all pairs: with one, every pair is recomputed."""
+    changed = (before != after).any(axis=1)  # (G,)
+    if budgeted:
+        return np.ones_like(changed)
+    gpu_node = np.arange(before.shape[0]) // (before.shape[0] // num_nodes)  # (G,)
+    on_node = np.zeros((2, num_experts, num_nodes), dtype=np.int64)  # replicas per node, before and after
+    for i, slots in enumerate((before[changed], after[changed])):
+        np.add.at(on_node[i], (slots, np.broadcast_to(gpu_node[changed][:, None], slots.shape)), 1)
+    touched = (on_node[0] != on_node[1]).any(axis=1)  # (E,)
+    return changed | touched[after].any(axis=1)
 
 
 def _subsets(spg: int, num_gpus: int, max_size: int) -> list[np.ndarray]:

@@ -1,0 +1,65 @@
+"""Exchange search: the best exchanges it keeps from earlier rounds are exactly what recomputing
+every GPU pair each round gives, on random layers and on a DeepSeek-V3-size layer."""
+
+import numpy as np
+import pytest
+
+from moecompile.placement import exchange
+from moecompile.placement.decompose import Problem, layer_gains
+from moecompile.placement.greedy import greedy_phy2log
+from moecompile.placement.metrics import gpu_loads
+from moecompile.placement.synthetic import synthetic_trace
+
+
+def _every_pair_each_round(monkeypatch):
+    monkeypatch.setattr(exchange, "_stale_gpus", lambda before, *_: np.ones(before.shape[0], dtype=bool))
+
+
+def _random_layer(rng):
+    num_gpus = int(rng.choice([2, 4, 8, 16]))
+    num_nodes = int(rng.choice([n for n in (1, 2, 4) if num_gpus % n == 0]))
+    spg = int(rng.integers(1, 6))
+    num_experts = int(rng.integers(max(spg, num_gpus * spg // 3), num_gpus * spg + 1))
+    # every expert once, the other slots random experts not on that GPU yet
+    rows = [list(r) for r in np.array_split(rng.permutation(num_experts), num_gpus)]
+    rows = [r + [int(e) for e in rng.permutation(num_experts) if e not in r][:spg - len(r)] for r in rows]
+    experts = np.array([e for r in rows for e in r], dtype=np.int64)
+    weight = rng.gamma(1.0, 10.0, num_experts) / np.bincount(experts, minlength=num_experts)
+    gain = rng.normal(size=(num_experts, num_gpus))
+    node_gain = rng.normal(size=(num_experts, num_nodes))
+    cap = float(weight[experts].reshape(num_gpus, spg).sum(axis=1).max() * rng.choice([0.9, 1.0, 1.05, 1.5]))
+    moved = max_moves = None
+    if rng.random() < 0.4:  # a previous plan: a budget of a few moves more than the start's
+        moved = rng.random((num_experts, num_gpus)) < 0.5
+        max_moves = int(moved[experts, np.arange(experts.size) // spg].sum() + rng.integers(0, 4))
+    return (experts, weight, gain, node_gain, cap, num_nodes), dict(moved=moved, max_moves=max_moves,
+                                                                   max_size=int(rng.integers(1, 4)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kept_pairs_match_recomputing_every_pair(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    cases = [_random_layer(rng) for _ in range(25)]
+    kept = [exchange.exchange_layer(*args, **kwargs) for args, kwargs in cases]
+    _every_pair_each_round(monkeypatch)
+    full = [exchange.exchange_layer(*args, **kwargs) for args, kwargs in cases]
+    for (args, _), a, b in zip(cases, kept, full):
+        assert np.array_equal(a, b), args[0]
+
+
+def test_kept_pairs_match_at_deepseek_v3_layer_size(monkeypatch):
+    num_layers, num_experts, num_gpus, num_nodes, spg = 4, 256, 64, 8, 5
+    trace = synthetic_trace(num_layers, num_experts, top_k=8, num_tokens=4096, skew=0.5, affinity=0.9, seed=0)
+    start = greedy_phy2log(trace.load, num_gpus, spg, num_nodes, None)
+    cap = gpu_loads(start, trace.load, num_gpus).max(axis=1)
+    problem = Problem(load=trace.load, flow=trace.flow, num_gpus=num_gpus, num_nodes=num_nodes, cap=cap)
+    gain_present, gain_share, node_gain, _ = layer_gains(problem, start, 1)
+    count = np.bincount(start[1], minlength=num_experts)
+    args = (start[1], trace.load[1] / count, gain_present + gain_share / count[:, None], node_gain, float(cap[1]),
+            num_nodes)
+    kept = [exchange.exchange_layer(*args, max_size=size) for size in (1, 2)]
+    _every_pair_each_round(monkeypatch)
+    full = [exchange.exchange_layer(*args, max_size=size) for size in (1, 2)]
+    assert not np.array_equal(kept[0], start[1])  # the search moved something
+    for a, b in zip(kept, full):
+        assert np.array_equal(a, b)
