@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moecompile.placement.exchange import exchange_layer
-from moecompile.placement.transfer import _transfer_values, kick_transfers, layer_value, transfer_replicas
+from moecompile.placement.transfer import _top, _transfer_values, kick_transfers, layer_value, transfer_replicas
 
 
 def _loads(experts, load, num_gpus):
@@ -123,3 +123,13 @@ def test_transfer_respects_the_move_budget():
     assert transfer_replicas(experts, load, gain_present, zeros, node_gain, 15.0, 1, moved=moved, max_moves=4)[1] == 1
     moved[0, 0] = False  # expert 0 on GPU 0 was held: swapping it for 2 adds a move past the budget of 3
     assert transfer_replicas(experts, load, gain_present, zeros, node_gain, 15.0, 1, moved=moved, max_moves=3)[1] == 0
+
+
+def test_top_is_the_head_of_a_stable_argsort():
+    rng = np.random.default_rng(0)
+    for _ in range(500):  # few distinct values and many -inf: ties everywhere, also at the cut
+        size = int(rng.integers(1, 200))
+        values = rng.integers(-3, 4, size).astype(float)
+        values[rng.random(size) < 0.3] = -np.inf
+        count = int(rng.integers(0, size + 3))
+        assert np.array_equal(_top(values, count), np.argsort(-values, kind="stable")[:count])

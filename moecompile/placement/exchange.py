@@ -59,69 +59,94 @@ def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, no
     best_val = np.full(pair_a.shape, -np.inf)  # (P,) best exchange of each pair: value,
     best = np.zeros((3, pair_a.shape[0]), dtype=np.int64)  # and (size index, member sets on a and b)
     stale = np.ones(num_gpus, dtype=bool)  # GPUs whose pairs' best exchanges must be recomputed
+    gpu_node = np.arange(num_gpus) // (num_gpus // num_nodes)  # (G,)
     while deadline is None or time.perf_counter() < deadline:
-        # 1. per-slot value of moving its replica to each GPU (exact when done alone)
-        delta, moves = _move_values(slots, gain, node_gain, num_nodes, moved)  # (G, spg, G) each
         load = weight[slots].sum(axis=1)  # (G,)
         budget = None if max_moves is None else max_moves - int(moved[slots, np.arange(num_gpus)[:, None]].sum())
-        # 2. best exchange of every pair with a stale GPU, over all exchange sizes; the others keep theirs
+        # 1. pairs with a stale GPU: the value of sending each slot's replica across, alone (exact)
         sel = np.flatnonzero(stale[pair_a] | stale[pair_b])
         sel_val = np.full(sel.shape, -np.inf)
+        a, b = pair_a[sel], pair_b[sel]
+        state = _presence(slots, num_experts, gpu_node, num_nodes)
+        sent = _sent_values(slots, gain, node_gain, gpu_node, state, a, b), \
+            _sent_values(slots, gain, node_gain, gpu_node, state, b, a)  # (P, spg) each
+        sent_moves = None if budget is None else (_sent_moves(slots, moved, a, b), _sent_moves(slots, moved, b, a))
+        # 2. their best exchanges, over all exchange sizes; the other pairs keep theirs
+        slot_w, room = weight[slots], cap - load  # (G, spg), (G,)
+        worth = _worth_trying(sent, room[a], room[b], len(subsets), tol)  # (K, P)
         for size, members in enumerate(subsets):  # members: (Qk, k) slot indices within a GPU
-            val, pick = _best_exchanges(slots, members, pair_a[sel], pair_b[sel], delta, moves, weight, load, cap,
-                                        penalty, budget)
-            better = val > sel_val
-            sel_val = np.where(better, val, sel_val)
-            best[:, sel[better]] = np.concatenate([np.full((1, int(better.sum())), size), pick[:, better]])
+            rows = np.flatnonzero(worth[size])
+            if rows.size == 0:
+                continue
+            val, pick = _best_exchanges(members, a[rows], b[rows], (sent[0][rows], sent[1][rows]),
+                                        None if sent_moves is None else (sent_moves[0][rows], sent_moves[1][rows]),
+                                        slot_w, room, penalty, budget)
+            better = val > sel_val[rows]
+            sel_val[rows[better]] = val[better]
+            best[:, sel[rows[better]]] = np.concatenate([np.full((1, int(better.sum())), size), pick[:, better]])
         best_val[sel] = sel_val
         # 3. apply the best exchanges on disjoint GPUs and experts
         before = slots.copy()
-        if not _apply(slots, pair_a, pair_b, best_val, best, subsets, tol, moves, budget):
+        if not _apply(slots, pair_a, pair_b, best_val, best, subsets, tol, moved, budget):
             break
         stale = _stale_gpus(before, slots, num_experts, num_nodes, max_moves is not None)
     return _sorted(slots)
 
 
-def _move_values(slots: np.ndarray, gain: np.ndarray, node_gain: np.ndarray, num_nodes: int,
-                 moved: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(G, spg, G) objective change of moving one replica to GPU h alone (-inf where h holds it
-    already), and (G, spg, G) change of the move count."""
-    num_experts, num_gpus = gain.shape
-    gpu_node = np.arange(num_gpus) // (num_gpus // num_nodes)  # (G,)
-    here = np.arange(num_gpus)[:, None]  # (G, 1) GPU of each slot row
-    present = np.zeros((num_experts, num_gpus), dtype=bool)
-    present[slots, here] = True
-    on_node = present.reshape(num_experts, num_nodes, -1).sum(axis=2)  # (E, N) replicas per node
-    own_node = gpu_node[here]  # (G, 1)
-    g = gain[slots]  # (G, spg, G)
-    delta = g - np.take_along_axis(g, np.broadcast_to(here[:, :, None], g.shape[:2] + (1,)), axis=2)
+def _presence(slots: np.ndarray, num_experts: int, gpu_node: np.ndarray, num_nodes: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(E, G) bool, e has a replica on g, and (E, N) int, e's replicas per node."""
+    present = np.zeros((num_experts, gpu_node.shape[0]), dtype=bool)
+    present[slots, np.arange(gpu_node.shape[0])[:, None]] = True
+    return present, present.reshape(num_experts, num_nodes, -1).sum(axis=2)
+
+
+def _sent_values(slots: np.ndarray, gain: np.ndarray, node_gain: np.ndarray, gpu_node: np.ndarray,
+                 state: tuple[np.ndarray, np.ndarray], src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """(P, spg) objective change of moving the replica in each slot of GPU src[p] to GPU dst[p]
+    alone: -inf where dst holds that expert already."""
+    present, on_node = state
+    e = slots[src]  # (P, spg)
+    to, home = dst[:, None], src[:, None]
+    value = gain[e, to] - gain[e, home]
     # node presence: the target node gains e if it had none; the own node loses e if this was its last
-    other_node = gpu_node[None, None, :] != own_node[:, :, None]  # (G, 1, G)
-    node_g = node_gain[slots]  # (G, spg, N)
-    enter = np.where(on_node[slots] == 0, node_g, 0.0)[:, :, gpu_node]  # (G, spg, G)
-    leave = np.where(on_node[slots, own_node] == 1, node_g[np.arange(num_gpus)[:, None], np.arange(slots.shape[1]), own_node], 0.0)
-    delta = delta + np.where(other_node, enter - leave[:, :, None], 0.0)
-    delta[present[slots]] = -np.inf  # target already holds e (this includes staying home)
-    if moved is None:
-        return delta, np.zeros_like(delta)
-    m = moved[slots].astype(np.float64)  # (G, spg, G)
-    return delta, m - np.take_along_axis(m, np.broadcast_to(here[:, :, None], m.shape[:2] + (1,)), axis=2)
+    to_node, home_node = gpu_node[to], gpu_node[home]
+    enter = np.where(on_node[e, to_node] == 0, node_gain[e, to_node], 0.0)
+    leave = np.where(on_node[e, home_node] == 1, node_gain[e, home_node], 0.0)
+    value = value + np.where(to_node != home_node, enter - leave, 0.0)
+    value[present[e, to]] = -np.inf
+    return value
 
 
-def _best_exchanges(slots: np.ndarray, members: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray,
-                    delta: np.ndarray, moves: np.ndarray, weight: np.ndarray, load: np.ndarray, cap: float,
+def _sent_moves(slots: np.ndarray, moved: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """(P, spg) change of the move count of moving each slot's replica from GPU src[p] to dst[p]."""
+    e = slots[src]
+    return moved[e, dst[:, None]].astype(np.float64) - moved[e, src[:, None]]
+
+
+def _worth_trying(sent: tuple[np.ndarray, np.ndarray], room_a: np.ndarray, room_b: np.ndarray, sizes: int,
+                  tol: float) -> np.ndarray:
+    """(K, P) bool: pairs whose k-for-k exchanges may improve. Without overload on a or b, no
+    k-for-k exchange of a pair beats its k best moves a -> b plus its k best moves b -> a, whatever
+    the cap allows; pairs where that bound is no gain are skipped (their best stays no gain)."""
+    top = [-np.sort(-rows, axis=1)[:, :sizes].cumsum(axis=1) for rows in sent]  # (P, K) sums of the k best
+    bound = (top[0] + top[1]).T  # (K, P)
+    return (bound > tol) | (room_a < 0) | (room_b < 0)
+
+
+def _best_exchanges(members: np.ndarray, a: np.ndarray, b: np.ndarray, sent: tuple[np.ndarray, np.ndarray],
+                    sent_moves: tuple[np.ndarray, np.ndarray] | None, slot_w: np.ndarray, room: np.ndarray,
                     penalty: float, budget: int | None) -> tuple[np.ndarray, np.ndarray]:
     """For k-for-k exchanges with the given member sets: (P,) best value of each pair (a, b), a < b,
     and (2, P) the chosen member-set indices on a and on b."""
-    # value of sending members q of GPU a to GPU b: (a, q, b), then per pair (P, Qk) both ways
-    send_ab, send_ba = _sent(delta, members, pair_a, pair_b), _sent(delta, members, pair_b, pair_a)
-    out_w = weight[slots][:, members].sum(axis=2)  # (G, Qk) tokens leaving with members q
-    w_a, w_b = out_w[pair_a], out_w[pair_b]  # (P, Qk)
+    send_ab, send_ba = sent[0][:, members].sum(axis=2), sent[1][:, members].sum(axis=2)  # (P, Qk) each
+    out_w = slot_w[:, members].sum(axis=2)  # (G, Qk) tokens leaving with members q
+    w_a, w_b = out_w[a], out_w[b]  # (P, Qk)
     gets = w_b[:, None, :] - w_a[:, :, None]  # (P, q, r) tokens a gains (b loses) by trading q for r
-    room_a, room_b = cap - load[pair_a], cap - load[pair_b]  # (P,)
+    room_a, room_b = room[a], room[b]  # (P,)
     total = send_ab[:, :, None] + send_ba[:, None, :]
     if room_a.min() >= 0 and room_b.min() >= 0:  # nobody over the cap: an exchange must keep it so
-        total[(gets > room_a[:, None, None]) | (-gets > room_b[:, None, None])] = -np.inf
+        total[(gets > room_a[:, None, None]) | (gets < -room_b[:, None, None])] = -np.inf
     else:  # remove overload first (rewarded above any gain), never add any
         over_a, over_b = np.maximum(-room_a, 0.0), np.maximum(-room_b, 0.0)
         d_over = (np.maximum(gets - room_a[:, None, None], 0.0) + np.maximum(-gets - room_b[:, None, None], 0.0)
@@ -129,7 +154,7 @@ def _best_exchanges(slots: np.ndarray, members: np.ndarray, pair_a: np.ndarray, 
         total -= penalty * d_over
         total[d_over > 0] = -np.inf
     if budget is not None:  # exchanges that would exceed the move budget on their own
-        d_moves = _sent(moves, members, pair_a, pair_b)[:, :, None] + _sent(moves, members, pair_b, pair_a)[:, None, :]
+        d_moves = sent_moves[0][:, members].sum(axis=2)[:, :, None] + sent_moves[1][:, members].sum(axis=2)[:, None, :]
         total[d_moves > max(budget, 0)] = -np.inf
     flat = total.reshape(total.shape[0], -1)
     arg = flat.argmax(axis=1)
@@ -137,13 +162,8 @@ def _best_exchanges(slots: np.ndarray, members: np.ndarray, pair_a: np.ndarray, 
     return flat[np.arange(flat.shape[0]), arg], np.stack([arg // qk, arg % qk])
 
 
-def _sent(per_slot: np.ndarray, members: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """(P, Qk) sum of per_slot[src, s, dst] over the slots s of each member set."""
-    return per_slot[src[:, None, None], members[None], dst[:, None, None]].sum(axis=2)
-
-
 def _apply(slots: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, best_val: np.ndarray, best: np.ndarray,
-           subsets: list[np.ndarray], tol: float, moves: np.ndarray, budget: int | None) -> bool:
+           subsets: list[np.ndarray], tol: float, moved: np.ndarray | None, budget: int | None) -> bool:
     """Apply improving exchanges, best first, on disjoint GPUs and experts; False if none improves."""
     improving = np.flatnonzero(best_val > tol)
     if improving.size == 0:
@@ -161,7 +181,8 @@ def _apply(slots: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, best_val: 
         if used_expert.intersection(exps):
             continue
         if budget is not None:
-            d = float(moves[a, on_a, b].sum() + moves[b, on_b, a].sum())
+            rows = _sent_moves(slots, moved, np.array([a, b]), np.array([b, a]))  # (2, spg)
+            d = float(rows[0, on_a].sum() + rows[1, on_b].sum())
             if d > max(budget, 0) + 1e-9:
                 continue
             budget -= d

@@ -198,7 +198,7 @@ def _disjoint_picks(value: np.ndarray, experts: np.ndarray, present: np.ndarray,
     used_gpu: set[int] = set()
     used_expert: set[int] = set()
     flat = value.ravel()
-    for i in np.argsort(-flat, kind="stable")[:64 * batch + 4 * len(tried)]:
+    for i in _top(flat, 64 * batch + 4 * len(tried)):
         if not np.isfinite(flat[i]) or len(picks) == batch:
             break
         key = _key(i, experts, num_experts, spg)
@@ -210,6 +210,16 @@ def _disjoint_picks(value: np.ndarray, experts: np.ndarray, present: np.ndarray,
         used_gpu |= touched
         used_expert.update((a, b))
     return picks
+
+
+def _top(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` largest values, largest first, ties in index order: the head of a
+    stable argsort of -values, without sorting the rest."""
+    if count >= values.size or count <= 0:
+        return np.argsort(-values, kind="stable")[:max(count, 0)]
+    threshold = np.partition(values, values.size - count)[values.size - count]  # the count-th largest
+    head = np.flatnonzero(values >= threshold)  # every index the head can hold, in index order
+    return head[np.argsort(-values[head], kind="stable")][:count]
 
 
 def layer_value(experts: np.ndarray, gain_present: np.ndarray, gain_share: np.ndarray, node_gain: np.ndarray,
