@@ -13,9 +13,13 @@ every GPU load at or under `cap` (a GPU already over it may only get lighter, an
 overload is rewarded above any gain), and respects the move budget. Each round
 evaluates the best exchange of every GPU pair at once (a (G(G-1)/2, Qk, Qk) array per size k), then
 applies the best ones that touch disjoint GPUs and disjoint experts, so that every applied delta
-is exact. The objective strictly improves each round, so the search ends. After the first round
-only pairs with a GPU that the round changed are evaluated again (most rounds apply a few
-exchanges); the other pairs' best exchanges are still exact.
+is exact. The objective strictly improves each round, so the search ends.
+
+Two shortcuts keep rounds cheap without changing the result. After the first round only pairs
+with a GPU that the round changed are evaluated again (most rounds apply a few exchanges); the
+other pairs' best exchanges are still exact. And a pair's k-for-k exchanges are only evaluated
+when its k best single moves a -> b plus its k best b -> a could gain, which bounds every k-for-k
+exchange of the pair (unless a or b is over the cap, where removing overload is worth more).
 """
 
 from __future__ import annotations
