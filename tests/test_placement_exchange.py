@@ -69,3 +69,17 @@ def test_kept_pairs_match_at_deepseek_v3_layer_size(monkeypatch):
     assert not np.array_equal(kept[0], start[1])  # the search moved something
     for a, b in zip(kept, full):
         assert np.array_equal(a, b)
+
+
+def test_skipping_never_drops_an_exchange_worth_just_over_tol(monkeypatch):
+    # one 3-for-3 exchange worth tol (1e-9 here) plus ~1e-16: summed in slot order it clears tol, summed
+    # best-first (the skipping bound's order) it falls ~4e-16 short of it
+    gain = np.zeros((6, 2))
+    gain[[0, 1, 2], 1] = [1.0, 0.9999999999865958, 0.9999999999596887]  # experts 0-2 on GPU 0 prefer GPU 1
+    gain[[3, 4, 5], 0] = [-0.9999999997463211, -0.9999999997404353, -0.9999999994595286]
+    args = (np.arange(6), np.ones(6), gain, np.zeros((6, 1)), 10.0, 1)
+    kept = exchange.exchange_layer(*args, max_size=3)
+    _every_pair_each_round(monkeypatch)
+    full = exchange.exchange_layer(*args, max_size=3)
+    assert full.tolist() == [3, 4, 5, 0, 1, 2]
+    assert np.array_equal(kept, full)

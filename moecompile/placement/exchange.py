@@ -132,10 +132,12 @@ def _worth_trying(sent: tuple[np.ndarray, np.ndarray], room_a: np.ndarray, room_
                   tol: float) -> np.ndarray:
     """(K, P) bool: pairs whose k-for-k exchanges may improve. Without overload on a or b, no
     k-for-k exchange of a pair beats its k best moves a -> b plus its k best moves b -> a, whatever
-    the cap allows; pairs where that bound is no gain are skipped (their best stays no gain)."""
+    the cap allows; pairs where that bound is no gain are skipped (their best stays no gain). The
+    bound adds its terms in another order than an exchange's value does, so it is held to half of
+    `tol`: rounding (~1e-16 of the terms) never skips an exchange worth just over `tol`."""
     top = [-np.sort(-rows, axis=1)[:, :sizes].cumsum(axis=1) for rows in sent]  # (P, K) sums of the k best
     bound = (top[0] + top[1]).T  # (K, P)
-    return (bound > tol) | (room_a < 0) | (room_b < 0)
+    return (bound > 0.5 * tol) | (room_a < 0) | (room_b < 0)
 
 
 def _best_exchanges(members: np.ndarray, a: np.ndarray, b: np.ndarray, sent: tuple[np.ndarray, np.ndarray],
