@@ -127,9 +127,10 @@ def test_transfer_respects_the_move_budget():
 
 def test_top_is_the_head_of_a_stable_argsort():
     rng = np.random.default_rng(0)
-    for _ in range(500):  # few distinct values and many -inf: ties everywhere, also at the cut
+    for _ in range(500):  # few distinct values, many -inf, some NaN: ties everywhere, also at the cut
         size = int(rng.integers(1, 200))
         values = rng.integers(-3, 4, size).astype(float)
         values[rng.random(size) < 0.3] = -np.inf
+        values[rng.random(size) < 0.05] = np.nan
         count = int(rng.integers(0, size + 3))
         assert np.array_equal(_top(values, count), np.argsort(-values, kind="stable")[:count])

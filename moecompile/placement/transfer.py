@@ -214,8 +214,9 @@ def _disjoint_picks(value: np.ndarray, experts: np.ndarray, present: np.ndarray,
 
 def _top(values: np.ndarray, count: int) -> np.ndarray:
     """Indices of the `count` largest values, largest first, ties in index order: the head of a
-    stable argsort of -values, without sorting the rest."""
-    if count >= values.size or count <= 0:
+    stable argsort of -values, without sorting the rest (np.partition would put NaN first, argsort
+    puts it last: with a NaN, the whole sort)."""
+    if count >= values.size or count <= 0 or np.isnan(values).any():
         return np.argsort(-values, kind="stable")[:max(count, 0)]
     threshold = np.partition(values, values.size - count)[values.size - count]  # the count-th largest
     head = np.flatnonzero(values >= threshold)  # every index the head can hold, in index order
