@@ -19,8 +19,8 @@ The result follows the flow but is not balanced (largest GPU load about 1.11 x t
 synthetic DeepSeek-V3 trace, at 72.6% cross-GPU hops against greedy's 97.6%); the ILP's search then
 brings every layer under its cap. Measured at DeepSeek-V3 size (58 layers, E = 256, 64 GPUs x 5
 slots, 60 s, with the search of that time): 30.4% fewer cross-GPU hops than greedy, against 27.8%
-when the search starts from greedy's plan; with the current, faster search 31.3%
-(benchmarks/results/placement_synthetic.json).
+when the search starts from greedy's plan; the current search's figure is in the README's
+placement results (benchmarks/results/placement_synthetic.json).
 """
 
 from __future__ import annotations

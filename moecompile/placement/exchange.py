@@ -64,6 +64,7 @@ def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, no
     best = np.zeros((3, pair_a.shape[0]), dtype=np.int64)  # and (size index, member sets on a and b)
     stale = np.ones(num_gpus, dtype=bool)  # GPUs whose pairs' best exchanges must be recomputed
     gpu_node = np.arange(num_gpus) // (num_gpus // num_nodes)  # (G,)
+    state = _presence(slots, num_experts, gpu_node, num_nodes)
     while deadline is None or time.perf_counter() < deadline:
         load = weight[slots].sum(axis=1)  # (G,)
         budget = None if max_moves is None else max_moves - int(moved[slots, np.arange(num_gpus)[:, None]].sum())
@@ -71,7 +72,6 @@ def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, no
         sel = np.flatnonzero(stale[pair_a] | stale[pair_b])
         sel_val = np.full(sel.shape, -np.inf)
         a, b = pair_a[sel], pair_b[sel]
-        state = _presence(slots, num_experts, gpu_node, num_nodes)
         sent = _sent_values(slots, gain, node_gain, gpu_node, state, a, b), \
             _sent_values(slots, gain, node_gain, gpu_node, state, b, a)  # (P, spg) each
         sent_moves = None if budget is None else (_sent_moves(slots, moved, a, b), _sent_moves(slots, moved, b, a))
@@ -90,10 +90,11 @@ def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, no
             best[:, sel[rows[better]]] = np.concatenate([np.full((1, int(better.sum())), size), pick[:, better]])
         best_val[sel] = sel_val
         # 3. apply the best exchanges on disjoint GPUs and experts
-        before = slots.copy()
+        before, on_node_before = slots.copy(), state[1]
         if not _apply(slots, pair_a, pair_b, best_val, best, subsets, tol, moved, budget):
             break
-        stale = _stale_gpus(before, slots, num_experts, num_nodes, max_moves is not None)
+        state = _presence(slots, num_experts, gpu_node, num_nodes)
+        stale = _stale_gpus(before, slots, on_node_before, state[1], max_moves is not None)
     return _sorted(slots)
 
 
@@ -199,7 +200,7 @@ def _apply(slots: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, best_val: 
     return applied
 
 
-def _stale_gpus(before: np.ndarray, after: np.ndarray, num_experts: int, num_nodes: int,
+def _stale_gpus(before: np.ndarray, after: np.ndarray, on_node_before: np.ndarray, on_node_after: np.ndarray,
                 budgeted: bool) -> np.ndarray:
     """(G,) GPUs whose pairs' best exchanges may differ after a round: those that exchanged, and
     those holding a replica of an expert whose replicas per node changed (its node presence terms
@@ -208,11 +209,7 @@ def _stale_gpus(before: np.ndarray, after: np.ndarray, num_experts: int, num_nod
     changed = (before != after).any(axis=1)  # (G,)
     if budgeted:
         return np.ones_like(changed)
-    gpu_node = np.arange(before.shape[0]) // (before.shape[0] // num_nodes)  # (G,)
-    on_node = np.zeros((2, num_experts, num_nodes), dtype=np.int64)  # replicas per node, before and after
-    for i, slots in enumerate((before[changed], after[changed])):
-        np.add.at(on_node[i], (slots, np.broadcast_to(gpu_node[changed][:, None], slots.shape)), 1)
-    touched = (on_node[0] != on_node[1]).any(axis=1)  # (E,)
+    touched = (on_node_before != on_node_after).any(axis=1)  # (E,)
     return changed | touched[after].any(axis=1)
 
 
