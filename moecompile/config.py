@@ -46,16 +46,21 @@ class Config:
     """If set, record every MoE layer's routing (expert load, inter-layer flow) and write it to this
     .npz / .json path at exit or on `moecompile.routing.flush()`, for `moecompile place`."""
 
-    verify_rtol: dict[str, float] = field(default_factory=lambda: {
+    verify_rtol: dict[str, tuple[float, float]] = field(default_factory=lambda: {
+        # (max, mean) over the output of err = |a - b| / (|b| + mean|b|).
         # fp32: sorted grouped GEMMs sum in another order than the traced code -> ~1e-6 relative.
-        "float32": 1e-4,
-        # bf16: one rounding of a (T, H) output is 2^-8 = 0.4%; different accumulation order of the
-        # expert GEMMs can flip a couple of such roundings.
-        "bfloat16": 2e-2,
-        "float16": 5e-3,
-        "float64": 1e-8,
+        "float32": (1e-4, 1e-5),
+        # bf16: one rounding is 2^-8 = 0.4%; a layer rounds its intermediates (gate/up, activation,
+        # expert outputs, weighted sum) to bf16 in another order than the traced code. Measured on
+        # the demo models at 256 tokens, right specs: max 2.2e-2, mean 1.6e-3; wrong ones: mean
+        # > 0.3. The max bound allows a longer tail at more tokens; the mean bound catches a small
+        # change to every element that the max bound would let through.
+        "bfloat16": (6e-2, 6e-3),
+        "float16": (1e-2, 1e-3),  # 3 more mantissa bits than bf16
+        "float64": (1e-8, 1e-9),
     })
-    """Relative tolerance of the verification, by dtype (|a - b| <= atol + rtol * |b|, atol = rtol * mean|b|)."""
+    """Tolerance of the verification by dtype: (max, mean) of |a - b| / (|b| + mean|b|); gradients
+    get 2.5x both."""
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_CHOICES:

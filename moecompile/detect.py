@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import cover
 from .ir import DTYPES, MoESpec
 
 # --- normalize: every spelling of an op we care about -> one kind -------------------------------
@@ -67,6 +68,17 @@ def is_inplace(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
 
 
+def _is_grad_mode(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch._C._set_grad_enabled,
+                                                          torch.autograd.grad_mode._enter_inference_mode,
+                                                          torch.autograd.grad_mode._exit_inference_mode)
+
+
+def _nodes_between(flow, lo: int, hi: int) -> list[fx.Node]:
+    """Graph nodes strictly after position lo and before position hi."""
+    return [n for n, i in flow.order.items() if lo < i < hi]
+
+
 def _is_autocast(node: fx.Node) -> bool:
     return node.op == "call_function" and "autocast" in getattr(node.target, "__name__", "")
 
@@ -84,7 +96,14 @@ def shape_of(node) -> tuple | None:
     value = value_of(node)
     if value is None:
         return None
-    return tuple(d if isinstance(d, int) else str(d) for d in value.shape)
+    return tuple(_dim(d) for d in value.shape)
+
+
+def _dim(d) -> int | str:
+    if isinstance(d, int):
+        return d
+    expr = d.node.expr
+    return int(expr) if expr.is_number else str(d)  # a symbol Dynamo specialized is its number
 
 
 class _Reject(Exception):
@@ -201,7 +220,7 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
     # 1. Router: top-k's input goes back through scoring and casts to a linear over x.
     router, chain = _walk_back(topk.args[0], ("cast", "softmax", "sigmoid"))
     if not isinstance(router, fx.Node) or op_kind(router) != "linear":
-        raise _Reject("top-k input is not a (scored) router linear")
+        _reject_router_path(cand, router, index)
     w_router = router.args[1]
     b_router = router.args[2] if len(router.args) > 2 else router.kwargs.get("bias")
     router_shape = shape_of(w_router)
@@ -227,10 +246,15 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
     after_topk = flow.descendants(topk)
     x_numel = shape_of(x2d)
     expert_weights = None
+    # The combine weights expert outputs by the top-k values when the layer uses them: with K = 1
+    # (or T = 1) the unweighted expert output is already (T, H) and must not pass for the output.
+    routing_weights = [v for v in _getitem_users(topk, 0) if v.users]
     for node in sorted(after_topk, key=flow.order.__getitem__):
         if shape_of(node) != x_numel or node is topk:
             continue
         anc = flow.ancestors(node) - x_anc
+        if routing_weights and not any(v in anc for v in routing_weights):
+            continue
         weights3d = [n for n in anc if n.op == "placeholder" and len(shape_of(n) or ()) == 3
                      and shape_of(n)[0] == E]
         if len(weights3d) >= 2:
@@ -263,6 +287,11 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
             target, _ = _walk_back(n.args[0], ("reshape",))
             if n.args[0] not in inside or target is x or target.op == "placeholder":
                 raise _Reject(f"{n.name} writes in place into {n.args[0].name}, which outlives the layer")
+    lo, hi = flow.order[x2d] if x2d in flow.order else 0, flow.order[cand.output]
+    for n in _nodes_between(flow, lo, hi):
+        if _is_grad_mode(n):
+            raise _Reject(f"grad mode changes inside the layer ({n.name}: torch.no_grad or "
+                          "enable_grad), which the op does not follow")
     out_dtype = value_of(cand.output).dtype if value_of(cand.output) is not None else None
     if out_dtype != value_of(x).dtype:
         raise _Reject(f"layer output is {out_dtype} but its input is {value_of(x).dtype}")
@@ -281,11 +310,43 @@ def _match(flow: _Flow, cand: Candidate, index: int) -> None:
     expert_weights.sort(key=lambda n: min(flow.order[u] for u in n.users))
     shared_params = sorted(params - set(expert_weights) - {w_router, b_router},
                            key=lambda n: min(flow.order[u] for u in n.users))
-    cand.options = _spec_options(E, K, H, facts, nodes, expert_weights, shared_params,
-                                 w_router, b_router, shared is not None, value_of(x).dtype)
-    if not cand.options:
+    options = _spec_options(E, K, H, facts, nodes, expert_weights, shared_params,
+                            w_router, b_router, shared is not None, value_of(x).dtype)
+    if not options:
         shapes = [(n.name, shape_of(n)) for n in expert_weights + shared_params]
         raise _Reject(f"weights {shapes} fit no expert layout")
+
+    # 6. Cover: every node must be something the spec models (verification cannot see a clamp
+    #    that random inputs never reach).
+    try:
+        region_cover = cover.build(nodes, topk)
+    except cover.Uncovered as why:
+        raise _Reject(str(why)) from None
+    cand.options = [(s, w) for s, w in options if cover.unexplained(region_cover, s) is None]
+    if not cand.options:
+        raise _Reject(cover.unexplained(region_cover, options[0][0]))
+
+
+def _reject_router_path(cand: Candidate, stop, index: int) -> None:
+    """Top-k's input does not come from a router linear by scoring and casts alone. If a router
+    linear is a few ops further up, the layer is still reported, naming the op in between."""
+    node, path = stop, []
+    while isinstance(node, fx.Node) and node.args and len(path) < 8 and op_kind(node) != "linear":
+        path.append(node)
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and op_kind(node) == "linear" and len(node.args) > 1
+            and isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder"
+            and len(shape_of(node.args[1]) or ()) == 2 and path):
+        raise _Reject("top-k input is not a (scored) router linear")
+    cand.name = region_name(node.args[1], index)
+    cand.x2d = node.args[0]
+    cand.x, _ = _walk_back(cand.x2d, ("reshape",))
+    first = path[-1]
+    for n in reversed(path):  # the op nearest the router that is not scoring or a cast
+        if op_kind(n) not in ("cast", "softmax", "sigmoid"):
+            first = n
+            break
+    raise _Reject(f"{cover.kind(first)} ({first.name}) between the router and top-k is not modeled")
 
 
 def _is_weight(node: fx.Node) -> bool:

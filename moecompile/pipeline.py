@@ -13,6 +13,7 @@ import inspect
 import time
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from . import detect, verify
@@ -64,14 +65,21 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
     t0 = time.perf_counter()
     candidates = detect.find_candidates(gm)
     detect_ms = (time.perf_counter() - t0) * 1e3
+    # a training graph: the rewrite must give the same gradients too
+    training = torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs)
     regions: list[MoERegion] = []
     rows: dict[int, dict] = {}  # candidate index -> report row
     region_index: dict[int, int] = {}
+    verify_ms, probes = 0.0, 0
     for index, cand in enumerate(candidates):
         reason = cand.reason
-        region = None
+        region, ms = None, 0.0
         if reason is None and config.verify:
-            region, reason = verify.verify(cand, graph_id, values, config)
+            verdict = verify.verify(cand, graph_id, values, config, training)
+            region, reason, ms = verdict.region, verdict.reason, verdict.ms
+            verify_ms += verdict.ms
+            probes += verdict.probes
         elif reason is None:
             spec, weights = cand.options[0]
             region = MoERegion(graph_id, cand.name, spec, cand.x, tuple(weights), cand.output,
@@ -85,8 +93,12 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
             # a router feeds this top-k, so it looked like an MoE layer: reported, left as traced
             rows[index] = _region_row(graph_id, cand.name, None, "fallback", reason, "traced", [],
                                           cand.experts_impl, _candidate_shape(cand))
+        if index in rows:
+            rows[index]["verify_ms"] = round(ms, 1)
     pass_rows = [{"graph": graph_id, "name": "detect", "changed": False, "ms": round(detect_ms, 3),
-                  "counters": {"candidates": len(candidates), "verified": len(regions)}}]
+                  "counters": {"candidates": len(candidates), "verified": len(regions)}},
+                 {"graph": graph_id, "name": "verify", "changed": False, "ms": round(verify_ms, 3),
+                  "counters": {"probes": probes, "training": int(training)}}]
 
     changed = False
     for p in passes_for(config):

@@ -4,7 +4,8 @@ report.json (stable; tests and users read it):
 
     {"regions": [{"graph": int, "name": str, "num_experts": E, "top_k": K, "hidden": H,
                   "intermediate": I, "status": "optimized" | "fallback", "reason": str | null,
-                  "kernels": str, "passes": [str], "spec": {...}, "experts_impl": str}],
+                  "kernels": str, "passes": [str], "spec": {...}, "experts_impl": str,
+                  "verify_ms": float}],
      "passes":  [{"graph": int, "name": str, "changed": bool, "ms": float, "counters": {...}}],
      "graphs":  [{"graph": int, "status": "rewritten" | "unchanged" | "error", "reason": str | null,
                   "nodes_before": int, "nodes_after": int, "compile_ms": float}]}

@@ -1,11 +1,30 @@
-"""Verify a candidate region before any rewrite: run the original subgraph and the moecompile op on
-the same random input (real weights) and keep the first spec whose output matches.
+"""Verify a candidate region before any rewrite: run the traced subgraph and the moecompile op on the
+same probe inputs (real weights) and keep the first spec that matches on every probe.
 
-    Matches:   Candidate(nodes, x, weights options, output)
-    Rewrites to: MoERegion(spec) if some option matches, else a reason naming the closest error.
+    Matches:     Candidate(nodes, x, weights options, output)
+    Rewrites to: MoERegion(spec) if some option matches on all probes, else a reason naming the probe
+                 and the closest error.
+
+One random input is not enough: a layer can agree with the spec on N(0, 1) rows and not on the rows
+real models carry. The structural cover (cover.py) refuses the ops that cause that; the probes are
+the second guard, for the rest (capacity limits that drop tokens, say):
+
+    randn        N(0, 1) rows
+    large        N(0, 1) rows x 64 (activations of the size real residual streams carry), and rows
+                 with a few channels x 1000 (the "massive activations" of large models)
+    few_experts  every row near one of two router rows: the router sends all tokens to a few experts
+    one_token    one random row repeated: every token to the same K experts
+    small_t      where the graph has dynamic token counts: the smallest size it admits (T = 1 when
+                 the graph allows it; Dynamo compiles T = 1 as its own static graph otherwise)
+
+In a training graph (grad enabled and an input that requires grad) the gradients of x and every
+weight are compared too, on the randn and large probes, against a random output gradient.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -14,6 +33,20 @@ from .codegen import ops
 from .config import Config
 from .detect import Candidate, value_of
 from .ir import MoERegion
+
+# Gradients go through the forward's roundings and as many again in the backward's GEMMs.
+_GRAD_RTOL_FACTOR = 2.5
+_GRAD_PROBES = ("randn", "large")
+
+
+@dataclass
+class Verdict:
+    """What verification found for one candidate: the region, or why not; and what it cost."""
+
+    region: MoERegion | None
+    reason: str | None
+    probes: int = 0  # probe inputs run (per spec tried)
+    ms: float = 0.0
 
 
 def _subgraph(cand: Candidate, inputs: list[fx.Node]) -> fx.GraphModule:
@@ -36,53 +69,182 @@ def _concrete(value):
     return value
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> tuple[bool, float]:
-    """|a - b| <= rtol * (|b| + mean|b|): relative, with an absolute floor at the output's scale."""
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, mean_rtol: float | None = None
+          ) -> tuple[bool, float]:
+    """err = |a - b| / (|b| + mean|b|) (relative, with a floor at the output's scale) must stay
+    within rtol everywhere and, if given, within mean_rtol on average; returns (ok, max err).
+
+    Non-finite entries must match exactly (NaN where the traced layer has NaN, the same infinities);
+    the scale is taken over the finite ones."""
     a, b = actual.double(), expected.double()
-    if not torch.isfinite(a).all() or a.shape != b.shape:
+    if a.shape != b.shape:
         return False, float("inf")
-    scale = b.abs().mean().clamp_min(1e-30)
-    err = ((a - b).abs() / (b.abs() + scale)).max().item()
-    return err <= rtol, err
+    finite, nan = torch.isfinite(b), torch.isnan(b)
+    if not torch.equal(torch.isnan(a), nan) or not torch.equal(a[~finite & ~nan], b[~finite & ~nan]):
+        return False, float("inf")
+    a, b = a[finite], b[finite]
+    if not torch.isfinite(a).all():
+        return False, float("inf")
+    if b.numel() == 0:
+        return True, 0.0
+    err = (a - b).abs() / (b.abs() + b.abs().mean().clamp_min(1e-30))
+    worst = err.max().item()
+    return worst <= rtol and (mean_rtol is None or err.mean().item() <= mean_rtol), worst
 
 
-def verify(cand: Candidate, graph_id: int, placeholder_values: dict, config: Config
-           ) -> tuple[MoERegion | None, str | None]:
-    """Pick the first spec option whose op output matches the traced subgraph; else a reason."""
+def _probes(cand: Candidate, shapes: dict, router_weight: torch.Tensor, graph_id: int) -> list:
+    """[(name, sizes, x)] probe inputs; `sizes` are the values of the graph's size inputs."""
     x_val = value_of(cand.x)
-    shape = [_concrete(d) for d in x_val.shape]
-    generator = torch.Generator(device="cpu").manual_seed(1234 + graph_id)
-    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(x_val.dtype).to(x_val.device)
-    x_inputs = [cand.x] + sorted({w for _, ws in cand.options for w in ws}, key=lambda n: n.name)
+    dtype, device = x_val.dtype, x_val.device
+    gen = torch.Generator(device="cpu").manual_seed(1234 + graph_id)
+    traced, small = shapes["traced"], shapes.get("small")
+    shape = traced["x"]
+    H = shape[-1]
+    T = 1
+    for d in shape[:-1]:
+        T *= d
+
+    def make(rows: torch.Tensor, x_shape=shape) -> torch.Tensor:
+        return rows.reshape(x_shape).to(dtype).to(device)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float32)
+
+    # large: even rows 64x, odd rows with a few channels 1000x
+    large = randn(T, H)
+    large[0::2] *= 64.0
+    channels = torch.randperm(H, generator=gen)[:max(1, H // 64)]
+    large[1::2, channels] *= 1000.0
+    probes = [("randn", traced["sizes"], make(randn(T, H))), ("large", traced["sizes"], make(large))]
+    # rows along router rows e0 / e1: logit e0 (or e1) beats the rest by |W_e|^2 against W_e . W_j
+    w = router_weight.detach().float().cpu()
+    pick = torch.randperm(w.shape[0], generator=gen)[:2]
+    directions = w[pick] / w[pick].norm(dim=-1, keepdim=True).clamp_min(1e-12) * H ** 0.5
+    few = directions[torch.arange(T) % len(pick)] * 4.0 + 0.1 * randn(T, H)
+    probes.append(("few_experts", traced["sizes"], make(few)))
+    probes.append(("one_token", traced["sizes"], make(randn(1, H).expand(T, H).clone())))
+    if small is not None:
+        t_small = 1
+        for d in small["x"][:-1]:
+            t_small *= d
+        probes.append(("small_t", small["sizes"], make(randn(t_small, H) * 8.0, small["x"])))
+    return probes
+
+
+def _shapes(cand: Candidate, placeholder_values: dict) -> dict | None:
+    """x's shape and the size inputs' values as traced, and at the smallest sizes the graph admits
+    when x's dynamic dims are exactly the graph's size inputs (else only as traced)."""
+    x_val = value_of(cand.x)
+    traced_x = [_concrete(d) for d in x_val.shape]
     extra = list(cand.extra_inputs)
     try:
-        values = [x] + [placeholder_values[n] for n in x_inputs[1:]] + [
-            _concrete(placeholder_values[n]) if n in placeholder_values else _concrete(_val_or_meta(n))
-            for n in extra]
-    except KeyError as missing:
-        return None, f"verification could not evaluate input {missing}"
-    module = _subgraph(cand, x_inputs + extra)
-    with torch.no_grad():
-        expected = module(*values)
-        env = dict(zip(x_inputs, values))
-        x2d = x.reshape(-1, x.shape[-1])
-        best = float("inf")
-        for spec, weights in cand.options:
-            try:
-                actual = ops.run_forward(x2d, [env[w] for w in weights], spec, config.op_kernels())
-            except ValueError as err:
-                return None, str(err)
+        traced_sizes = [_concrete(placeholder_values[n]) if n in placeholder_values
+                        else _concrete(_val_or_meta(n)) for n in extra]
+    except KeyError:
+        return None
+    out = {"traced": {"x": traced_x, "sizes": traced_sizes}}
+    dynamic = [(i, d) for i, d in enumerate(x_val.shape) if isinstance(d, torch.SymInt) and d.node.expr.is_symbol]
+    symbols = {str(d.node.expr): i for i, d in dynamic}
+    if not symbols:
+        return out
+    exprs = []
+    for n in extra:
+        value = n.meta.get("example_value", n.meta.get("val"))
+        exprs.append(str(value.node.expr) if isinstance(value, torch.SymInt) else None)
+    if any(e not in symbols for e in exprs):
+        return out  # a size input that is not one of x's dims: keep to the traced shape
+    small_x = list(traced_x)
+    for i, d in dynamic:
+        small_x[i] = _lower_bound(d)
+    out["small"] = {"x": small_x, "sizes": [small_x[symbols[e]] for e in exprs]}
+    return out
+
+
+def _lower_bound(size: torch.SymInt) -> int:
+    """The smallest value Dynamo lets a size symbol take (2 for backed sizes: 0 and 1 recompile)."""
+    shape_env = size.node.shape_env
+    ranges = getattr(shape_env, "var_to_range", {})
+    expr = size.node.expr
+    lower = ranges[expr].lower if expr in ranges else 2
+    try:
+        return max(1, int(lower))
+    except (TypeError, ValueError):
+        return 2
+
+
+def verify(cand: Candidate, graph_id: int, placeholder_values: dict, config: Config,
+           training: bool = False) -> Verdict:
+    """Pick the first spec option whose op matches the traced subgraph on every probe."""
+    t0 = time.perf_counter()
+    verdict = _verify(cand, graph_id, placeholder_values, config, training)
+    verdict.ms = (time.perf_counter() - t0) * 1e3
+    return verdict
+
+
+def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
+    x_nodes = [cand.x] + sorted({w for _, ws in cand.options for w in ws}, key=lambda n: n.name)
+    shapes = _shapes(cand, placeholder_values)
+    if shapes is None or any(n not in placeholder_values for n in x_nodes[1:]):
+        return Verdict(None, "verification could not evaluate the layer's inputs")
+    weights = {n: placeholder_values[n] for n in x_nodes[1:]}
+    module = _subgraph(cand, x_nodes + list(cand.extra_inputs))
+    router = cand.options[0][1][0]
+    probes = _probes(cand, shapes, weights[router], graph_id)
+    runs, best, failed = 0, (1, float("inf"), ""), None
+    for spec, spec_weights in cand.options:
+        rtol, mean_rtol = config.verify_rtol[spec.dtype]
+        failed = None
+        for passed, (name, sizes, x) in enumerate(probes):
+            runs += 1
+            with torch.no_grad():
+                expected = module(x, *[weights[n] for n in x_nodes[1:]], *sizes)
+                try:
+                    actual = ops.run_forward(x.reshape(-1, x.shape[-1]), [weights[w] for w in spec_weights],
+                                             spec, config.op_kernels())
+                except ValueError as err:
+                    return Verdict(None, str(err), runs)
             if actual.dtype != expected.dtype:
-                return None, f"replacement returns {actual.dtype} where the layer returns {expected.dtype}"
-            actual = actual.reshape(expected.shape)
-            ok, err = _close(actual, expected, config.verify_rtol.get(spec.dtype, 1e-2))
-            if ok:
-                return MoERegion(graph_id=graph_id, name=cand.name, spec=spec, x=cand.x,
-                                 weights=tuple(weights), output=cand.output, nodes=cand.nodes,
-                                 experts_impl=cand.experts_impl), None
-            best = min(best, err)
-    return None, (f"replacement differs from the traced layer for all {len(cand.options)} candidate "
-                  f"specs (smallest max relative error {best:.3g})")
+                return Verdict(None, f"replacement returns {actual.dtype} where the layer returns "
+                                     f"{expected.dtype}", runs)
+            ok, err = close(actual.reshape(expected.shape), expected, rtol, mean_rtol)
+            if ok and training and name in _GRAD_PROBES:
+                ok, err, what = _grads_close(module, x, sizes, weights, x_nodes, spec, spec_weights, config,
+                                             rtol * _GRAD_RTOL_FACTOR, mean_rtol * _GRAD_RTOL_FACTOR, expected)
+                name = f"{name} ({what})" if not ok else name
+            if not ok:
+                failed = (-passed, err, name)  # the spec that passed most probes is the closest
+                break
+        if failed is None:
+            region = MoERegion(graph_id=graph_id, name=cand.name, spec=spec, x=cand.x,
+                               weights=tuple(spec_weights), output=cand.output, nodes=cand.nodes,
+                               experts_impl=cand.experts_impl)
+            return Verdict(region, None, runs)
+        best = min(best, failed)
+    _, err, probe = best
+    return Verdict(None, f"replacement differs from the traced layer for all {len(cand.options)} candidate "
+                         f"specs (closest: max relative error {err:.3g} on probe {probe})", runs)
+
+
+def _grads_close(module, x, sizes, weights, x_nodes, spec, spec_weights, config, rtol, mean_rtol, expected):
+    """Gradients of x and every weight, traced layer vs the op's backward, for one output gradient."""
+    gen = torch.Generator(device="cpu").manual_seed(4321)
+    grad_out = torch.randn(expected.shape, generator=gen, dtype=torch.float32).to(expected)
+    leaves = [x.detach().requires_grad_()] + [weights[n].detach().requires_grad_() for n in x_nodes[1:]]
+    with torch.enable_grad():
+        out = module(*leaves, *sizes)
+        traced = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    by_node = dict(zip(x_nodes, traced))
+    x2d = x.reshape(-1, x.shape[-1])
+    ours = ops.moe_backward(grad_out.reshape(x2d.shape), x2d, [weights[w] for w in spec_weights],
+                            spec.to_json(), config.op_kernels())
+    names = ("x",) + spec.weight_names()
+    for name, node, got in zip(names, [x_nodes[0]] + list(spec_weights), ours):
+        want = by_node[node]
+        want = torch.zeros_like(got) if want is None else want.reshape(got.shape)
+        ok, err = close(got, want, rtol, mean_rtol)
+        if not ok:
+            return False, err, f"gradient of {name}"
+    return True, 0.0, ""
 
 
 def _val_or_meta(node: fx.Node):

@@ -63,3 +63,78 @@ def capture(model, *args, dynamic=False) -> tuple[fx.GraphModule, list]:
     torch._dynamo.reset()
     torch.compile(model, backend=backend, dynamic=dynamic)(*args)
     return got[0]
+
+
+# --- near-MoE layers: an MoE with one extra op that changes results only for some inputs ----------
+
+SITES = ("logits", "weights", "input", "gate", "up", "act", "expert_out")
+
+
+def perturb(op: str, t: torch.Tensor, limit: float) -> torch.Tensor:
+    """An op that leaves values within +-limit (or above limit, for masks) alone."""
+    if op == "clamp":
+        return t.clamp(-limit, limit)
+    if op == "clamp_max":
+        return t.clamp(max=limit)
+    if op == "masked_fill":  # small entries zeroed: |t| < 1 / limit never happens below the limit scale
+        return t.masked_fill(t.abs() > limit, 0.0)
+    if op == "mask_below":  # the routing-weight threshold of the issue: w.masked_fill(w < t, 0)
+        return t.masked_fill(t < limit, 0.0)
+    if op == "where":
+        return torch.where(t > limit, torch.zeros_like(t), t)
+    if op == "soft_clamp":  # smooth, but only bends values of the limit's size
+        return torch.tanh(t / (limit * 10)) * (limit * 10)
+    if op == "maximum":
+        return torch.maximum(t, torch.zeros_like(t) + (-limit))
+    if op == "mask_mul":  # a comparison turned into a multiplier
+        return t * (t.abs() < limit).to(t.dtype)
+    raise ValueError(op)
+
+
+class NearMoE(nn.Module):
+    """A hand-written top-k SwiGLU MoE, optionally with `op` applied at `site` (see SITES).
+
+    With `capacity` set, (token, k) pairs beyond `capacity * T * K / E` per expert are dropped, as
+    Switch/GShard layers do: index arithmetic only, data dependent through routing.
+    """
+
+    def __init__(self, E=8, K=2, H=16, I=12, site=None, op=None, limit=1.0, scoring="softmax",
+                 renormalize=True, capacity=None, router_no_grad=False):
+        super().__init__()
+        self.E, self.K, self.site, self.op, self.limit = E, K, site, op, limit
+        self.scoring, self.renormalize, self.capacity = scoring, renormalize, capacity
+        self.router_no_grad = router_no_grad  # the router's logits computed under torch.no_grad
+        self.router = nn.Linear(H, E, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(E, 2 * I, H) / H**0.5)
+        self.down = nn.Parameter(torch.randn(E, H, I) / I**0.5)
+        self.record: dict[str, float] = {}  # site -> max |value| seen (for calibrating limits)
+
+    def _at(self, site: str, t: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.record[site] = max(self.record.get(site, 0.0), t.detach().abs().max().item())
+        return perturb(self.op, t, self.limit) if site == self.site else t
+
+    def forward(self, x):
+        B, S, H = x.shape
+        flat = x.reshape(-1, H)
+        T = flat.shape[0]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.router_no_grad):
+            logits = self._at("logits", self.router(flat))
+        probs = torch.softmax(logits.float(), dim=-1) if self.scoring == "softmax" else torch.sigmoid(logits.float())
+        w, ids = torch.topk(probs, self.K, dim=-1)
+        if self.renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        if self.capacity is not None:
+            onehot = F.one_hot(ids.reshape(-1), self.E)  # (T*K, E)
+            position = (torch.cumsum(onehot, dim=0) * onehot).sum(-1)  # (T*K,) 1-based slot in its expert
+            keep = position <= int(self.capacity * T * self.K / self.E)
+            w = w * keep.reshape(T, self.K).to(w.dtype)
+        w = self._at("weights", w)
+        rows = self._at("input", flat).repeat_interleave(self.K, dim=0)  # (T*K, H)
+        gate_up = torch.bmm(rows.unsqueeze(1), self.gate_up[ids.reshape(-1)].transpose(1, 2)).squeeze(1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self._at("act", F.silu(self._at("gate", gate)) * self._at("up", up))
+        y = torch.bmm(h.unsqueeze(1), self.down[ids.reshape(-1)].transpose(1, 2)).squeeze(1)
+        y = self._at("expert_out", y)  # (T*K, H)
+        out = (y.view(T, self.K, H) * w.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+        return out.view(B, S, H)

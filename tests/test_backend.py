@@ -79,7 +79,8 @@ def test_dump_dir_writes_report_and_pass_dumps(tmp_path):
         assert set(row) >= {"graph", "name", "num_experts", "top_k", "hidden", "intermediate", "status",
                             "reason", "kernels", "passes"}
         assert row["status"] == "optimized" and row["passes"] == ["lower"]
-    assert {p["name"] for p in report["passes"]} == {"detect", "lower"}
+    assert {p["name"] for p in report["passes"]} == {"detect", "verify", "lower"}
+    assert all(row["verify_ms"] > 0 for row in report["regions"])
     assert all(isinstance(p["ms"], float) and isinstance(p["changed"], bool) for p in report["passes"])
     graph_dir = tmp_path / "graph_000"
     before = (graph_dir / "01_lower.before.py").read_text()

@@ -73,7 +73,8 @@ def test_near_moe_with_other_combine_is_rejected_with_reason():
     before = gm.code
     outcome = _run(gm, inputs)
     (row,) = outcome.regions
-    assert row["status"] == "fallback" and "differs from the traced layer" in row["reason"]
+    # the cover refuses the max before verification has to find the difference
+    assert row["status"] == "fallback" and row["reason"].startswith("max (")
     assert gm.code == before and not outcome.changed
 
 
