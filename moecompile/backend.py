@@ -14,6 +14,7 @@ import warnings
 import torch.fx as fx
 
 from . import config as config_mod
+from .errors import UserInputError
 from . import pipeline, report
 from .codegen import ops  # noqa: F401  (registers torch.ops.moecompile.*)
 
@@ -75,7 +76,7 @@ def moe_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
     graph_row["compile_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
     try:
         report.record(graph_row, regions, outcome.passes if outcome else [], cfg.dump_dir)
-    except OSError as err:  # an unwritable dump_dir must not stop the model
+    except (OSError, UserInputError) as err:  # an unwritable dump_dir must not stop the model
         warnings.warn(f"moecompile: could not write the report to {cfg.dump_dir}: {err}", stacklevel=2)
     return compiled
 

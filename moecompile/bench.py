@@ -147,17 +147,19 @@ def add_bench_parser(subparsers) -> None:
 
 def _run_bench(args) -> int:
     from . import models
-    from .report import _atomic_write
-    from pathlib import Path
+    from .files import check_output, write_text
 
-    if args.tokens < 1 or args.batch < 1 or args.iters < 1:
-        raise UserInputError("--tokens, --batch and --iters must be at least 1")
+    if not 1 <= args.iters <= 10_000:
+        raise UserInputError(f"--iters must be between 1 and 10000, got {args.iters}")
+    models.check_sizes(batch=args.batch, tokens=args.tokens)
+    check_output(args.json, "--json")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, (ids,) = models.build(args.model, dtype=args.dtype, batch=args.batch, tokens=args.tokens)
-    rows = compare(f"{args.model} B{args.batch} S{args.tokens} {args.dtype}", model.to(device),
-                   (ids.to(device),), device, iters=args.iters)
+    with models.user_code(args.model):
+        rows = compare(f"{args.model} B{args.batch} S{args.tokens} {args.dtype}", model.to(device),
+                       (ids.to(device),), device, iters=args.iters)
     print(f"device: {device_name(device)}")
     print(table(rows))
     if args.json:
-        _atomic_write(Path(args.json), json.dumps(to_json(rows, device), indent=2) + "\n")
+        write_text(args.json, json.dumps(to_json(rows, device), indent=2) + "\n")
     return 0

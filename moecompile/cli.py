@@ -1,17 +1,22 @@
 """The `moecompile` command line: place | trace | explain | bench.
 
 Every subcommand turns bad user input into one line on stderr and exit code 2
-(`moecompile: error: ...`); it never prints a traceback for it.
+(`moecompile: error: ...`), checks its output paths before any work and writes outputs atomically,
+so a failed run leaves no file behind. An error we did not foresee is one line too
+(`moecompile: internal error: ...`, exit code 1); MOECOMPILE_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from .errors import UserInputError
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 
 
 def _add_explain(subparsers) -> None:
@@ -33,17 +38,19 @@ def _add_explain(subparsers) -> None:
 
 def _run_explain(args) -> int:
     from . import models
+    from .files import check_output
     from .report import explain
 
     if args.list:
         for name in models.names():
             print(name)
         return 0
-    if args.tokens < 1 or args.batch < 1:
-        raise UserInputError("--tokens and --batch must be at least 1")
+    models.check_sizes(batch=args.batch, tokens=args.tokens)
+    check_output(args.json, "--json")
     model, inputs = models.build(args.model, dtype=args.dtype, experts_impl=args.experts_impl,
                                  batch=args.batch, tokens=args.tokens)
-    report = explain(model, *inputs)
+    with models.user_code(args.model):
+        report = explain(model, *inputs)
     if args.json:
         report.write_json(args.json)
     return 0
@@ -56,8 +63,17 @@ def _add_placement(subparsers) -> None:
     placement_cli.register(subparsers)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("moecompile").strip()
+        self.exit(EXIT_USAGE, f"moecompile: error: {where + ': ' if where else ''}{message} "
+                              f"(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moecompile", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="moecompile", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_placement(subparsers)
     from .routing import add_trace_parser
@@ -76,11 +92,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserInputError as err:
-        print(f"moecompile: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(err))
+    except MemoryError:
+        return _fail(f"not enough memory for this {args.command} request; ask for fewer tokens, "
+                     "layers or GPUs")
+    except RuntimeError as err:
+        if "alloc" in str(err).lower() or "out of memory" in str(err).lower():
+            return _fail(f"not enough memory for this {args.command} request ({_first_line(err)})")
+        return _internal(err)
     except KeyboardInterrupt:
         print("moecompile: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 -- a bug of ours: still one line, never a traceback
+        return _internal(err)
+
+
+def _fail(message: str) -> int:
+    print(f"moecompile: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _internal(err: BaseException) -> int:
+    """An error we did not foresee. One line (MOECOMPILE_DEBUG=1 prints the traceback too)."""
+    if os.environ.get("MOECOMPILE_DEBUG"):
+        traceback.print_exc()
+    print(f"moecompile: internal error: {type(err).__name__}: {_first_line(err)} "
+          "(please report it; MOECOMPILE_DEBUG=1 shows the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

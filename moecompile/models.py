@@ -7,6 +7,7 @@ size a CPU compiles in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Callable
 
@@ -78,10 +79,15 @@ def build(name: str, dtype: str | torch.dtype = "float32", experts_impl: str = "
     (inputs are then random token ids up to the model's `config.vocab_size`).
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    check_sizes(batch=batch, tokens=tokens, layers=layers)
     torch.manual_seed(seed)
     if ":" in name:
-        model = _import_factory(name)()
-        vocab = getattr(getattr(model, "config", None), "vocab_size", VOCAB)
+        factory = _import_factory(name)
+        with user_code(name):
+            model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise UserInputError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        vocab = vocab_size(model)
     elif name in BUILDERS:
         model_cls, config = BUILDERS[name](hidden, layers)
         if name in MOE_MODELS:
@@ -92,17 +98,71 @@ def build(name: str, dtype: str | torch.dtype = "float32", experts_impl: str = "
     else:
         raise UserInputError(f"unknown model {name!r}; built-in: {', '.join(names())}, "
                              "or package.module:factory")
-    model = model.to(dtype).eval()
+    with user_code(name):
+        model = model.to(dtype).eval()
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed + 1))
     return model, (ids,)
 
 
+# Bounds on what the command line asks for: a mistyped size gives a clear error, not hours of work
+# or an allocation failure. 2^24 tokens per batch is 64x a 256k-token training batch.
+MAX_TOKENS = 1 << 24
+MAX_BATCHES = 1 << 20
+MAX_LAYERS = 1024
+
+
+def check_sizes(batch: int | None = None, tokens: int | None = None, layers: int | None = None,
+                batches: int | None = None) -> None:
+    """UserInputError unless the sizes asked for are at least 1 and within the bounds above."""
+    for flag, value in (("--batch", batch), ("--tokens", tokens), ("--layers", layers), ("--batches", batches)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{flag} must be at least 1, got {value}")
+    if batch is not None and tokens is not None and batch * tokens > MAX_TOKENS:
+        raise UserInputError(f"--batch {batch} x --tokens {tokens} = {batch * tokens} tokens per batch; "
+                             f"at most {MAX_TOKENS} are supported")
+    if layers is not None and layers > MAX_LAYERS:
+        raise UserInputError(f"--layers {layers}: at most {MAX_LAYERS} are supported")
+    if batches is not None and batches > MAX_BATCHES:
+        raise UserInputError(f"--batches {batches}: at most {MAX_BATCHES} are supported")
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """The model's `config.vocab_size` (random token ids are drawn below it), checked."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", VOCAB)
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise UserInputError(f"the model's config.vocab_size must be a whole number >= 1, got {vocab!r}")
+    return vocab
+
+
+@contextlib.contextmanager
+def user_code(name: str):
+    """Run a user's model factory or model: any error it raises is theirs, reported in one line.
+    Built-in models are ours: their errors stay errors of ours."""
+    if ":" not in name:
+        yield
+        return
+    try:
+        yield
+    except (UserInputError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 -- user code fails in any way it likes
+        message = (str(err).strip().splitlines() or [""])[0]
+        raise UserInputError(f"model {name!r} failed: {type(err).__name__}: {message}") from None
+
+
 def _import_factory(path: str) -> Callable:
     module_name, _, attr = path.partition(":")
+    if not module_name or not attr or module_name.startswith("."):
+        raise UserInputError(f"model {path!r}: expected a built-in name or package.module:factory")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise UserInputError(f"cannot load model factory {path!r}: {err}") from None
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 -- importing user code runs it
+        message = (str(err).strip().splitlines() or [""])[0]
+        raise UserInputError(f"cannot import {module_name!r} for model factory {path!r}: "
+                             f"{type(err).__name__}: {message}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise UserInputError(f"cannot load model factory {path!r}: {module_name} has no {attr!r}")
     if not callable(factory):
         raise UserInputError(f"model factory {path!r} is not callable")
     return factory

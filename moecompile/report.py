@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import UserInputError
+from .files import write_text
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Report:
         return {"regions": self.regions, "passes": self.passes, "graphs": self.graphs}
 
     def write_json(self, path: str | os.PathLike) -> None:
-        _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", make_dirs=True)
 
     def optimized(self) -> list[dict[str, Any]]:
         return [r for r in self.regions if r["status"] == "optimized"]
@@ -58,20 +61,6 @@ class Report:
         return "\n".join(rows)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write text to path all at once: a temp file beside it, then rename; never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class Dumper:
     """Writes per-graph, per-pass before/after code under dump_dir; does nothing when it is None."""
 
@@ -80,8 +69,13 @@ class Dumper:
         self.step = 0
 
     def write(self, name: str, text: str) -> None:
-        if self.root is not None:
-            _atomic_write(self.root / name, text)
+        if self.root is None:
+            return
+        try:
+            write_text(self.root / name, text, make_dirs=True)
+        except UserInputError as err:  # an unwritable dump_dir must not change what is compiled
+            warnings.warn(f"moecompile: dumps stop: {err}", stacklevel=2)
+            self.root = None
 
     def pass_done(self, pass_name: str, before: str, after: str, changed: bool) -> None:
         self.step += 1

@@ -13,10 +13,10 @@ solve, each atomically.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..errors import UserInputError
+from ..files import check_output
 from .metrics import evaluate
 from .plan import Plan, load_plan, save_plan
 from .solve import SOLVERS, place
@@ -58,8 +58,8 @@ def register(subparsers) -> None:
 
 def run_place(args: argparse.Namespace) -> int:
     # 1. check outputs before any work, so that a bad path never costs a solve
-    for path in (args.out, args.plot):
-        _check_output(path)
+    check_output(args.out, "--out")
+    check_output(args.plot, "--plot")
     if args.plot and not args.plot.lower().endswith(_PLOT_FORMATS):
         raise UserInputError(f"--plot {args.plot} must end in one of {', '.join(_PLOT_FORMATS)}")
     if args.plot:
@@ -121,16 +121,6 @@ def _frac(x: float | None) -> str:
 
 def _progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
-
-
-def _check_output(path: str | None) -> None:
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserInputError(f"cannot write {path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise UserInputError(f"cannot write {path}: it is a folder")
 
 
 def _require_matplotlib() -> None:

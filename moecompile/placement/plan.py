@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserInputError
-from .files import read_json, write_json
+from ..files import read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,11 @@ class Plan:
         if self.num_experts < 1 or self.slots_per_gpu < 1:
             raise UserInputError(f"plan needs num_experts >= 1 and slots_per_gpu >= 1, "
                                  f"got {self.num_experts} and {self.slots_per_gpu}")
-        phy2log = _as_ids(self.phy2log)
         want = self.num_gpus * self.slots_per_gpu
+        if want > MAX_SLOTS or self.num_experts > want:
+            raise UserInputError(f"plan has {self.num_gpus} GPUs x {self.slots_per_gpu} slots for "
+                                 f"{self.num_experts} experts; need experts <= slots <= {MAX_SLOTS}")
+        phy2log = _as_ids(self.phy2log)
         if phy2log.ndim != 2 or phy2log.shape[0] < 1 or phy2log.shape[1] != want:
             raise UserInputError(f"plan phy2log has shape {phy2log.shape}, expected (L, {want}) "
                                  f"for {self.num_gpus} GPUs x {self.slots_per_gpu} slots")
@@ -77,10 +80,18 @@ class Plan:
         }
 
 
+# Far beyond any deployment (DeepSeek-V3 serves 256 experts on 320 slots over 64 GPUs); bounds that
+# keep a mistyped size from running for hours or allocating terabytes.
+MAX_GPUS = 65536
+MAX_SLOTS = 1 << 20
+
+
 def check_topology(num_gpus: int, num_nodes: int) -> None:
     """G >= 1 GPUs spread evenly over N >= 1 nodes."""
     if not (_is_int(num_gpus) and _is_int(num_nodes)) or num_gpus < 1 or num_nodes < 1:
         raise UserInputError(f"need whole numbers num_gpus >= 1 and num_nodes >= 1, got {num_gpus} and {num_nodes}")
+    if num_gpus > MAX_GPUS:
+        raise UserInputError(f"{num_gpus} GPUs: at most {MAX_GPUS} are supported")
     if num_gpus % num_nodes:
         raise UserInputError(f"{num_gpus} GPUs cannot be spread evenly over {num_nodes} nodes")
 
@@ -140,6 +151,9 @@ def plan_from_json(obj: object) -> Plan:
     for k in keys[:-1]:
         if not _is_int(obj[k]):
             raise UserInputError(f"plan field {k} must be a whole number, got {obj[k]!r}")
+    for k in ("metrics", "solver"):
+        if obj.get(k) is not None and not isinstance(obj[k], dict):
+            raise UserInputError(f"plan field {k} must be a JSON object, got {type(obj[k]).__name__}")
     plan = Plan(num_gpus=obj["num_gpus"], num_nodes=obj["num_nodes"], num_experts=obj["num_experts"],
                 slots_per_gpu=obj["slots_per_gpu"], phy2log=obj["phy2log"],
                 metrics=dict(obj.get("metrics") or {}), solver=dict(obj.get("solver") or {}))
@@ -158,6 +172,8 @@ def _as_ids(values: object) -> np.ndarray:
         raise UserInputError("plan phy2log must be a list of equal-length lists of expert ids") from None
     if raw.size and (raw.dtype.kind not in "iuf" or not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw))):
         raise UserInputError("plan phy2log must hold whole-number expert ids")
+    if raw.size and np.abs(raw).max() > MAX_SLOTS:  # ids beyond int64 would wrap on conversion
+        raise UserInputError(f"plan phy2log holds expert ids beyond {MAX_SLOTS}")
     return np.array(raw, dtype=np.int64)
 
 

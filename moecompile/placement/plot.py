@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .files import atomic_write
+from ..files import atomic_write
 from .metrics import gpu_loads, shares
 from .plan import Plan
 from .trace import RoutingTrace

@@ -13,7 +13,7 @@ from .blocks import block_start
 from .decompose import Problem, monolithic, solve_ilp, total_objective, within_caps
 from .greedy import greedy_phy2log
 from .metrics import gpu_loads
-from .plan import Plan, check_topology, presence
+from .plan import MAX_SLOTS, Plan, check_topology, presence
 from .trace import RoutingTrace
 
 SOLVERS = ("greedy", "ilp")
@@ -96,6 +96,9 @@ def _check_request(trace: RoutingTrace, num_gpus: int, num_nodes: int, redundant
         raise UserInputError(f"time limit must be a positive number of seconds, got {time_limit!r}")
     num_experts = trace.num_experts
     num_slots = num_experts + redundant
+    if num_slots > MAX_SLOTS:
+        raise UserInputError(f"{num_experts} experts + {redundant} redundant = {num_slots} slots per layer; "
+                             f"at most {MAX_SLOTS} are supported")
     if num_slots % num_gpus:
         raise UserInputError(f"{num_experts} experts + {redundant} redundant = {num_slots} slots cannot be split "
                              f"evenly over {num_gpus} GPUs")

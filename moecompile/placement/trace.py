@@ -20,7 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserInputError
-from .files import atomic_write, read_json, write_json
+from ..files import atomic_write, read_json, write_json
+
+
+# Token counts far beyond any run (1e15 tokens through one expert); sums of counts then stay far
+# from float64's 1.8e308.
+MAX_COUNT = 1e15
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,17 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> None:
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array under a .npz name
+            raise UserInputError(f"trace {path} is a single .npy array, not a .npz archive with 'load'")
+        with data:
             return {k: data[k] for k in ("load", "flow") if k in data.files}
     except OSError as err:
         raise UserInputError(f"cannot read trace {path}: {err.strerror or err}") from None
     except (ValueError, zipfile.BadZipFile, EOFError) as err:
         raise UserInputError(f"trace {path} is not a valid .npz file ({_first_line(err)})") from None
+    except MemoryError:
+        raise UserInputError(f"trace {path} declares arrays too large to load") from None
 
 
 def _as_counts(values: object, name: str, ndim: int) -> np.ndarray:
@@ -112,6 +122,9 @@ def _as_counts(values: object, name: str, ndim: int) -> np.ndarray:
         raise UserInputError(f"{name} has NaN or infinite counts")
     if np.any(arr < 0):
         raise UserInputError(f"{name} has negative counts (min {arr.min():g})")
+    if arr.size and arr.max() > MAX_COUNT:
+        raise UserInputError(f"{name} has counts up to {arr.max():g}; at most {MAX_COUNT:g} are taken "
+                             "(scale the trace down: every metric is a ratio)")
     arr.setflags(write=False)
     return arr
 
