@@ -334,7 +334,8 @@ def _reject_router_path(cand: Candidate, stop, index: int) -> None:
     while isinstance(node, fx.Node) and node.args and len(path) < 8 and op_kind(node) != "linear":
         path.append(node)
         node = node.args[0]
-    if not (isinstance(node, fx.Node) and op_kind(node) == "linear" and len(node.args) > 1
+    routes = any(ids.users for ids in _getitem_users(cand.topk, 1))  # the expert ids pick something
+    if not (routes and isinstance(node, fx.Node) and op_kind(node) == "linear" and len(node.args) > 1
             and isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder"
             and len(shape_of(node.args[1]) or ()) == 2 and path):
         raise _Reject("top-k input is not a (scored) router linear")

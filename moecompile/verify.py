@@ -18,11 +18,13 @@ the second guard, for the rest (capacity limits that drop tokens, say):
                  the graph allows it; Dynamo compiles T = 1 as its own static graph otherwise)
 
 In a training graph (grad enabled and an input that requires grad) the gradients of x and every
-weight are compared too, on the randn and large probes, against a random output gradient.
+weight are compared too, on the randn probe, against a random output gradient (in fp32 for a bf16
+or fp16 layer: see `_grads_close`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -34,9 +36,7 @@ from .config import Config
 from .detect import Candidate, value_of
 from .ir import MoERegion
 
-# Gradients go through the forward's roundings and as many again in the backward's GEMMs.
-_GRAD_RTOL_FACTOR = 2.5
-_GRAD_PROBES = ("randn", "large")
+_GRAD_PROBES = ("randn",)
 
 
 @dataclass
@@ -192,7 +192,8 @@ def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
     probes = _probes(cand, shapes, weights[router], graph_id)
     runs, best, failed = 0, (1, float("inf"), ""), None
     for spec, spec_weights in cand.options:
-        rtol, mean_rtol = config.verify_rtol[spec.dtype]
+        rtol, mean_rtol = config.verify_rtol[spec.dtype]["out"]
+        grad_rtol = config.verify_rtol[spec.dtype]["grad"]
         failed = None
         for passed, (name, sizes, x) in enumerate(probes):
             runs += 1
@@ -209,7 +210,7 @@ def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
             ok, err = close(actual.reshape(expected.shape), expected, rtol, mean_rtol)
             if ok and training and name in _GRAD_PROBES:
                 ok, err, what = _grads_close(module, x, sizes, weights, x_nodes, spec, spec_weights, config,
-                                             rtol * _GRAD_RTOL_FACTOR, mean_rtol * _GRAD_RTOL_FACTOR, expected)
+                                             *grad_rtol, expected)
                 name = f"{name} ({what})" if not ok else name
             if not ok:
                 failed = (-passed, err, name)  # the spec that passed most probes is the closest
@@ -226,16 +227,26 @@ def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
 
 
 def _grads_close(module, x, sizes, weights, x_nodes, spec, spec_weights, config, rtol, mean_rtol, expected):
-    """Gradients of x and every weight, traced layer vs the op's backward, for one output gradient."""
+    """Gradients of x and every weight, traced layer vs the op's backward, for one output gradient.
+
+    A bf16 / fp16 layer is differentiated in fp32 (x and weights upcast, the spec's dtype float32):
+    the question is whether the traced layer's gradient is the spec's, and traced layers that gather
+    weights per token sum their weight gradients in bf16, with noise that grows with the token count
+    and says nothing about that question. Casts the traced code spells out stay in its graph, so the
+    low-precision tolerance still applies."""
+    if spec.dtype in ("bfloat16", "float16"):
+        x = x.float()
+        weights = {n: w.float() if w.is_floating_point() else w for n, w in weights.items()}
+        spec = dataclasses.replace(spec, dtype="float32")
     gen = torch.Generator(device="cpu").manual_seed(4321)
-    grad_out = torch.randn(expected.shape, generator=gen, dtype=torch.float32).to(expected)
     leaves = [x.detach().requires_grad_()] + [weights[n].detach().requires_grad_() for n in x_nodes[1:]]
     with torch.enable_grad():
         out = module(*leaves, *sizes)
+        grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out)
         traced = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
     by_node = dict(zip(x_nodes, traced))
     x2d = x.reshape(-1, x.shape[-1])
-    ours = ops.moe_backward(grad_out.reshape(x2d.shape), x2d, [weights[w] for w in spec_weights],
+    ours = ops.moe_backward(grad_out.reshape(x2d.shape).to(x2d.dtype), x2d, [weights[w] for w in spec_weights],
                             spec.to_json(), config.op_kernels())
     names = ("x",) + spec.weight_names()
     for name, node, got in zip(names, [x_nodes[0]] + list(spec_weights), ours):

@@ -113,6 +113,16 @@ def test_unknown_option_is_a_clear_error():
         config.make({"kernels": "cuda"})
 
 
+def test_verify_rtol_option_merges_with_defaults_and_is_checked():
+    cfg = config.make({"verify_rtol": {"bfloat16": {"out": (0.1, 0.01)}}})
+    assert cfg.verify_rtol["bfloat16"] == {"out": (0.1, 0.01), "grad": (6e-2, 6e-3)}
+    assert cfg.verify_rtol["float32"]["out"] == (1e-4, 1e-5)
+    for bad in ({"bfloat16": 0.1}, {"int8": {"out": (1, 1)}}, {"float32": {"out": (0.0, 1e-5)}},
+                {"float32": {"fwd": (1, 1)}}, 0.1):
+        with pytest.raises(UserInputError, match="verify_rtol"):
+            config.make({"verify_rtol": bad})
+
+
 def test_env_overrides_and_patch(monkeypatch):
     monkeypatch.setenv("MOECOMPILE_KERNELS", "reference")
     monkeypatch.setenv("MOECOMPILE_VERIFY", "0")
