@@ -19,7 +19,7 @@ the second guard, for the rest (capacity limits that drop tokens, say):
 
 In a training graph (grad enabled and an input that requires grad) the gradients of x and every
 weight are compared too, on the randn probe, against a random output gradient (in fp32 for a bf16
-or fp16 layer: see `_grads_close`).
+or fp16 layer, see `_grads_close`).
 """
 
 from __future__ import annotations
@@ -49,14 +49,27 @@ class Verdict:
     ms: float = 0.0
 
 
-def _subgraph(cand: Candidate, inputs: list[fx.Node]) -> fx.GraphModule:
-    """The candidate's nodes as a standalone module: f(*inputs) -> output."""
+def _subgraph(cand: Candidate, inputs: list[fx.Node], upcast: torch.dtype | None = None) -> fx.GraphModule:
+    """The candidate's nodes as a standalone module: f(*inputs) -> output. With `upcast`, casts the
+    traced code spells to that dtype (`.to(torch.bfloat16)`, `.bfloat16()`) go to float32 instead."""
     graph = fx.Graph()
     env = {n: graph.placeholder(f"in{i}") for i, n in enumerate(inputs)}
     for node in cand.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        copy = graph.node_copy(node, lambda n: env[n])
+        if upcast is not None:
+            copy.args, copy.kwargs = _to_fp32(copy.args, upcast), _to_fp32(copy.kwargs, upcast)
+            if copy.op == "call_method" and copy.target in _LOW_PRECISION_METHODS:
+                copy.target = "float"
+        env[node] = copy
     graph.output(env[cand.output])
     return fx.GraphModule(torch.nn.Module(), graph)
+
+
+_LOW_PRECISION_METHODS = ("bfloat16", "half")
+
+
+def _to_fp32(value, dtype: torch.dtype):
+    return fx.node.map_aggregate(value, lambda v: torch.float32 if v is dtype else v)
 
 
 def _concrete(value):
@@ -176,7 +189,11 @@ def verify(cand: Candidate, graph_id: int, placeholder_values: dict, config: Con
            training: bool = False) -> Verdict:
     """Pick the first spec option whose op matches the traced subgraph on every probe."""
     t0 = time.perf_counter()
-    verdict = _verify(cand, graph_id, placeholder_values, config, training)
+    try:
+        verdict = _verify(cand, graph_id, placeholder_values, config, training)
+    except Exception as err:  # noqa: BLE001 -- the traced code failed on a probe: leave it as traced
+        verdict = Verdict(None, f"verification could not run the layer: {type(err).__name__}: "
+                                f"{(str(err).strip().splitlines() or [''])[0]}")
     verdict.ms = (time.perf_counter() - t0) * 1e3
     return verdict
 
@@ -209,8 +226,8 @@ def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
                                      f"{expected.dtype}", runs)
             ok, err = close(actual.reshape(expected.shape), expected, rtol, mean_rtol)
             if ok and training and name in _GRAD_PROBES:
-                ok, err, what = _grads_close(module, x, sizes, weights, x_nodes, spec, spec_weights, config,
-                                             *grad_rtol, expected)
+                ok, err, what = _grads_close(cand, module, x, sizes, weights, x_nodes, spec, spec_weights,
+                                             config, *grad_rtol)
                 name = f"{name} ({what})" if not ok else name
             if not ok:
                 failed = (-passed, err, name)  # the spec that passed most probes is the closest
@@ -226,15 +243,16 @@ def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
                          f"specs (closest: max relative error {err:.3g} on probe {probe})", runs)
 
 
-def _grads_close(module, x, sizes, weights, x_nodes, spec, spec_weights, config, rtol, mean_rtol, expected):
+def _grads_close(cand, module, x, sizes, weights, x_nodes, spec, spec_weights, config, rtol, mean_rtol):
     """Gradients of x and every weight, traced layer vs the op's backward, for one output gradient.
 
     A bf16 / fp16 layer is differentiated in fp32 (x and weights upcast, the spec's dtype float32):
     the question is whether the traced layer's gradient is the spec's, and traced layers that gather
     weights per token sum their weight gradients in bf16, with noise that grows with the token count
-    and says nothing about that question. Casts the traced code spells out stay in its graph, so the
-    low-precision tolerance still applies."""
+    and says nothing about that question. The traced code's own casts to the low precision become
+    casts to fp32; the dtype's gradient tolerance still applies."""
     if spec.dtype in ("bfloat16", "float16"):
+        module = _subgraph(cand, x_nodes + list(cand.extra_inputs), upcast=x.dtype)
         x = x.float()
         weights = {n: w.float() if w.is_floating_point() else w for n, w in weights.items()}
         spec = dataclasses.replace(spec, dtype="float32")
