@@ -9,9 +9,12 @@ so a failed run leaves no file behind. An error we did not foresee is one line t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import traceback
+import warnings
 
 from .errors import UserInputError
 
@@ -89,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(os.environ.get("MOECOMPILE_DEBUG"))
     try:
-        return int(args.func(args) or 0)
+        with _quiet(not debug):
+            return int(args.func(args) or 0)
     except UserInputError as err:
         return _fail(str(err))
     except MemoryError:
@@ -105,6 +110,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 -- a bug of ours: still one line, never a traceback
         return _internal(err)
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Keep library warnings and torch's error logs off stderr, whose last line is our one-line
+    error if the command fails (the report table says what a warning would have)."""
+    if not enabled:
+        yield
+        return
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _fail(message: str) -> int:

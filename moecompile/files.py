@@ -20,25 +20,43 @@ _TMP_PREFIX = ".tmp-"
 
 def check_output(path: str | os.PathLike | None, what: str = "output") -> None:
     """Fail now, before any work, if `path` cannot be written: its folder is missing, is a file or
-    is not writable, the path is a folder, or its name is too long. Writes and removes a probe file
-    named as the real temporary file will be, so what this accepts the write will accept."""
+    is not writable, the path is a folder or another non-regular file (a device, a pipe), or its
+    name is too long. Writes and removes a probe file in the folder, so what this accepts the write
+    will accept."""
     if path is None:
         return
     path = os.fspath(path)
     if not path or path.endswith(os.sep) or os.path.isdir(path):
         raise UserInputError(f"cannot write {what} {path!r}: it names a folder, not a file")
-    folder = os.path.dirname(os.path.abspath(path))
+    target = _target(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise UserInputError(f"cannot write {what} {path}: it exists and is not a regular file")
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         parent = _existing_parent(folder)
-        why = "is a file" if os.path.exists(parent) and not os.path.isdir(parent) else "does not exist"
-        raise UserInputError(f"cannot write {what} {path}: folder {folder} does not exist"
-                             + (f" ({parent} {why})" if why == "is a file" else ""))
+        why = f" ({parent} is a file)" if os.path.exists(parent) and not os.path.isdir(parent) else ""
+        raise UserInputError(f"cannot write {what} {path}: folder {folder} does not exist{why}")
+    name_max = _name_max(folder)
+    if len(os.fsencode(os.path.basename(target))) > name_max:
+        raise UserInputError(f"cannot write {what} {path}: its name is longer than {name_max} bytes")
     try:
-        fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=os.path.basename(path), dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
     except OSError as err:
         raise UserInputError(f"cannot write {what} {path}: {err.strerror or err}") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def _target(path: str) -> str:
+    """The absolute path a write lands on: a symbolic link's target, so the link stays a link."""
+    return os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+
+
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 def _existing_parent(folder: str) -> str:
@@ -56,8 +74,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], ma
     On any failure the temporary file is removed and `path` is left as it was; a failure of the
     file system (full disk, no permission) raises UserInputError naming the file.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    path = _target(os.fspath(path))
+    folder = os.path.dirname(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserInputError(f"cannot write {path}: it exists and is not a regular file")
     if make_dirs:
         try:
             os.makedirs(folder, exist_ok=True)
@@ -67,7 +87,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], ma
         raise UserInputError(f"cannot write {path}: folder {folder} does not exist")
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=os.path.basename(path), dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)  # short: any legal name fits
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

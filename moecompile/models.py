@@ -105,10 +105,11 @@ def build(name: str, dtype: str | torch.dtype = "float32", experts_impl: str = "
 
 
 # Bounds on what the command line asks for: a mistyped size gives a clear error, not hours of work
-# or an allocation failure. 2^24 tokens per batch is 64x a 256k-token training batch.
+# or an allocation failure. 2^24 tokens per batch is 64x a 256k-token training batch; a trace of
+# 2^16 batches or a demo model of 256 layers is already more than placement needs.
 MAX_TOKENS = 1 << 24
-MAX_BATCHES = 1 << 20
-MAX_LAYERS = 1024
+MAX_BATCHES = 1 << 16
+MAX_LAYERS = 256
 
 
 def check_sizes(batch: int | None = None, tokens: int | None = None, layers: int | None = None,
@@ -145,6 +146,8 @@ def user_code(name: str):
         yield
     except (UserInputError, KeyboardInterrupt):
         raise
+    except SystemExit as err:
+        raise UserInputError(f"model {name!r} called exit({err.code!r})") from None
     except Exception as err:  # noqa: BLE001 -- user code fails in any way it likes
         message = (str(err).strip().splitlines() or [""])[0]
         raise UserInputError(f"model {name!r} failed: {type(err).__name__}: {message}") from None

@@ -11,7 +11,10 @@ reads. Two ways in:
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
+import time
+import warnings
 
 import numpy as np
 import torch
@@ -99,17 +102,32 @@ def flush() -> None:
             save_trace(rec.trace(), path)
 
 
-def record_routing(model: torch.nn.Module, batches) -> "object":
+def record_routing(model: torch.nn.Module, batches, progress=None) -> "object":
     """Run `model` over `batches` (each a tuple of positional args) through backend='moe' and return
-    the `RoutingTrace` of what its MoE layers did."""
+    the `RoutingTrace` of what its MoE layers did. `progress(done)` is called after each batch."""
     from .backend import moe_backend
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=moe_backend, options={"inner": "eager"})
     with RoutingRecorder() as rec, torch.no_grad():
-        for args in batches:
+        for done, args in enumerate(batches, 1):
             compiled(*args)
+            if progress:
+                progress(done)
     return rec.trace()
+
+
+def _progress_every(seconds: float, total: int):
+    """A progress callback that prints 'batch i / n' to stderr at most every `seconds`."""
+    last = [time.monotonic()]
+
+    def report(done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= seconds and done < total:
+            last[0] = now
+            print(f"  batch {done} / {total}", file=sys.stderr, flush=True)
+
+    return report
 
 
 def _token_batches(spec: str, vocab: int, batch: int, batches: int):
@@ -118,7 +136,7 @@ def _token_batches(spec: str, vocab: int, batch: int, batches: int):
     from .models import check_sizes
 
     if spec.strip().isascii() and spec.strip().isdigit():
-        n = int(spec)
+        n = int(spec) if len(spec.strip()) <= 18 else 10**18  # any longer number is out of bounds
         check_sizes(batch=batch, tokens=n)
 
         def random_batches():
@@ -148,7 +166,9 @@ def _read_ids(spec: str) -> torch.Tensor:
             if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
                 raise UserInputError(f"token ids in {spec!r} do not fit int64")
             return _ids_shape(torch.from_numpy(array.astype(np.int64)), what)
-        ids = torch.load(spec, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns about old pickles; the error below says it all
+            warnings.simplefilter("ignore")
+            ids = torch.load(spec, weights_only=True, map_location="cpu")
     except UserInputError:
         raise
     except MemoryError:
@@ -156,10 +176,11 @@ def _read_ids(spec: str) -> torch.Tensor:
     except Exception as err:  # noqa: BLE001 -- unpickling reports a bad file in many ways
         raise UserInputError(f"cannot read token ids from {spec!r}: {type(err).__name__}: "
                              f"{(str(err).strip().splitlines() or [''])[0]}") from None
-    if (not isinstance(ids, torch.Tensor) or ids.layout != torch.strided or ids.is_quantized
+    if (not isinstance(ids, torch.Tensor) or ids.layout != torch.strided or ids.is_quantized or ids.is_nested
             or ids.device.type != "cpu" or ids.dtype.is_floating_point or ids.dtype.is_complex):
-        raise UserInputError(f"{what}, got {type(ids).__name__}"
-                             + (f" {ids.dtype} {ids.layout}" if isinstance(ids, torch.Tensor) else ""))
+        kind = "nested " if isinstance(ids, torch.Tensor) and ids.is_nested else ""
+        raise UserInputError(f"{what}, got a {kind}{type(ids).__name__}"
+                             + (f" of {ids.dtype}" if isinstance(ids, torch.Tensor) else ""))
     return _ids_shape(ids.to(torch.int64), what)
 
 
@@ -200,7 +221,7 @@ def _run_trace(args) -> int:
     vocab = models.vocab_size(model)
     batches = _token_batches(args.tokens, vocab, args.batch, args.batches)
     with models.user_code(args.model):
-        trace = record_routing(model, batches)
+        trace = record_routing(model, batches, progress=_progress_every(5.0, args.batches))
     save_trace(trace, args.out)
     tokens = int(trace.load[0].sum())
     print(f"wrote {args.out}: {trace.num_layers} MoE layers x {trace.num_experts} experts, "

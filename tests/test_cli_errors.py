@@ -238,3 +238,73 @@ def test_bench_bad_sizes(work, capsys):
     assert "--iters" in _run(["bench", "--iters", "0"], capsys, work)
     assert "tokens per batch" in _run(["bench", "--tokens", "100000000", "--batch", "4"], capsys, work)
     assert "returned str" in _run(["bench", "--model", "os:getcwd"], capsys, work)
+
+
+# --- found by a second fuzzing round ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exponent", [-1030, -20, 46, 49])  # counts of 1e-310 (denormal), 1e-6, 1e14, 1e15
+def test_ilp_at_any_count_scale(exponent, work):
+    """The solvers see counts normalized by a power of two: no HiGHS failure at 1e14, no cap
+    tolerance failure at 1e-6, no overflow at denormal counts, and (away from denormals, where a
+    power-of-two scaling is exact) exactly the plans of the unscaled trace."""
+    from moecompile.placement import RoutingTrace, evaluate
+
+    base = synthetic_trace(3, 8, top_k=2, num_tokens=200, skew=0.5, affinity=0.5, seed=1)
+    shift = exponent - np.frexp(max(base.load.max(), base.flow.max()))[1]
+    trace = RoutingTrace(np.ldexp(base.load, shift), np.ldexp(base.flow, shift))
+    with np.errstate(all="raise"):
+        plan = place(trace, num_gpus=2, redundant=6, solver="ilp", time_limit=2)
+    assert plan.metrics == evaluate(plan, trace) and np.isfinite(plan.metrics["objective"])
+    if exponent > -1000:
+        assert place(trace, num_gpus=2, redundant=6).metrics == place(base, num_gpus=2, redundant=6).metrics
+
+
+def test_special_files_are_not_replaced(work, capsys):
+    os.mkfifo(work / "fifo.json")
+    assert "not a regular file" in _run(["place", "good.npz", "--gpus", "4", "--out", "fifo.json"], capsys, work)
+
+
+def test_long_legal_names_are_written(work):
+    name = "a" * 250 + ".json"  # 255 bytes: legal, the temporary file must not lengthen it
+    assert cli.main(["place", "good.npz", "--gpus", "4", "--out", name]) == 0 and (work / name).exists()
+
+
+def test_symlinked_output_is_written_through(work):
+    os.symlink(work / "target.json", work / "link.json")
+    assert cli.main(["place", "good.npz", "--gpus", "4", "--out", "link.json"]) == 0
+    assert os.path.islink(work / "link.json") and json.loads((work / "target.json").read_text())["num_gpus"] == 4
+
+
+def test_evaluate_a_plan_greedy_cannot_make(work, capsys):
+    plan = json.loads((work / "plan.json").read_text())
+    doubled = {**plan, "num_gpus": 1, "slots_per_gpu": 16, "phy2log": [row + row[:4] for row in plan["phy2log"]]}
+    for key in ("log2phy", "logcnt"):
+        doubled.pop(key)
+    (work / "doubled.json").write_text(json.dumps(doubled))
+    assert cli.main(["place", "--evaluate", "doubled.json", "good.npz"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy: no plan of this shape" in out and "redundant" not in out
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: torch.save(torch.nested.nested_tensor([torch.arange(3), torch.arange(2)]), p), "nested"),
+    (lambda p: open(p, "wb").write(__import__("pickle").dumps([1, 2, 3], protocol=4)), "cannot read token ids"),
+])
+def test_trace_odd_token_files(make, words, work, capsys):
+    make(work / "ids.pt")
+    line = _run(["trace", "--model", "mixtral", "--layers", "1", "--tokens", "ids.pt", "--out", "t.npz"],
+                capsys, work, outputs=["t.npz"])
+    assert words in line, line
+
+
+def test_trace_token_count_with_thousands_of_digits(work, capsys):
+    line = _run(["trace", "--tokens", "1" * 5000, "--out", "t.npz"], capsys, work, outputs=["t.npz"])
+    assert "tokens per batch" in line
+
+
+def test_factory_that_exits(work, capsys):
+    (work / "exits.py").write_text("import sys\ndef f():\n    sys.exit(5)\n")
+    sys.modules.pop("exits", None)
+    line = _run(["trace", "--model", "exits:f", "--tokens", "2", "--out", "t.npz"], capsys, work, outputs=["t.npz"])
+    assert "called exit(5)" in line

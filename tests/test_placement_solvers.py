@@ -214,3 +214,44 @@ def test_deepseek_v3_scale_within_time_limit():
     assert plan.metrics["imbalance_mean"] <= min(1.05, greedy.metrics["imbalance_mean"] + 1e-9)
     assert plan.metrics["cross_gpu_fraction"] < 0.8 * greedy.metrics["cross_gpu_fraction"]
     assert plan.metrics["cross_node_fraction"] < 0.5 * greedy.metrics["cross_node_fraction"]
+
+
+def _pack_by_scanning(load, logcnt, num_gpus, slots_per_gpu):
+    """The packing rule written plainly (each replica scans every GPU): the reference for the heap."""
+    from moecompile.placement.greedy import _make_room
+
+    experts = np.repeat(np.arange(load.shape[0]), logcnt)
+    weight = load[experts] / logcnt[experts]
+    gpu_load, held = np.zeros(num_gpus), [[] for _ in range(num_gpus)]
+    for item in np.lexsort((experts, -weight)):
+        e, w = int(experts[item]), float(weight[item])
+        open_ = [g for g in range(num_gpus) if len(held[g]) < slots_per_gpu and e not in held[g]]
+        g = min(open_, key=lambda g: (gpu_load[g], g)) if open_ else _make_room(
+            e, held, gpu_load, load, logcnt, slots_per_gpu)
+        held[g].append(e)
+        gpu_load[g] += w
+    return np.array([sorted(h) for h in held], dtype=np.int64)
+
+
+def test_heap_packing_equals_the_plain_rule():
+    """Random replica counts, including the ones that need _make_room, and ties."""
+    from moecompile.placement.greedy import pack_replicas
+
+    rng = np.random.default_rng(2)
+    checked = 0
+    for _ in range(3000):
+        G, spg = int(rng.integers(2, 6)), int(rng.integers(1, 5))
+        S = G * spg
+        E = int(rng.integers(-(-S // G), S + 1))
+        logcnt = np.ones(E, dtype=np.int64)
+        for _ in range(S - E):
+            room = np.flatnonzero(logcnt < G)
+            if not room.size:
+                break
+            logcnt[rng.choice(room)] += 1
+        if logcnt.sum() != S:
+            continue
+        load = np.round(rng.random(E) * 4) * logcnt ** rng.uniform(-1, 1)  # rounding makes ties
+        np.testing.assert_array_equal(pack_replicas(load, logcnt, G, spg), _pack_by_scanning(load, logcnt, G, spg))
+        checked += 1
+    assert checked > 2000

@@ -71,7 +71,10 @@ def run_place(args: argparse.Namespace) -> int:
         plan = Plan(plan.num_gpus, plan.num_nodes, plan.num_experts, plan.slots_per_gpu, plan.phy2log,
                     metrics=evaluate(plan, trace), solver=plan.solver)
         redundant = plan.phy2log.shape[1] - plan.num_experts
-        greedy = place(trace, plan.num_gpus, plan.num_nodes, redundant)
+        try:
+            greedy = place(trace, plan.num_gpus, plan.num_nodes, redundant)
+        except UserInputError:  # e.g. a plan with two replicas of an expert on one GPU
+            greedy = None
     else:
         if args.gpus is None:
             raise UserInputError("--gpus is required (or use --evaluate PLAN)")
@@ -92,10 +95,11 @@ def run_place(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(plan: Plan, greedy: Plan, evaluated: bool = False) -> str:
+def format_table(plan: Plan, greedy: Plan | None, evaluated: bool = False) -> str:
     """Plan vs greedy: imbalance, hop fractions, objective, solve time."""
     name = "plan" if evaluated else f"{plan.solver.get('name', 'plan')}"
-    rows = [("greedy", greedy)] + ([] if plan.solver.get("name") == "greedy" and not evaluated else [(name, plan)])
+    rows = [("greedy", greedy)] if greedy is not None else []
+    rows += [] if plan.solver.get("name") == "greedy" and not evaluated else [(name, plan)]
     head = f"{'':8} {'imb mean':>9} {'imb max':>8} {'cross-GPU':>10} {'cross-node':>11} {'objective':>10} {'seconds':>8}"
     lines = [f"{plan.num_layers} layers, {plan.num_experts} experts, {plan.num_gpus} GPUs on {plan.num_nodes} "
              f"node(s), {plan.slots_per_gpu} slots per GPU", head]
@@ -104,13 +108,15 @@ def format_table(plan: Plan, greedy: Plan, evaluated: bool = False) -> str:
         seconds = "" if evaluated and p is plan else f"{p.solver.get('seconds', 0.0):.2f}"
         lines.append(f"{label:8} {m['imbalance_mean']:9.4f} {m['imbalance_max']:8.4f} {_frac(m['cross_gpu_fraction']):>10} "
                      f"{_frac(m['cross_node_fraction']):>11} {m['objective']:10.4f} {seconds:>8}")
-    notes = []
+    notes = [] if greedy is not None else ["greedy: no plan of this shape (it never puts two replicas "
+                                           "of an expert on one GPU)"]
     if not evaluated and plan.solver.get("name") == "ilp":
         gap = plan.solver.get("gap")
-        notes.append(f"ilp: {plan.solver.get('method')}, gap {'unknown' if gap is None else f'{gap:.1%}'}"
+        gap_text = "unknown" if gap is None else (f"{gap:.1%}" if gap < 10 else "over 1000%")
+        notes.append(f"ilp: {plan.solver.get('method')}, gap {gap_text}"
                      + ("; kept the greedy plan (no better one found)" if plan.solver.get("source") == "greedy" else "")
                      + ("; kept the previous plan" if plan.solver.get("source") == "previous" else ""))
-    if "moved" in plan.solver:
+    if "moved" in plan.solver and not evaluated:
         notes.append(f"moved replicas vs previous plan: {plan.solver['moved']}")
     return "\n".join(lines + notes)
 

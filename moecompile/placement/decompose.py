@@ -257,8 +257,10 @@ def _solve_whole(problem: Problem, start: np.ndarray, deadline: float) -> tuple[
         return result.phy2log, None
     # the model leaves out constants (the 1s of the fractions): shift its bound by what it leaves out
     bound = result.bound + total_objective(problem, start)[0] - result.start_objective
+    bound = max(bound, 0.0)  # every term of the objective is >= 0
     best = total_objective(problem, result.phy2log)[0]
-    return result.phy2log, max(0.0, (best - bound) / max(abs(best), 1e-12))
+    # objectives are fractions of order 0.01-1: an absolute gap within solver tolerance is none
+    return result.phy2log, 0.0 if best - bound <= 1e-9 else (best - bound) / max(abs(best), 1e-9)
 
 
 def _polish(problem: Problem, phy2log: np.ndarray, deadline: float, say: Callable[[str], None]) -> tuple[np.ndarray, int]:

@@ -14,6 +14,8 @@ that a token's routing group stays within one node.
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 
@@ -33,9 +35,14 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     num_experts = load.shape[0]
     assert num_experts <= num_slots <= num_experts * max_replicas, (num_experts, num_slots, max_replicas)
     logcnt = np.ones(num_experts, dtype=np.int64)
+    # the expert with the largest load per replica first, the lowest id on ties
+    heap = [(-float(load[e]), e) for e in range(num_experts) if max_replicas > 1]
+    heapq.heapify(heap)
     for _ in range(num_slots - num_experts):
-        per_replica = np.where(logcnt < max_replicas, load / logcnt, -1.0)
-        logcnt[int(np.argmax(per_replica))] += 1  # argmax takes the lowest id on ties
+        _, e = heapq.heappop(heap)
+        logcnt[e] += 1
+        if logcnt[e] < max_replicas:
+            heapq.heappush(heap, (-float(load[e]) / int(logcnt[e]), e))
     return logcnt
 
 
@@ -48,15 +55,29 @@ def pack_replicas(load: np.ndarray, logcnt: np.ndarray, num_gpus: int, slots_per
     order = np.lexsort((experts, -weight))  # heaviest first, ties by expert id
     gpu_load = np.zeros(num_gpus)
     held = [[] for _ in range(num_gpus)]  # experts on each GPU
+    holds = [set() for _ in range(num_gpus)]
+    # GPUs with a free slot, least loaded first (ties by id); a GPU that holds the expert being
+    # placed is set aside and comes back after the pick
+    open_gpus = [(0.0, g) for g in range(num_gpus)]
     for item in order:
         e, w = int(experts[item]), float(weight[item])
-        open_ = [g for g in range(num_gpus) if len(held[g]) < slots_per_gpu and e not in held[g]]
-        if open_:
-            g = min(open_, key=lambda g: (gpu_load[g], g))
-        else:
+        skipped = []
+        while open_gpus and e in holds[open_gpus[0][1]]:
+            skipped.append(heapq.heappop(open_gpus))
+        if open_gpus:
+            _, g = heapq.heappop(open_gpus)
+            for entry in skipped:
+                heapq.heappush(open_gpus, entry)
+        else:  # rare: moves one expert, so the open GPUs are listed anew
             g = _make_room(e, held, gpu_load, load, logcnt, slots_per_gpu)
+            holds = [set(h) for h in held]
+            open_gpus = [(gpu_load[h], h) for h in range(num_gpus) if len(held[h]) < slots_per_gpu and h != g]
+            heapq.heapify(open_gpus)
         held[g].append(e)
+        holds[g].add(e)
         gpu_load[g] += w
+        if len(held[g]) < slots_per_gpu:
+            heapq.heappush(open_gpus, (gpu_load[g], g))
     return np.array([sorted(h) for h in held], dtype=np.int64)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import UserInputError
 from .plan import Plan, presence
-from .trace import RoutingTrace
+from .trace import RoutingTrace, normalized
 
 # A hop that leaves the node also counts as a GPU hop, so with weight 1 it costs twice a hop over
 # NVLink; inter-node links are slower still, but the weight stays modest so that GPU-level locality,
@@ -32,6 +32,7 @@ def evaluate(plan: Plan, trace: RoutingTrace) -> dict:
     if (plan.num_layers, plan.num_experts) != trace.load.shape:
         raise UserInputError(f"plan is for {plan.num_layers} layers x {plan.num_experts} experts "
                              f"but the trace has {trace.load.shape[0]} x {trace.load.shape[1]}")
+    trace = normalized(trace)  # the numbers the solvers score, exactly
     return score(plan.phy2log, trace.load, trace.flow, plan.num_gpus, plan.num_nodes)
 
 

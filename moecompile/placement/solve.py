@@ -14,7 +14,7 @@ from .decompose import Problem, monolithic, solve_ilp, total_objective, within_c
 from .greedy import greedy_phy2log
 from .metrics import gpu_loads
 from .plan import MAX_SLOTS, Plan, check_topology, presence
-from .trace import RoutingTrace
+from .trace import RoutingTrace, normalized
 
 SOLVERS = ("greedy", "ilp")
 
@@ -38,6 +38,7 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
     # 1. check the request
     spg = _check_request(trace, num_gpus, num_nodes, redundant, solver, time_limit, memory_cap, num_groups)
     _check_previous(trace, num_gpus, spg, solver, previous, max_moves, move_cost)
+    trace = normalized(trace)  # counts near 1 whatever the trace's scale; every metric is unchanged
     # 2. greedy: the baseline, the warm start, and the balance every layer must keep
     greedy = greedy_phy2log(trace.load, num_gpus, spg, num_nodes, num_groups)  # (L, S)
     cap = gpu_loads(greedy, trace.load, num_gpus).max(axis=1)  # (L,)

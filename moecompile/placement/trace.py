@@ -57,6 +57,20 @@ class RoutingTrace:
         return self.load.shape[1]
 
 
+def normalized(trace: RoutingTrace) -> RoutingTrace:
+    """The trace with load and flow each scaled by a power of two so that its largest count lies in
+    [0.5, 1). Every metric is a ratio and a power-of-two scaling is exact, so metrics are unchanged
+    bit for bit; the solvers then see the same numbers for a trace of 1e-300 or of 1e14 per count
+    (HiGHS fails on coefficients far from 1, and tolerances are absolute in places)."""
+
+    def scaled(arr):
+        if arr is None or not arr.size or arr.max() <= 0:
+            return arr
+        return np.ldexp(arr, -np.frexp(arr.max())[1])
+
+    return RoutingTrace(load=scaled(trace.load), flow=scaled(trace.flow))
+
+
 def load_trace(path: str | os.PathLike) -> RoutingTrace:
     """Read a trace from .npz or .json; any defect becomes a one-line UserInputError."""
     path = os.fspath(path)
