@@ -26,7 +26,7 @@ def check_output(path: str | os.PathLike | None, what: str = "output") -> None:
     if path is None:
         return
     path = os.fspath(path)
-    if not path or path.endswith(os.sep) or os.path.isdir(path):
+    if not path or path.endswith(os.sep) or os.path.basename(path) in (".", "..") or os.path.isdir(path):
         raise UserInputError(f"cannot write {what} {path!r}: it names a folder, not a file")
     target = _target(path)
     if os.path.exists(target) and not os.path.isfile(target):

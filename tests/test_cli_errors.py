@@ -73,6 +73,7 @@ BAD_OUTPUTS = {
     "under a file": "afile/out.json",
     "a folder": ".",
     "a trailing slash": "newdir/",
+    "a dot": "p.json/.",
     "a name too long": "a" * 300 + ".json",
     "an unwritable folder": "/proc/out.json",
     "a missing folder": "missing/out.json",
