@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moecompile import bench, models  # noqa: E402
+from moecompile import models
+from moecompile.tools import bench  # noqa: E402
 
 # (name, E, K, H, I, shared I) -- shapes of the real models, and CPU-sized versions of them.
 GPU_LAYERS = [("mixtral-8x7b", 8, 2, 4096, 14336, 0), ("qwen3-30b-a3b", 128, 8, 2048, 768, 0),

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 import moecompile
-from moecompile import bench, models
+from moecompile import models
+from moecompile.tools import bench
 
 
 def measure(name: str, dtype: str, batch: int, tokens: int, training: bool) -> dict:

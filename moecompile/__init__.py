@@ -6,7 +6,8 @@
 
 from .config import Config, patch
 from .ir import MoERegion, MoESpec, PassResult
-from .report import Report, explain
+from .report import Report
+from .tools.explain import explain
 
 __all__ = ["Config", "MoERegion", "MoESpec", "PassResult", "Report", "explain", "patch", "last_report"]
 __version__ = "0.1.0"

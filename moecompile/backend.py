@@ -66,14 +66,13 @@ def moe_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
                           stacklevel=2)
     regions = outcome.regions if outcome else []
     if status == "error":
-        for row in regions:
-            row.update(status="fallback", reason=reason, kernels="traced")
-    graph_row = {"graph": graph_id, "status": status, "reason": reason, "nodes_before": nodes_before,
-                 "nodes_after": len(rewritten.graph.nodes) if status == "rewritten" else nodes_before,
-                 "compile_ms": 0.0}
+        regions = outcome.failed(reason) if outcome else []
     if compiled is None:
         compiled = _inner_compile(gm, example_inputs, cfg.inner)
-    graph_row["compile_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    graph_row = report.GraphRecord(
+        graph=graph_id, status=status, reason=reason, nodes_before=nodes_before,
+        nodes_after=len(rewritten.graph.nodes) if status == "rewritten" else nodes_before,
+        compile_ms=round((time.perf_counter() - t0) * 1e3, 1))
     try:
         report.record(graph_row, regions, outcome.passes if outcome else [], cfg.dump_dir)
     except (OSError, UserInputError) as err:  # an unwritable dump_dir must not stop the model

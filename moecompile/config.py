@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,10 @@ VERIFY_RTOL = {
     "float64": {"out": (1e-8, 1e-9), "grad": (2.5e-8, 2.5e-9)},
 }
 INNER_CHOICES = ("inductor", "aot_eager", "eager")
+# Passes a user can switch off (option disable_passes); the pipeline runs them in this order.
+# "verify" off rewrites without probing (the structural cover still applies); "lower" off leaves
+# every layer as traced, reported.
+PASS_NAMES = ("verify", "lower")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,14 @@ class Config:
     """If set, record every MoE layer's routing (expert load, inter-layer flow) and write it to this
     .npz / .json path at exit or on `moecompile.routing.flush()`, for `moecompile place`."""
 
+    skip_layers: tuple = ()
+    """Layers to leave as traced, by module name ("model.layers.3.mlp") or fnmatch pattern
+    ("model.layers.1*.mlp"); each is reported as a fallback with reason "skipped by option"."""
+
+    disable_passes: tuple = ()
+    """Passes to switch off, by name (see `pipeline.PASSES`); a layer a required pass is switched off
+    for ("lower") stays as traced. A dict {layer pattern: [pass names]} switches passes off per layer."""
+
     verify_rtol: dict = field(default_factory=dict)
     """Tolerance of the verification: {dtype: {"out" | "grad": (max, mean)}} of |a - b| / (|b| +
     mean|b|); what is not given keeps its default (VERIFY_RTOL)."""
@@ -73,12 +86,45 @@ class Config:
             raise UserInputError(f"option inner={self.inner!r} is not one of {INNER_CHOICES}")
 
         object.__setattr__(self, "verify_rtol", _rtol_table(self.verify_rtol))
+        object.__setattr__(self, "skip_layers", _names("skip_layers", self.skip_layers))
+        object.__setattr__(self, "disable_passes", _disabled(self.disable_passes))
         if self.routing_trace is not None and not str(self.routing_trace).endswith((".npz", ".json")):
             raise UserInputError(f"option routing_trace={self.routing_trace!r} must end in .npz or .json")
+
+    def skips(self, layer: str) -> bool:
+        return any(fnmatch.fnmatchcase(layer, pattern) for pattern in self.skip_layers)
+
+    def pass_enabled(self, name: str, layer: str | None = None) -> bool:
+        """False if pass `name` is switched off everywhere, or for `layer`."""
+        for pattern, names in self.disable_passes:
+            if name in names and (pattern == "*" or (layer is not None and fnmatch.fnmatchcase(layer, pattern))):
+                return False
+        return True
 
     def op_kernels(self) -> str:
         """The `kernels` argument the moe op is called with."""
         return "torch" if self.kernels == "auto" else self.kernels
+
+
+def _names(option: str, given) -> tuple[str, ...]:
+    if isinstance(given, str):
+        given = (given,)
+    if not isinstance(given, (tuple, list)) or not all(isinstance(g, str) and g for g in given):
+        raise UserInputError(f"option {option} must be a list of names, got {given!r}")
+    return tuple(given)
+
+
+def _disabled(given) -> tuple:
+    """disable_passes as ((layer pattern | "*", (pass names)), ...), names checked."""
+    pairs = given.items() if isinstance(given, dict) else [("*", given)]
+    out = []
+    for pattern, names in pairs:
+        names = _names("disable_passes", names)
+        unknown = sorted(set(names) - set(PASS_NAMES))
+        if unknown or not isinstance(pattern, str):
+            raise UserInputError(f"option disable_passes: unknown pass(es) {unknown}; known: {list(PASS_NAMES)}")
+        out.append((pattern, names))
+    return tuple(out)
 
 
 def _rtol_table(given) -> dict:

@@ -9,6 +9,7 @@ fuse_gate, round_tokens, place_experts and overlap_comm slot in between verify a
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from .codegen import moe_torch
 from .config import Config
 from .ir import MoERegion, PassResult
 from .passes import Lower
-from .report import Dumper
+from .report import Dumper, PassRecord, RegionRecord
 
 
 def passes_for(config: Config) -> list:
@@ -32,16 +33,21 @@ def passes_for(config: Config) -> list:
 
 @dataclass
 class GraphOutcome:
-    regions: list[dict]
-    passes: list[dict]
+    regions: list[RegionRecord]
+    passes: list[PassRecord]
     changed: bool
 
+    def failed(self, reason: str) -> list[RegionRecord]:
+        """The region records once the whole graph fell back (an error after the passes ran)."""
+        return [r.fallback(reason) for r in self.regions]
 
-def _region_row(graph_id, name, spec, status, reason, kernels, passes, impl, shape=None) -> dict:
-    E, K, H, I = (spec.num_experts, spec.top_k, spec.hidden, spec.intermediate) if spec else shape
-    return {"graph": graph_id, "name": name, "num_experts": E, "top_k": K, "hidden": H,
-            "intermediate": I, "status": status, "reason": reason, "kernels": kernels,
-            "passes": passes, "spec": spec.summary() if spec else {}, "experts_impl": impl}
+
+def _record(graph_id, cand: detect.Candidate, spec, status, reason, kernels, verify_ms=0.0) -> RegionRecord:
+    E, K, H, I = (spec.num_experts, spec.top_k, spec.hidden, spec.intermediate) if spec else _candidate_shape(cand)
+    return RegionRecord(graph=graph_id, name=cand.name, num_experts=E, top_k=K, hidden=H, intermediate=I,
+                        status=status, reason=reason, kernels=kernels, spec=spec.summary() if spec else {},
+                        experts_impl=cand.experts_impl, verify_ms=round(verify_ms, 1), idiom=cand.idiom,
+                        spec_full=dataclasses.asdict(spec) if spec else {})
 
 
 def _candidate_shape(cand: detect.Candidate) -> tuple:
@@ -49,11 +55,7 @@ def _candidate_shape(cand: detect.Candidate) -> tuple:
     if cand.options:
         s = cand.options[0][0]
         return s.num_experts, s.top_k, s.hidden, s.intermediate
-    w = cand.topk.args[0]
-    e = detect.shape_of(w)[-1] if detect.shape_of(w) else 0
-    k = cand.topk.args[1] if len(cand.topk.args) > 1 and isinstance(cand.topk.args[1], int) else 0
-    h = detect.shape_of(cand.x)[-1] if cand.x is not None and detect.shape_of(cand.x) else 0
-    return e, k, h, 0
+    return cand.shape
 
 
 def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int) -> GraphOutcome:
@@ -68,14 +70,18 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
     # a training graph: the rewrite must give the same gradients too
     training = torch.is_grad_enabled() and any(
         isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs)
-    regions: list[MoERegion] = []
-    rows: dict[int, dict] = {}  # candidate index -> report row
-    region_index: dict[int, int] = {}
+    regions: list[MoERegion] = []  # in the order of `records`' optimized rows
+    records: list[RegionRecord] = []
+    row_of: dict = {}  # region output node -> index of its record
     verify_ms, probes = 0.0, 0
-    for index, cand in enumerate(candidates):
+    for cand in candidates:
+        if cand.x is None and cand.reason is not None:
+            continue  # a top-k that no router feeds: not an MoE layer, not reported
         reason = cand.reason
+        if reason is None and config.skips(cand.name):
+            reason = "skipped by option skip_layers"
         region, ms = None, 0.0
-        if reason is None and config.verify:
+        if reason is None and config.verify and config.pass_enabled("verify", cand.name):
             verdict = verify.verify(cand, graph_id, values, config, training)
             region, reason, ms = verdict.region, verdict.reason, verdict.ms
             verify_ms += verdict.ms
@@ -86,41 +92,47 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
                                cand.nodes, cand.experts_impl)
         if region is not None:
             regions.append(region)
-            region_index[id(region)] = index
-            rows[index] = _region_row(graph_id, cand.name, region.spec, "optimized", None,
-                                          config.op_kernels(), [], cand.experts_impl)
-        elif cand.x is not None:
-            # a router feeds this top-k, so it looked like an MoE layer: reported, left as traced
-            rows[index] = _region_row(graph_id, cand.name, None, "fallback", reason, "traced", [],
-                                          cand.experts_impl, _candidate_shape(cand))
-        if index in rows:
-            rows[index]["verify_ms"] = round(ms, 1)
-    pass_rows = [{"graph": graph_id, "name": "detect", "changed": False, "ms": round(detect_ms, 3),
-                  "counters": {"candidates": len(candidates), "verified": len(regions)}},
-                 {"graph": graph_id, "name": "verify", "changed": False, "ms": round(verify_ms, 3),
-                  "counters": {"probes": probes, "training": int(training)}}]
+            row_of[region.output] = len(records)
+            records.append(_record(graph_id, cand, region.spec, "optimized", None, config.op_kernels(), ms))
+        else:  # it looked like an MoE layer: reported, left as traced
+            records.append(_record(graph_id, cand, None, "fallback", reason, "traced", ms))
+    pass_rows = [PassRecord(graph_id, "detect", False, round(detect_ms, 3),
+                            {"candidates": len(candidates), "verified": len(regions)}),
+                 PassRecord(graph_id, "verify", False, round(verify_ms, 3),
+                            {"probes": probes, "training": int(training)})]
 
     changed = False
     for p in passes_for(config):
+        # a pass switched off for a layer leaves it as traced from here on
+        for region in [r for r in regions if not config.pass_enabled(p.name, r.name)]:
+            records[row_of[region.output]] = records[row_of[region.output]].fallback(
+                f"pass {p.name} switched off by option disable_passes")
+            regions.remove(region)
         before = gm.code if config.dump_dir else ""
         t0 = time.perf_counter()
         result: PassResult = p(gm, regions)
         result.ms = (time.perf_counter() - t0) * 1e3
         dumper.pass_done(p.name, before, gm.code if config.dump_dir else "", result.changed)
         changed |= result.changed
-        pass_rows.append({"graph": graph_id, "name": p.name, "changed": result.changed,
-                          "ms": round(result.ms, 3), "counters": dict(result.counters)})
+        pass_rows.append(PassRecord(graph_id, p.name, result.changed, round(result.ms, 3), dict(result.counters)))
         for region in list(regions):
-            row = rows[region_index[id(region)]]
+            i = row_of[region.output]
             if region.output.name in result.declined:  # left as traced from here on
-                row.update(status="fallback", kernels="traced",
-                           reason=f"{p.name}: {result.declined[region.output.name]}")
+                records[i] = records[i].fallback(f"{p.name}: {result.declined[region.output.name]}")
                 regions.remove(region)
             else:
-                row["passes"].append(p.name)
+                records[i] = dataclasses.replace(records[i], passes=records[i].passes + (p.name,))
+    records += [_unmatched_record(graph_id, layer) for layer in detect.unmatched_expert_layers(gm, candidates)]
     if regions and config.dump_dir:
         dumper.write("kernels_torch.py", inspect.getsource(moe_torch))
-    return GraphOutcome(list(rows.values()), pass_rows, changed)
+    return GraphOutcome(records, pass_rows, changed)
+
+
+def _unmatched_record(graph_id: int, layer) -> RegionRecord:
+    """A layer holding expert weights that no candidate covers: never silent."""
+    return RegionRecord(graph=graph_id, name=layer.name, num_experts=layer.num_experts, top_k=0,
+                        hidden=layer.hidden, intermediate=0, status="fallback", reason=layer.reason,
+                        kernels="traced")
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -13,6 +13,7 @@ report.json (stable; tests and users read it):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -25,39 +26,104 @@ from .errors import UserInputError
 from .files import write_text
 
 
-@dataclass
-class Report:
-    regions: list[dict[str, Any]] = field(default_factory=list)
-    passes: list[dict[str, Any]] = field(default_factory=list)
-    graphs: list[dict[str, Any]] = field(default_factory=list)
+class _Row:
+    """Records read like the report.json rows they serialize to: `row["passes"]` is the JSON list,
+    `row.get(...)`; attributes are the typed fields."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        value = getattr(self, key)
+        return list(value) if isinstance(value, tuple) else value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self.__dataclass_fields__ else default
 
     def to_dict(self) -> dict[str, Any]:
-        return {"regions": self.regions, "passes": self.passes, "graphs": self.graphs}
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class RegionRecord(_Row):
+    """One MoE layer found (or a layer holding expert weights that was not): a report.json row."""
+
+    graph: int
+    name: str
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    status: str  # optimized | fallback
+    reason: str | None
+    kernels: str  # the op's kernels, or "traced" for a layer left as it was
+    passes: tuple[str, ...] = ()
+    spec: dict = field(default_factory=dict)  # MoESpec.summary() (full spec in spec_full)
+    experts_impl: str = ""
+    verify_ms: float = 0.0
+    idiom: str = ""  # the pattern detection recognized (see detect/idioms.py)
+    spec_full: dict = field(default_factory=dict)  # every MoESpec field
+
+    def fallback(self, reason: str) -> "RegionRecord":
+        return dataclasses.replace(self, status="fallback", reason=reason, kernels="traced")
+
+
+@dataclass(frozen=True)
+class PassRecord(_Row):
+    graph: int
+    name: str
+    changed: bool
+    ms: float
+    counters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GraphRecord(_Row):
+    graph: int
+    status: str  # rewritten | unchanged | error
+    reason: str | None
+    nodes_before: int
+    nodes_after: int
+    compile_ms: float
+
+
+@dataclass
+class Report:
+    regions: list[RegionRecord] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    graphs: list[GraphRecord] = field(default_factory=list)
+
+    def copy(self) -> "Report":
+        return Report(list(self.regions), list(self.passes), list(self.graphs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"regions": [r.to_dict() for r in self.regions], "passes": [p.to_dict() for p in self.passes],
+                "graphs": [g.to_dict() for g in self.graphs]}
 
     def write_json(self, path: str | os.PathLike) -> None:
         write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", make_dirs=True)
 
-    def optimized(self) -> list[dict[str, Any]]:
-        return [r for r in self.regions if r["status"] == "optimized"]
+    def optimized(self) -> list[RegionRecord]:
+        return [r for r in self.regions if r.status == "optimized"]
 
     def table(self) -> str:
         """A short human table: one row per MoE layer found."""
         head = f"{'graph':>5}  {'layer':<28} {'E':>4} {'K':>3} {'H':>6} {'I':>6}  {'status':<9} {'kernels':<9} detail"
         rows = [head, "-" * len(head)]
         for r in self.regions:
-            spec = r.get("spec", {})
-            detail = r["reason"] or (
-                f"{spec.get('scoring')}/{spec.get('topk_order', '')[:5]} "
+            spec = r.spec
+            detail = r.reason or (
+                f"{r.idiom + ': ' if r.idiom else ''}{spec.get('scoring')}/{spec.get('topk_order', '')[:5]} "
                 f"{'renorm ' if spec.get('renormalize') else ''}{spec.get('activation')} "
                 f"{spec.get('layout')}{' +shared' if spec.get('shared_expert') else ''} "
-                f"[{r.get('experts_impl', '')}]")
-            rows.append(f"{r['graph']:>5}  {r['name'][:28]:<28} {r['num_experts']:>4} {r['top_k']:>3} "
-                        f"{r['hidden']:>6} {r['intermediate']:>6}  {r['status']:<9} {r['kernels']:<9} {detail}")
+                f"[{r.experts_impl}]")
+            rows.append(f"{r.graph:>5}  {r.name[:28]:<28} {r.num_experts:>4} {r.top_k:>3} "
+                        f"{r.hidden:>6} {r.intermediate:>6}  {r.status:<9} {r.kernels:<9} {detail}")
         n_opt = len(self.optimized())
         rows.append(f"{len(self.regions)} MoE layer(s) found, {n_opt} optimized, "
                     f"{len(self.regions) - n_opt} left as traced; {len(self.graphs)} graph(s) compiled")
-        errors = [g for g in self.graphs if g["status"] == "error"]
-        rows += [f"graph {g['graph']}: compiled without moecompile passes: {g['reason']}" for g in errors]
+        errors = [g for g in self.graphs if g.status == "error"]
+        rows += [f"graph {g.graph}: compiled without moecompile passes: {g.reason}" for g in errors]
         return "\n".join(rows)
 
 
@@ -107,28 +173,11 @@ def reset() -> None:
         _graph_counter[0] = 0
 
 
-def record(graph: dict, regions: list[dict], passes: list[dict], dump_dir: str | None) -> None:
+def record(graph: GraphRecord, regions: list[RegionRecord], passes: list[PassRecord],
+           dump_dir: str | None) -> None:
     with _lock:
         _current.graphs.append(graph)
         _current.regions.extend(regions)
         _current.passes.extend(passes)
         if dump_dir:
             _current.write_json(Path(dump_dir) / "report.json")
-
-
-def explain(model, *args, options: dict | None = None, quiet: bool = False, **kwargs) -> Report:
-    """Compile `model` with backend='moe', run it once on the example inputs, print a table of the
-    MoE layers found and return the report (the same data report.json holds)."""
-    import torch
-
-    from .backend import moe_backend
-
-    torch._dynamo.reset()
-    reset()
-    compiled = torch.compile(model, backend=moe_backend, options=options or None)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
-    report = Report(list(_current.regions), list(_current.passes), list(_current.graphs))
-    if not quiet:
-        print(report.table())
-    return report

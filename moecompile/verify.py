@@ -33,7 +33,8 @@ import torch.fx as fx
 
 from .codegen import ops
 from .config import Config
-from .detect import Candidate, value_of
+from .detect import Candidate
+from .fx import value_of
 from .ir import MoERegion
 
 _GRAD_PROBES = ("randn",)

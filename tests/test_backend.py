@@ -16,6 +16,7 @@ import torch
 import moecompile
 from conftest import assert_close
 from moecompile import config, models, routing
+from moecompile.tools import trace as trace_tool
 from moecompile.errors import UserInputError
 from moecompile.passes import lower
 
@@ -143,7 +144,7 @@ def test_reference_kernels_option_runs_the_reference():
 
 def test_routing_recorder_counts_load_and_flow():
     model, (ids,) = models.build("mixtral", layers=3, batch=2, tokens=8)
-    trace = routing.record_routing(model, [(ids,), (ids,)])
+    trace = trace_tool.record_routing(model, [(ids,), (ids,)])
     assert trace.load.shape == (3, 8) and trace.flow.shape == (2, 8, 8)
     np.testing.assert_array_equal(trace.load.sum(1), [2 * 16 * 2] * 3)  # batches x tokens x K
     np.testing.assert_array_equal(trace.flow.sum((1, 2)), [2 * 16 * 2 * 2] * 2)  # x K' too
@@ -168,12 +169,12 @@ def test_routing_trace_option_writes_file(tmp_path):
 def test_cli_explain_and_errors(tmp_path):
     env = {**os.environ, "MOECOMPILE_INNER": "eager"}
     out = tmp_path / "r.json"
-    ok = subprocess.run([sys.executable, "-m", "moecompile.cli", "explain", "--model", "qwen2_moe",
+    ok = subprocess.run([sys.executable, "-m", "moecompile.tools.cli", "explain", "--model", "qwen2_moe",
                          "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "2 MoE layer(s) found, 2 optimized" in ok.stdout
     assert len(json.loads(out.read_text())["regions"]) == 2
-    bad = subprocess.run([sys.executable, "-m", "moecompile.cli", "explain", "--model", "nope"],
+    bad = subprocess.run([sys.executable, "-m", "moecompile.tools.cli", "explain", "--model", "nope"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert bad.stderr.startswith("moecompile: error: unknown model 'nope'")
@@ -181,13 +182,13 @@ def test_cli_explain_and_errors(tmp_path):
 
 def test_cli_trace_writes_a_trace(tmp_path):
     out = tmp_path / "t.json"
-    ok = subprocess.run([sys.executable, "-m", "moecompile.cli", "trace", "--model", "mixtral", "--tokens", "8",
+    ok = subprocess.run([sys.executable, "-m", "moecompile.tools.cli", "trace", "--model", "mixtral", "--tokens", "8",
                          "--batch", "2", "--batches", "1", "--layers", "2", "--out", str(out)],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     data = json.loads(out.read_text())
     assert np.array(data["load"]).shape == (2, 8) and np.array(data["flow"]).shape == (1, 8, 8)
-    bad = subprocess.run([sys.executable, "-m", "moecompile.cli", "trace", "--tokens", "missing.npy",
+    bad = subprocess.run([sys.executable, "-m", "moecompile.tools.cli", "trace", "--tokens", "missing.npy",
                           "--out", str(tmp_path / "x.npz")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cannot read token ids" in bad.stderr
     assert not (tmp_path / "x.npz").exists()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from moecompile import cli
+from moecompile.tools import cli
 from moecompile.placement import place, save_plan, save_trace
 from moecompile.placement.synthetic import synthetic_trace
 

@@ -13,7 +13,9 @@ import torch
 import moecompile
 from conftest import assert_close
 from helpers_moe import NearMoE, capture
-from moecompile import config, cover, detect, pipeline
+from moecompile import config, detect
+from moecompile import pipeline
+from moecompile.detect import cover
 
 
 def _compile_and_run(model, x):

@@ -8,7 +8,7 @@ import torch
 from conftest import assert_close
 from helpers_moe import TinyMoE, TopkNotRouter, capture
 from moecompile import config, detect, models, pipeline
-from moecompile.detect import op_kind
+from moecompile.fx import op_kind
 
 
 def _run(gm, example_inputs, **options):
@@ -109,13 +109,15 @@ def test_residual_add_after_the_layer_stays_outside():
 
 def test_verification_refuses_a_wrong_spec(monkeypatch):
     """If detection guessed a wrong spec, verification must catch it: the region stays as traced."""
-    real = detect._spec_options
+    from moecompile.detect import match
+
+    real = match.spec_options
 
     def wrong(*args, **kwargs):
         return [(s.__class__(**{**s.__dict__, "renormalize": not s.renormalize}), w)
                 for s, w in real(*args, **kwargs)]
 
-    monkeypatch.setattr(detect, "_spec_options", wrong)
+    monkeypatch.setattr(match, "spec_options", wrong)
     model, (ids,) = models.build("mixtral", layers=1)
     gm, inputs = capture(model, ids)
     outcome = _run(gm, inputs)

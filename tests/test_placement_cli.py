@@ -134,10 +134,10 @@ def test_plot_writes_an_image(tmp_path, capsys, trace_file):
 
 def test_top_level_cli_runs_place(tmp_path, trace_file):
     out = tmp_path / "plan.json"
-    ok = subprocess.run([sys.executable, "-m", "moecompile.cli", "place", str(trace_file), "--gpus", "4",
+    ok = subprocess.run([sys.executable, "-m", "moecompile.tools.cli", "place", str(trace_file), "--gpus", "4",
                          "--out", str(out)], capture_output=True, text=True)
     assert ok.returncode == 0 and out.exists() and "greedy" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "moecompile.cli", "place", str(trace_file), "--gpus", "5"],
+    bad = subprocess.run([sys.executable, "-m", "moecompile.tools.cli", "place", str(trace_file), "--gpus", "5"],
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
@@ -147,7 +147,7 @@ def test_top_level_cli_runs_place(tmp_path, trace_file):
 def test_ilp_output_is_only_the_table(tmp_path, trace_file):
     """HiGHS prints a banner on its first instance; the CLI's stdout must stay the plan table."""
     out = tmp_path / "plan.json"
-    run = subprocess.run([sys.executable, "-m", "moecompile.cli", "place", str(trace_file), "--gpus", "4",
+    run = subprocess.run([sys.executable, "-m", "moecompile.tools.cli", "place", str(trace_file), "--gpus", "4",
                           "--nodes", "2", "--redundant", "4", "--solver", "ilp", "--time-limit", "3", "--out", str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

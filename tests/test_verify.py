@@ -12,7 +12,9 @@ import torch
 import moecompile
 from conftest import assert_close
 from helpers_moe import NearMoE, capture
-from moecompile import config, cover, detect, pipeline, verify
+from moecompile import config, detect
+from moecompile import pipeline, verify
+from moecompile.detect import cover
 from moecompile.codegen import ops
 
 

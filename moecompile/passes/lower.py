@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..codegen import ops  # noqa: F401  (registers torch.ops.moecompile.moe)
-from ..detect import is_inplace, shape_of
+from ..fx import is_inplace, shape_of
 from ..ir import MoERegion, PassResult
 
 

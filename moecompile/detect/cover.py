@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .ir import MoESpec
+from ..fx import is_inplace, kind, meta_value
+from ..ir import MoESpec
 
 NUMERIC, INDEX, SHAPE = "numeric", "index", "shape"
 
@@ -65,21 +66,6 @@ INDEX_OPS = _MOVEMENT | _SCATTER | _CREATE | _ARITH | _SELECTS | {
     "count_nonzero", "flip", "roll", "fill", "zero", "diff", "size", "dim", "numel", "getattr"}
 
 _SHAPE_READS = {"size", "dim", "numel", "getattr", "sym_size", "sym_numel", "sym_stride", "stride"}
-
-
-def kind(node: fx.Node) -> str:
-    """op_kind with in-place and overload spellings folded: 'index_add_' -> 'index_add',
-    aten 'clamp.default' -> 'clamp'."""
-    from .detect import op_kind
-
-    name = op_kind(node).split(".")[0]
-    if name.startswith("__") and name.endswith("__"):  # operator dunders: __lt__ -> lt
-        name = name[2:-2]
-    if name.endswith("_") and not name.startswith("_") and name not in ("and_", "or_"):
-        name = name[:-1]
-    if name.startswith("i") and name[1:] in ("add", "mul", "truediv", "sub", "floordiv"):
-        name = name[1:]  # operator.iadd and friends
-    return name
 
 
 @dataclass(frozen=True)
@@ -150,7 +136,7 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
 def _class_of(arg: fx.Node, cls: dict, index=None) -> str:
     c = cls.get(arg)
     if c is None:  # from outside the region: x and weights are numeric, sizes are shape
-        return NUMERIC if isinstance(_value(arg), torch.Tensor) else SHAPE
+        return NUMERIC if isinstance(meta_value(arg), torch.Tensor) else SHAPE
     if isinstance(c, tuple):
         if isinstance(index, int) and -len(c) <= index < len(c):
             return c[index]
@@ -170,14 +156,8 @@ def _is_operator(node: fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "__module__", "") in ("_operator", "operator")
 
 
-def _value(node: fx.Node):
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
 def _classify(node: fx.Node, k: str, cls: dict):
-    from .detect import is_inplace
-
-    value = _value(node)
+    value = meta_value(node)
     if k == "getitem" and isinstance(node.args[0], fx.Node) and isinstance(cls.get(node.args[0]), tuple):
         return _class_of(node.args[0], cls, node.args[1])
     if k in ("topk", "sort", "max", "min") and isinstance(value, (tuple, list)):
@@ -217,8 +197,6 @@ _VIEWS = {"reshape", "getitem", "transpose", "permute", "unsqueeze", "squeeze", 
 
 def _mark_written(node: fx.Node, k: str, cls: dict) -> None:
     """An in-place write of values into a buffer makes the buffer (and the base of a view) numeric."""
-    from .detect import is_inplace
-
     if not (is_inplace(node) or k in _SCATTER) or not node.args:
         return
     target = node.args[0]

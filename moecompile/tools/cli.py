@@ -16,7 +16,7 @@ import sys
 import traceback
 import warnings
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -40,9 +40,9 @@ def _add_explain(subparsers) -> None:
 
 
 def _run_explain(args) -> int:
-    from . import models
-    from .files import check_output
-    from .report import explain
+    from .. import models
+    from ..files import check_output
+    from .explain import explain
 
     if args.list:
         for name in models.names():
@@ -61,7 +61,7 @@ def _run_explain(args) -> int:
 
 def _add_placement(subparsers) -> None:
     # place / trace live with the placement package; imported here so `--help` lists them.
-    from .placement import cli as placement_cli
+    from ..placement import cli as placement_cli
 
     placement_cli.register(subparsers)
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moecompile", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_placement(subparsers)
-    from .routing import add_trace_parser
+    from .trace import add_trace_parser
 
     add_trace_parser(subparsers)
     _add_explain(subparsers)

@@ -1,6 +1,6 @@
 """The demo: compile a built-in MoE model with backend='moe', print what was found and how fast it runs.
 
-    python -m moecompile.demo [--model mixtral] [--batch 4] [--tokens 64]
+    python -m moecompile.tools.demo [--model mixtral] [--batch 4] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ import argparse
 
 import torch
 
-from . import bench, models
-from .report import explain
+from .. import models
+from . import bench
+from .explain import explain
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moecompile.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moecompile.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mixtral", choices=list(models.MOE_MODELS))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)

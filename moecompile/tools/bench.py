@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 @dataclass
@@ -146,8 +146,8 @@ def add_bench_parser(subparsers) -> None:
 
 
 def _run_bench(args) -> int:
-    from . import models
-    from .files import check_output, write_text
+    from .. import models
+    from ..files import check_output, write_text
 
     if not 1 <= args.iters <= 10_000:
         raise UserInputError(f"--iters must be between 1 and 10000, got {args.iters}")

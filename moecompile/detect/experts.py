@@ -1,0 +1,103 @@
+"""The specs a layer's weights and ops allow: expert layouts (concat / interleaved / separate,
+stored either way round), activations, shared experts. Verification picks the one that computes the
+same function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..fx import op_kind, shape_of
+from ..ir import MoESpec
+
+
+def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, w_router, b_router,
+                  has_shared, dtype) -> list:
+    """All (spec, weights) that fit the shapes and the ops seen; verification picks among them."""
+    kinds = {op_kind(n) for n in nodes}
+    acts = [a for a in ("silu", "gelu", "relu") if a in kinds]
+    activations = []
+    for a in acts or ["silu"]:
+        if a == "gelu":
+            approx = {n.kwargs.get("approximate", "none") for n in nodes if op_kind(n) == "gelu"}
+            activations += ["gelu_tanh" if ap == "tanh" else "gelu" for ap in sorted(approx)]
+        else:
+            activations.append(a)
+    scoring = facts["scoring_before"] or facts["scoring_after"]
+    if scoring is None:
+        return []
+    base = dict(
+        num_experts=E, top_k=K, hidden=H, intermediate=1, scoring=scoring,
+        topk_order="score_then_topk" if facts["scoring_before"] else "topk_then_score",
+        renormalize=facts["renormalize"], router_bias=b_router is not None,
+        router_fp32=facts["fp32"] or dtype == torch.float32,
+        weights_in_input_dtype=facts["to_input_dtype"], routed_scaling=facts["scale"],
+        dtype=str(dtype).replace("torch.", ""),
+    )
+    router = [w_router] + ([b_router] if b_router is not None else [])
+    layouts = ["interleaved", "concat"] if any(
+        op_kind(n) == "getitem" and _has_step2(n) for n in nodes) else ["concat", "interleaved"]
+
+    expert_options = []  # (fields, weights)
+    if len(expert_weights) == 2:
+        w1, w2 = (shape_of(w) for w in expert_weights)
+        for transposed in (False, True):
+            h_ax, i_ax = (2, 1) if transposed else (1, 2)
+            if w2[h_ax] != H or w1[3 - h_ax] != H:
+                continue
+            inter, up_rows = w2[i_ax], w1[3 - i_ax]
+            if up_rows == 2 * inter:
+                expert_options += [(dict(intermediate=inter, transposed=transposed, layout=lay), expert_weights)
+                                   for lay in layouts]
+            elif up_rows == inter:
+                expert_options.append((dict(intermediate=inter, transposed=transposed, gated=False),
+                                       expert_weights))
+    elif len(expert_weights) == 3:
+        a, b, down = expert_weights
+        for transposed in (False, True):
+            inter = shape_of(down)[2 if not transposed else 1]
+            for gate, up in ((a, b), (b, a)):
+                expert_options.append((dict(intermediate=inter, transposed=transposed, layout="separate"),
+                                       [gate, up, down]))
+
+    shared_options = [({}, [])]
+    if has_shared:
+        shared_options = _shared_options(shared_params, H)
+    elif shared_params:
+        return []
+    options = []
+    for act in activations:
+        for fields_e, weights_e in expert_options:
+            for fields_s, weights_s in shared_options:
+                try:
+                    spec = MoESpec(**{**base, **fields_e, **fields_s, "activation": act})
+                except ValueError:
+                    continue
+                weights = tuple(router + list(weights_e) + list(weights_s))
+                if [shape_of(w) for w in weights] == list(spec.weight_shapes().values()):
+                    options.append((spec, weights))
+    return options
+
+
+def _has_step2(node: fx.Node) -> bool:
+    index = node.args[1] if len(node.args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(s, slice) and s.step == 2 for s in items)
+
+
+def _shared_options(params, H) -> list:
+    """Shared MLP weights (gate, up, down [, sigmoid gate]) in the orders their shapes allow."""
+    gate_vec = [p for p in params if shape_of(p) == (1, H)]
+    mats = [p for p in params if p not in gate_vec]
+    if len(gate_vec) > 1 or len(mats) != 3:
+        return []
+    downs = [p for p in mats if shape_of(p)[0] == H]
+    options = []
+    for down in downs:
+        a, b = [p for p in mats if p is not down]
+        ish = shape_of(down)[1]
+        for gate, up in ((a, b), (b, a)):
+            options.append(({"shared_intermediate": ish, "shared_gate": bool(gate_vec)},
+                            [gate, up, down] + gate_vec))
+    return options

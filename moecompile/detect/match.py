@@ -1,0 +1,260 @@
+"""Find MoE layers in a Dynamo FX graph: normalize spellings, then match router -> top-k -> experts.
+
+Matches (torch-level ops, any spelling `op_kind` knows):
+
+    logits  = linear(x2d, W_router)                       (T, E)      x2d a view of x (..., H)
+    w, ids  = topk(score(logits), K)  |  score(topk(logits, K))
+    ...       dispatch + expert GEMMs over 3D weights (E, *, *) + weighted combine
+    y       = <first (T, H) value depending on top-k and on every expert weight>
+    y       = y + [sigmoid(linear(x2d, g)) *] mlp(x2d)   (optional shared expert)
+
+Returns one `Candidate` per top-k node: the region's nodes, inputs, output and the specs that fit
+what was seen (verification picks the one that computes the same function), or the reason it
+does not look like an MoE layer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..fx import (Flow, getitem_users, is_autocast, is_grad_mode, is_inplace, kind, op_kind, shape_of,
+                  value_of, walk_back)
+from ..ir import DTYPES
+from . import cover
+from .experts import spec_options
+from .router import router_facts
+
+class _Reject(Exception):
+    """This top-k does not start an MoE layer we can take: the message says why."""
+
+
+# --- the match ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """A matched MoE layer before verification: several specs may fit what the graph shows."""
+
+    name: str
+    topk: fx.Node
+    x: fx.Node | None = None
+    x2d: fx.Node | None = None
+    output: fx.Node | None = None
+    nodes: tuple = ()
+    options: list = field(default_factory=list)  # [(MoESpec, weight nodes per spec.weight_names())]
+    experts_impl: str = ""
+    reason: str | None = None  # set when this is not (or not safely) an MoE layer
+    extra_inputs: tuple = ()  # free inputs that are neither x nor weights (symbolic sizes)
+    idiom: str = ""  # which known pattern matched (detect/idioms.py)
+
+    @property
+    def shape(self) -> tuple:
+        """(E, K, H, I) as far as the graph shows them before a spec fits; 0 where unknown."""
+        w = self.topk.args[0]
+        e = shape_of(w)[-1] if shape_of(w) else 0
+        k = self.topk.args[1] if len(self.topk.args) > 1 and isinstance(self.topk.args[1], int) else 0
+        h = shape_of(self.x)[-1] if self.x is not None and shape_of(self.x) else 0
+        return e, k, h, 0
+
+
+def region_name(weight: fx.Node, index: int) -> str:
+    """'L_self_modules_model_modules_layers_modules_3_modules_mlp_modules_gate_parameters_weight_'
+    -> 'model.layers.3.mlp' (the module holding the router)."""
+    text = re.sub(r"^[Ll]_self_", "", weight.name).rstrip("_")
+    text = text.split("_parameters_")[0]
+    if not text.startswith("modules_"):
+        return f"moe{index}"
+    parts = text[len("modules_"):].split("_modules_")
+    return ".".join(parts[:-1]) or f"moe{index}"
+
+
+def find_candidates(gm: fx.GraphModule) -> list[Candidate]:
+    """Every top-k node in the graph, matched as an MoE layer or rejected with a reason."""
+    flow = Flow(gm.graph)
+    # NOTE: under autocast the traced ops run in another dtype than their inputs say, and the op has
+    # no autocast rule; leave such graphs as traced.
+    autocast = any(is_autocast(n) for n in gm.graph.nodes)
+    found = []
+    for index, node in enumerate(n for n in gm.graph.nodes if op_kind(n) == "topk"):
+        cand = Candidate(name=f"topk{index}", topk=node)
+        try:
+            _match(flow, cand, index)
+        except _Reject as why:
+            cand.reason = str(why)
+        if autocast and cand.x is not None:
+            cand.reason = "graph runs under torch.autocast, which the moe op does not follow yet"
+        found.append(cand)
+    return found
+
+
+def _match(flow: Flow, cand: Candidate, index: int) -> None:
+    topk = cand.topk
+    # 1. Router: top-k's input goes back through scoring and casts to a linear over x.
+    router, chain = walk_back(topk.args[0], ("cast", "softmax", "sigmoid"))
+    if not isinstance(router, fx.Node) or op_kind(router) != "linear":
+        _reject_router_path(cand, router, index)
+    w_router = router.args[1]
+    b_router = router.args[2] if len(router.args) > 2 else router.kwargs.get("bias")
+    router_shape = shape_of(w_router)
+    if w_router.op != "placeholder" or router_shape is None or len(router_shape) != 2:
+        raise _Reject("router weight is not a 2D graph input")
+    E, H = router_shape
+    K = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+    if not isinstance(K, int):
+        raise _Reject("top-k k is not a constant")
+    cand.name = region_name(w_router, index)
+    x2d = router.args[0]
+    x, _ = walk_back(x2d, ("reshape",))
+    cand.x, cand.x2d = x, x2d
+    x_shape = shape_of(x)
+    if x_shape is None or x_shape[-1] != H:
+        raise _Reject(f"router input shape {x_shape} does not end in H={H}")
+    dtype_name = str(value_of(x).dtype).replace("torch.", "")
+    if dtype_name not in DTYPES:
+        raise _Reject(f"dtype {dtype_name} is not supported (supported: {', '.join(DTYPES)})")
+
+    # 2. Output: the first value after top-k, shaped like x2d, that every expert weight feeds.
+    x_anc = flow.ancestors(x)
+    after_topk = flow.descendants(topk)
+    x_numel = shape_of(x2d)
+    expert_weights = None
+    # The combine weights expert outputs by the top-k values when the layer uses them: with K = 1
+    # (or T = 1) the unweighted expert output is already (T, H) and must not pass for the output.
+    routing_weights = [v for v in getitem_users(topk, 0) if v.users]
+    for node in sorted(after_topk, key=flow.order.__getitem__):
+        if shape_of(node) != x_numel or node is topk:
+            continue
+        anc = flow.ancestors(node) - x_anc
+        if routing_weights and not any(v in anc for v in routing_weights):
+            continue
+        weights3d = [n for n in anc if n.op == "placeholder" and len(shape_of(n) or ()) == 3
+                     and shape_of(n)[0] == E]
+        if len(weights3d) >= 2:
+            cand.output, expert_weights = node, weights3d
+            break
+    if cand.output is None:
+        raise _Reject("no (T, H) value after top-k combines the outputs of 3D expert weights")
+    while len(cand.output.users) == 1 and op_kind(next(iter(cand.output.users))) == "cast":
+        cand.output = next(iter(cand.output.users))
+    routed_out = cand.output
+
+    # 3. Shared expert: routed + [sigmoid(linear(x, g)) *] mlp(x), all of it fed by x and 2D weights.
+    shared = _match_shared(flow, routed_out, x_anc, topk)
+    if shared is not None:
+        cand.output = shared
+
+    # 4. Region: what the output needs that x does not; its free inputs must be x and weights.
+    nodes = [n for n in flow.ancestors(cand.output) - x_anc if n.op not in ("placeholder", "get_attr")]
+    nodes.sort(key=flow.order.__getitem__)
+    cand.nodes = tuple(nodes)
+    inside = set(nodes)
+    free = {d for n in nodes for d in flow.deps(n) if d not in inside}
+    for n in nodes:
+        for m in flow.mutators.get(n, ()):
+            if m not in inside:
+                raise _Reject(f"{m.name} writes into {n.name} from outside the layer")
+    for n in nodes:
+        if is_inplace(n):
+            # a write into x, a weight or a view of them would be seen outside the layer
+            target, _ = walk_back(n.args[0], ("reshape",))
+            if n.args[0] not in inside or target is x or target.op == "placeholder":
+                raise _Reject(f"{n.name} writes in place into {n.args[0].name}, which outlives the layer")
+    lo, hi = flow.order[x2d] if x2d in flow.order else 0, flow.order[cand.output]
+    for n in flow.between(lo, hi):
+        if is_grad_mode(n):
+            raise _Reject(f"grad mode changes inside the layer ({n.name}: torch.no_grad or "
+                          "enable_grad), which the op does not follow")
+    out_dtype = value_of(cand.output).dtype if value_of(cand.output) is not None else None
+    if out_dtype != value_of(x).dtype:
+        raise _Reject(f"layer output is {out_dtype} but its input is {value_of(x).dtype}")
+    tensors = {n for n in free if value_of(n) is not None}
+    params = {n for n in tensors if n.op == "placeholder" and n is not x
+              and (_is_weight(n) or n is w_router or n is b_router or (shape_of(n) or (0,))[0] == E)}
+    stray = tensors - params - {x} - x_anc
+    if stray or (tensors & x_anc) - {x}:
+        bad = sorted(n.name for n in (stray | ((tensors & x_anc) - {x})))
+        raise _Reject(f"layer reads activations other than its input: {bad}")
+    cand.extra_inputs = tuple(sorted(free - tensors, key=flow.order.__getitem__))
+    cand.experts_impl = _experts_impl(nodes)
+
+    # 5. Specs that fit.
+    facts = router_facts(flow, topk, chain, inside, router)
+    expert_weights.sort(key=lambda n: min(flow.order[u] for u in n.users))
+    shared_params = sorted(params - set(expert_weights) - {w_router, b_router},
+                           key=lambda n: min(flow.order[u] for u in n.users))
+    options = spec_options(E, K, H, facts, nodes, expert_weights, shared_params,
+                            w_router, b_router, shared is not None, value_of(x).dtype)
+    if not options:
+        shapes = [(n.name, shape_of(n)) for n in expert_weights + shared_params]
+        raise _Reject(f"weights {shapes} fit no expert layout")
+
+    # 6. Cover: every node must be something the spec models (verification cannot see a clamp
+    #    that random inputs never reach).
+    try:
+        region_cover = cover.build(nodes, topk)
+    except cover.Uncovered as why:
+        raise _Reject(str(why)) from None
+    cand.options = [(s, w) for s, w in options if cover.unexplained(region_cover, s) is None]
+    if not cand.options:
+        raise _Reject(cover.unexplained(region_cover, options[0][0]))
+
+
+def _reject_router_path(cand: Candidate, stop, index: int) -> None:
+    """Top-k's input does not come from a router linear by scoring and casts alone. If a router
+    linear is a few ops further up, the layer is still reported, naming the op in between."""
+    node, path = stop, []
+    while isinstance(node, fx.Node) and node.args and len(path) < 8 and op_kind(node) != "linear":
+        path.append(node)
+        node = node.args[0]
+    routes = any(ids.users for ids in getitem_users(cand.topk, 1))  # the expert ids pick something
+    if not (routes and isinstance(node, fx.Node) and op_kind(node) == "linear" and len(node.args) > 1
+            and isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder"
+            and len(shape_of(node.args[1]) or ()) == 2 and path):
+        raise _Reject("top-k input is not a (scored) router linear")
+    cand.name = region_name(node.args[1], index)
+    cand.x2d = node.args[0]
+    cand.x, _ = walk_back(cand.x2d, ("reshape",))
+    first = path[-1]
+    for n in reversed(path):  # the op nearest the router that is not scoring or a cast
+        if op_kind(n) not in ("cast", "softmax", "sigmoid"):
+            first = n
+            break
+    raise _Reject(f"{kind(first)} ({first.name}) between the router and top-k is not modeled")
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """A graph input that holds a module's parameter or buffer (Dynamo names and types them so)."""
+    return node.type is torch.nn.Parameter or "_parameters_" in node.name or "_buffers_" in node.name
+
+
+def _experts_impl(nodes) -> str:
+    kinds = {op_kind(n) for n in nodes}
+    if kinds & {"grouped_mm", "_grouped_mm", "transformers.grouped_mm_fallback.default"} or any(
+            "grouped_mm" in str(n.target) for n in nodes):
+        return "grouped_mm"
+    if "bmm" in kinds:
+        return "batched_mm"
+    return "other"
+
+
+def _match_shared(flow: Flow, routed: fx.Node, x_anc: set, topk: fx.Node) -> fx.Node | None:
+    """`routed + z` where z is computed from x and 2D weights alone -> the add node, else None."""
+    if len(routed.users) != 1:
+        return None
+    add = next(iter(routed.users))
+    if op_kind(add) != "add" or len(add.args) != 2:
+        return None
+    other = add.args[1] if add.args[0] is routed else add.args[0]
+    if not isinstance(other, fx.Node) or other in x_anc or topk in flow.ancestors(other):
+        return None
+    private = flow.ancestors(other) - x_anc
+    if not any(op_kind(n) == "linear" for n in private):
+        return None
+    for n in private:
+        if n.op == "placeholder" and len(shape_of(n) or ()) != 2 and value_of(n) is not None:
+            return None
+    return add
