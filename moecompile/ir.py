@@ -6,6 +6,7 @@ An MoE layer computes, per token row x (H,):
 
     logits = x @ W_router.T (+ b_router)                      (T, E)
     w, ids = route(logits)                                     (T, K) float, (T, K) int64
+             (scoring, top-k, optionally among the best expert groups by scores + correction bias)
     y[t]   = sum_k w[t, k] * expert_{ids[t, k]}(x[t])          (T, H)
     y     += [sigmoid(x @ w_shared_gate.T) *] shared_mlp(x)    (optional shared expert)
 
@@ -26,6 +27,8 @@ TOPK_ORDERS = ("score_then_topk", "topk_then_score")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 LAYOUTS = ("concat", "interleaved", "separate")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+GROUP_SCORES = ("max", "top2_sum")
+WEIGHTS_FROM = ("topk", "gather")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,19 @@ class MoESpec:
     renormalize: bool = False  # w /= w.sum(-1) after top-k
     router_bias: bool = False  # F.linear(x, W_router, b_router)
     router_fp32: bool = True  # scores computed in float32 whatever the input dtype
+    router_gemm_fp32: bool = False  # the router GEMM itself in float32 (x and W upcast; DeepSeek)
     weights_in_input_dtype: bool = False  # top-k weights cast back to the logits dtype before combine
     routed_scaling: float = 1.0  # w *= routed_scaling
+    renorm_eps: float = 0.0  # w /= (w.sum(-1) + renorm_eps) (DeepSeek-V3 adds 1e-20)
+    # DeepSeek-style selection (score_then_topk only): experts are chosen by `scores + bias` (a
+    # correction bias that steers choice, not weights), among the `top_groups` best of `groups`
+    # equal groups of experts, each group scored by its max or by the sum of its top 2.
+    correction_bias: bool = False  # choice = scores + e_score_correction_bias (E,)
+    groups: int = 1
+    top_groups: int = 1
+    group_score: str = "max"  # max | top2_sum
+    masked_score: float = float("-inf")  # what experts of dropped groups score (V3 -inf, V2 0.0)
+    weights_from: str = "topk"  # topk: the selected choice values | gather: scores at the chosen ids
     # -- experts --
     activation: str = "silu"
     gated: bool = True  # act(gate) * up (SwiGLU / GeGLU) vs act(up)
@@ -64,12 +78,21 @@ class MoESpec:
                               ("activation", ACTIVATIONS), ("layout", LAYOUTS), ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MoESpec.{name}={getattr(self, name)!r} not in {allowed}")
+        if self.groups < 1 or self.num_experts % self.groups or not 1 <= self.top_groups <= self.groups:
+            raise ValueError(f"MoESpec: {self.groups} groups / {self.top_groups} top groups do not "
+                             f"divide {self.num_experts} experts")
+        if self.group_score not in GROUP_SCORES or self.weights_from not in WEIGHTS_FROM:
+            raise ValueError(f"MoESpec.group_score={self.group_score!r} not in {GROUP_SCORES} or "
+                             f"weights_from={self.weights_from!r} not in {WEIGHTS_FROM}")
+        if (self.groups > 1 or self.correction_bias) and self.topk_order != "score_then_topk":
+            raise ValueError("MoESpec: grouped or biased expert choice needs topk_order='score_then_topk'")
         if self.layout != "concat" and not self.gated:
             raise ValueError(f"MoESpec.layout={self.layout!r} needs gated experts")
 
     def weight_names(self) -> tuple[str, ...]:
         """Names of the op's weight list, in order; shapes are in `weight_shapes`."""
         names = ["router_weight"] + (["router_bias"] if self.router_bias else [])
+        names += ["router_correction_bias"] if self.correction_bias else []
         if self.layout == "separate":
             names += ["gate_proj", "up_proj"]
         else:
@@ -89,7 +112,7 @@ class MoESpec:
             return (E, cols, rows) if self.transposed else (E, rows, cols)
 
         shapes = {
-            "router_weight": (E, H), "router_bias": (E,),
+            "router_weight": (E, H), "router_bias": (E,), "router_correction_bias": (E,),
             "gate_up_proj": expert(up_rows, H), "up_proj": expert(up_rows, H),
             "gate_proj": expert(I, H), "down_proj": expert(H, I),
             "shared_gate_proj": (Ish, H), "shared_up_proj": (Ish, H), "shared_down_proj": (H, Ish),
@@ -111,6 +134,8 @@ class MoESpec:
             "activation": self.activation, "gated": self.gated, "layout": self.layout,
             "transposed": self.transposed, "shared_expert": self.shared_intermediate,
             "shared_gate": self.shared_gate, "dtype": self.dtype,
+            "routed_scaling": self.routed_scaling, "correction_bias": self.correction_bias,
+            "groups": f"{self.top_groups}/{self.groups} by {self.group_score}" if self.groups > 1 else None,
         }
 
 

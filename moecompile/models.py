@@ -54,6 +54,32 @@ def _qwen2_moe(hidden, layers):
                                                num_experts_per_tok=2, norm_topk_prob=False)
 
 
+def _deepseek_mla(hidden) -> dict:
+    """Multi-head latent attention sizes for a small DeepSeek config."""
+    return dict(num_key_value_heads=4, kv_lora_rank=hidden // 4, q_lora_rank=hidden // 2, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=hidden // 4, first_k_dense_replace=0, n_shared_experts=1)
+
+
+def _deepseek_v3(hidden, layers):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    # sigmoid scoring, score-correction bias, 2 of 4 expert groups by top-2 sum, routed scaling
+    return DeepseekV3ForCausalLM, DeepseekV3Config(
+        **{**_common(hidden, layers), **_deepseek_mla(hidden)}, intermediate_size=2 * hidden,
+        moe_intermediate_size=hidden // 2, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True)
+
+
+def _deepseek_v2(hidden, layers):
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    # softmax scoring, 2 of 4 expert groups by their best expert, routed scaling, no renormalization
+    return DeepseekV2ForCausalLM, DeepseekV2Config(
+        **{**_common(hidden, layers), **_deepseek_mla(hidden)}, intermediate_size=2 * hidden,
+        moe_intermediate_size=hidden // 2, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, topk_method="group_limited_greedy")
+
+
 def _mistral_dense(hidden, layers):
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -62,9 +88,9 @@ def _mistral_dense(hidden, layers):
 
 BUILDERS: dict[str, Callable] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe,
-    "dense": _mistral_dense,
+    "deepseek_v3": _deepseek_v3, "deepseek_v2": _deepseek_v2, "dense": _mistral_dense,
 }
-MOE_MODELS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+MOE_MODELS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v2")
 
 
 def names() -> list[str]:
@@ -94,6 +120,7 @@ def build(name: str, dtype: str | torch.dtype = "float32", experts_impl: str = "
             config._experts_implementation = experts_impl
         config.use_cache = False
         model = model_cls(config)
+        _randomize_correction_bias(model)
         vocab = VOCAB
     else:
         raise UserInputError(f"unknown model {name!r}; built-in: {', '.join(names())}, "
@@ -102,6 +129,15 @@ def build(name: str, dtype: str | torch.dtype = "float32", experts_impl: str = "
         model = model.to(dtype).eval()
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed + 1))
     return model, (ids,)
+
+
+def _randomize_correction_bias(model: torch.nn.Module) -> None:
+    """DeepSeek's score-correction bias starts at zero and is learned; zeros would hide what it does
+    (it steers which experts are chosen), so demo models get the spread a trained router has."""
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
 
 
 # Bounds on what the command line asks for: a mistyped size gives a clear error, not hours of work

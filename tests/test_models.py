@@ -26,6 +26,10 @@ EXPECTED_SPEC = {  # what the detector must read off each model's code (see mode
     "olmoe": dict(num_experts=16, top_k=4, intermediate=64, renormalize=False, shared_intermediate=0),
     "qwen2_moe": dict(num_experts=8, top_k=2, intermediate=32, renormalize=False, shared_intermediate=64,
                       shared_gate=True),
+    "deepseek_v3": dict(num_experts=16, top_k=4, intermediate=32, renormalize=True, shared_intermediate=32,
+                        scoring="sigmoid", correction_bias=True, groups="2/4 by top2_sum", routed_scaling=2.5),
+    "deepseek_v2": dict(num_experts=16, top_k=4, intermediate=32, renormalize=False, shared_intermediate=32,
+                        groups="2/4 by max", routed_scaling=2.5),
 }
 
 
@@ -44,7 +48,12 @@ def _check_report(name, layers=2):
             64, EXPECTED_SPEC[name]["num_experts"], EXPECTED_SPEC[name]["top_k"],
             EXPECTED_SPEC[name]["intermediate"])
         spec = r["spec"]
-        assert spec["scoring"] == "softmax" and spec["activation"] == "silu" and spec["layout"] == "concat"
+        want = EXPECTED_SPEC[name]
+        assert spec["scoring"] == want.get("scoring", "softmax")
+        assert spec["activation"] == "silu" and spec["layout"] == "concat"
+        for field in ("correction_bias", "groups", "routed_scaling"):
+            assert spec[field] == want.get(field, {"correction_bias": False, "groups": None,
+                                                   "routed_scaling": 1.0}[field]), (name, field)
         assert spec["renormalize"] == EXPECTED_SPEC[name]["renormalize"]
         assert spec["shared_expert"] == EXPECTED_SPEC[name]["shared_intermediate"]
         assert spec["shared_gate"] == EXPECTED_SPEC[name].get("shared_gate", False)

@@ -30,21 +30,48 @@ from ..ir import MoESpec
 
 def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec):
     """Router: (T, H) -> top-k weights (T, K) and expert ids (T, K) int64, as the traced code did."""
-    logits = F.linear(x, weights["router_weight"], weights.get("router_bias"))  # (T, E)
+    if spec.router_gemm_fp32:
+        bias = weights.get("router_bias")
+        logits = F.linear(x.float(), weights["router_weight"].float(), None if bias is None else bias.float())
+    else:
+        logits = F.linear(x, weights["router_weight"], weights.get("router_bias"))  # (T, E)
     scores_in = logits.float() if spec.router_fp32 else logits
     score = torch.softmax if spec.scoring == "softmax" else (lambda t, dim: torch.sigmoid(t))
     if spec.topk_order == "score_then_topk":
-        topk_w, topk_ids = torch.topk(score(scores_in, dim=-1), spec.top_k, dim=-1)
+        scores = score(scores_in, dim=-1)  # (T, E)
+        choice = _choice(scores, weights, spec)
+        topk_w, topk_ids = torch.topk(choice, spec.top_k, dim=-1)
+        if spec.weights_from == "gather":
+            topk_w = scores.gather(1, topk_ids)
     else:
         top_logits, topk_ids = torch.topk(scores_in, spec.top_k, dim=-1)
         topk_w = score(top_logits, dim=-1)
     if spec.renormalize:
-        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+        total = topk_w.sum(dim=-1, keepdim=True)
+        topk_w = topk_w / (total + spec.renorm_eps if spec.renorm_eps else total)
     if spec.routed_scaling != 1.0:
         topk_w = topk_w * spec.routed_scaling
     if spec.weights_in_input_dtype:
         topk_w = topk_w.to(logits.dtype)
     return topk_w, topk_ids
+
+
+def _choice(scores: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec) -> torch.Tensor:
+    """(T, E) values top-k picks experts by: scores [+ correction bias], experts outside the
+    `top_groups` best groups set to `masked_score` (DeepSeek's group-limited routing)."""
+    choice = scores + weights["router_correction_bias"] if spec.correction_bias else scores
+    if spec.groups == 1:
+        return choice
+    T, G = choice.shape[0], spec.groups
+    grouped = choice.view(T, G, spec.num_experts // G)  # (T, G, E/G)
+    if spec.group_score == "top2_sum":
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
+    else:
+        group_scores = grouped.amax(dim=-1)
+    keep = torch.topk(group_scores, spec.top_groups, dim=-1).indices  # (T, top_groups)
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, keep, True)
+    expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, spec.num_experts)
+    return choice.masked_fill(~expert_mask, spec.masked_score)
 
 
 _ACTIVATIONS = {

@@ -83,14 +83,20 @@ class Uncovered(Exception):
     """A node of the region that no MoE spec models; the message names it."""
 
 
-def build(nodes, topk: fx.Node) -> Cover:
+def build(nodes, topk: fx.Node, explained=frozenset()) -> Cover:
     """Classify every node of a region (graph order); raise Uncovered at the first op no spec has.
 
-    Inputs from outside the region (x, weights, sizes) are numeric if they are tensors, else shape."""
+    Inputs from outside the region (x, weights, sizes) are numeric if they are tensors, else shape.
+    `explained` nodes were matched op by op against a form the spec models (the expert-group mask
+    of a group-limited router, see router.match_selection): they are routing decisions (index)."""
     cls: dict = {}  # node -> class, or a tuple of classes for tuple-valued nodes
     out = []
     for node in nodes:
         k = kind(node)
+        if node in explained:
+            cls[node] = INDEX
+            out.append((node, k, INDEX))
+            continue
         c = _classify(node, k, cls)
         cls[node] = c
         flat = c if isinstance(c, str) else (NUMERIC if NUMERIC in c else INDEX)

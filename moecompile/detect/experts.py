@@ -12,9 +12,10 @@ from ..fx import op_kind, shape_of
 from ..ir import MoESpec
 
 
-def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, w_router, b_router,
-                  has_shared, dtype) -> list:
-    """All (spec, weights) that fit the shapes and the ops seen; verification picks among them."""
+def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, router_bias: bool,
+                 has_shared, dtype) -> list:
+    """All (spec, weights) that fit the shapes and the ops seen; verification picks among them.
+    `router` is the router's weight inputs in `MoESpec.weight_names()` order."""
     kinds = {op_kind(n) for n in nodes}
     acts = [a for a in ("silu", "gelu", "relu") if a in kinds]
     activations = []
@@ -30,12 +31,14 @@ def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, w_router,
     base = dict(
         num_experts=E, top_k=K, hidden=H, intermediate=1, scoring=scoring,
         topk_order="score_then_topk" if facts["scoring_before"] else "topk_then_score",
-        renormalize=facts["renormalize"], router_bias=b_router is not None,
-        router_fp32=facts["fp32"] or dtype == torch.float32,
+        renormalize=facts["renormalize"], router_bias=router_bias,
+        router_fp32=facts["fp32"] or dtype == torch.float32, router_gemm_fp32=facts.get("gemm_fp32", False),
         weights_in_input_dtype=facts["to_input_dtype"], routed_scaling=facts["scale"],
-        dtype=str(dtype).replace("torch.", ""),
+        dtype=str(dtype).replace("torch.", ""), renorm_eps=facts["renorm_eps"],
+        weights_from=facts["weights_from"], correction_bias=len(router) > 1 + router_bias,
+        **{k: facts[k] for k in ("groups", "top_groups", "group_score", "masked_score") if k in facts},
     )
-    router = [w_router] + ([b_router] if b_router is not None else [])
+    router = list(router)
     layouts = ["interleaved", "concat"] if any(
         op_kind(n) == "getitem" and _has_step2(n) for n in nodes) else ["concat", "interleaved"]
 

@@ -22,11 +22,11 @@ import torch
 import torch.fx as fx
 
 from ..fx import (Flow, getitem_users, is_autocast, is_grad_mode, is_inplace, kind, op_kind, shape_of,
-                  value_of, walk_back)
+                  topk_k, value_of, walk_back)
 from ..ir import DTYPES
 from . import cover
 from .experts import spec_options
-from .router import router_facts
+from .router import Selection, match_selection, router_facts
 
 class _Reject(Exception):
     """This top-k does not start an MoE layer we can take: the message says why."""
@@ -50,13 +50,14 @@ class Candidate:
     reason: str | None = None  # set when this is not (or not safely) an MoE layer
     extra_inputs: tuple = ()  # free inputs that are neither x nor weights (symbolic sizes)
     idiom: str = ""  # which known pattern matched (detect/idioms.py)
+    selection: Selection | None = None  # a DeepSeek-style expert choice before top-k
 
     @property
     def shape(self) -> tuple:
         """(E, K, H, I) as far as the graph shows them before a spec fits; 0 where unknown."""
         w = self.topk.args[0]
         e = shape_of(w)[-1] if shape_of(w) else 0
-        k = self.topk.args[1] if len(self.topk.args) > 1 and isinstance(self.topk.args[1], int) else 0
+        k = topk_k(self.topk) if isinstance(topk_k(self.topk), int) else 0
         h = shape_of(self.x)[-1] if self.x is not None and shape_of(self.x) else 0
         return e, k, h, 0
 
@@ -88,27 +89,33 @@ def find_candidates(gm: fx.GraphModule) -> list[Candidate]:
         if autocast and cand.x is not None:
             cand.reason = "graph runs under torch.autocast, which the moe op does not follow yet"
         found.append(cand)
-    return found
+    inner = {n for c in found if c.selection for n in c.selection.explained}
+    return [c for c in found if c.topk not in inner]  # group top-ks belong to their layer
 
 
 def _match(flow: Flow, cand: Candidate, index: int) -> None:
     topk = cand.topk
-    # 1. Router: top-k's input goes back through scoring and casts to a linear over x.
-    router, chain = walk_back(topk.args[0], ("cast", "softmax", "sigmoid"))
+    # 1. Router: top-k's input goes back through scoring and casts to a linear over x, maybe by
+    #    a DeepSeek-style choice (scores + correction bias, masked to the best expert groups).
+    selection = match_selection(flow, topk)
+    if isinstance(selection, str):
+        raise _Reject(selection)
+    cand.selection = selection
+    router, chain = walk_back(selection.scores if selection else topk.args[0], ("cast", "softmax", "sigmoid"))
     if not isinstance(router, fx.Node) or op_kind(router) != "linear":
         _reject_router_path(cand, router, index)
-    w_router = router.args[1]
+    w_router, _ = walk_back(router.args[1], ("cast",))  # DeepSeek: self.weight.type(torch.float32)
     b_router = router.args[2] if len(router.args) > 2 else router.kwargs.get("bias")
     router_shape = shape_of(w_router)
     if w_router.op != "placeholder" or router_shape is None or len(router_shape) != 2:
         raise _Reject("router weight is not a 2D graph input")
     E, H = router_shape
-    K = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+    K = topk_k(topk)
     if not isinstance(K, int):
         raise _Reject("top-k k is not a constant")
     cand.name = region_name(w_router, index)
     x2d = router.args[0]
-    x, _ = walk_back(x2d, ("reshape",))
+    x, _ = walk_back(x2d, ("reshape", "cast"))
     cand.x, cand.x2d = x, x2d
     x_shape = shape_of(x)
     if x_shape is None or x_shape[-1] != H:
@@ -182,12 +189,18 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
     cand.experts_impl = _experts_impl(nodes)
 
     # 5. Specs that fit.
-    facts = router_facts(flow, topk, chain, inside, router)
+    facts = router_facts(flow, topk, chain, inside, router, selection.scores if selection else None)
+    facts["gemm_fp32"] = value_of(x2d).dtype == torch.float32 != value_of(x).dtype
+    bias = selection.correction_bias if selection else None
+    if selection:
+        facts.update(groups=selection.groups, top_groups=selection.top_groups,
+                     group_score=selection.group_score, masked_score=selection.masked_score)
     expert_weights.sort(key=lambda n: min(flow.order[u] for u in n.users))
-    shared_params = sorted(params - set(expert_weights) - {w_router, b_router},
+    shared_params = sorted(params - set(expert_weights) - {w_router, b_router, bias},
                            key=lambda n: min(flow.order[u] for u in n.users))
     options = spec_options(E, K, H, facts, nodes, expert_weights, shared_params,
-                            w_router, b_router, shared is not None, value_of(x).dtype)
+                           [w_router] + [b for b in (b_router, bias) if b is not None],
+                           b_router is not None, shared is not None, value_of(x).dtype)
     if not options:
         shapes = [(n.name, shape_of(n)) for n in expert_weights + shared_params]
         raise _Reject(f"weights {shapes} fit no expert layout")
@@ -195,7 +208,7 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
     # 6. Cover: every node must be something the spec models (verification cannot see a clamp
     #    that random inputs never reach).
     try:
-        region_cover = cover.build(nodes, topk)
+        region_cover = cover.build(nodes, topk, selection.explained if selection else frozenset())
     except cover.Uncovered as why:
         raise _Reject(str(why)) from None
     cand.options = [(s, w) for s, w in options if cover.unexplained(region_cover, s) is None]
@@ -242,7 +255,10 @@ def _experts_impl(nodes) -> str:
 
 
 def _match_shared(flow: Flow, routed: fx.Node, x_anc: set, topk: fx.Node) -> fx.Node | None:
-    """`routed + z` where z is computed from x and 2D weights alone -> the add node, else None."""
+    """`routed + z` where z is computed from x and 2D weights alone -> the add node, else None.
+    `routed` may first be viewed back to x's shape (DeepSeek: `experts(...).view(*orig_shape)`)."""
+    while len(routed.users) == 1 and op_kind(next(iter(routed.users))) == "reshape":
+        routed = next(iter(routed.users))
     if len(routed.users) != 1:
         return None
     add = next(iter(routed.users))

@@ -116,6 +116,11 @@ def walk_back(node, kinds: tuple[str, ...]) -> tuple:
     return node, path
 
 
+def topk_k(node: fx.Node):
+    """k of a top-k node, positional or keyword (an int, or a node / SymInt when not constant)."""
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
+
+
 def getitem_users(node: fx.Node, index: int) -> list[fx.Node]:
     return [u for u in node.users if op_kind(u) == "getitem" and u.args[1] == index]
 

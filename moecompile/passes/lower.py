@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..codegen import ops  # noqa: F401  (registers torch.ops.moecompile.moe)
-from ..fx import is_inplace, shape_of
+from ..fx import is_inplace, kind, shape_of
 from ..ir import MoERegion, PassResult
 
 
@@ -42,9 +42,19 @@ class Lower:
 
 
 def _op_input(region: MoERegion) -> fx.Node | None:
-    """The (T, H) view of x the op takes: the router's input, which the region already computes."""
-    router_users = [u for u in region.weights[0].users if u in set(region.nodes)]
-    return router_users[0].args[0] if router_users else None
+    """The (T, H) view of x the op takes: the router's input, which the region already computes,
+    before any cast (DeepSeek's router reads `x.view(-1, H).type(torch.float32)`)."""
+    inside = set(region.nodes)
+    users = list(region.weights[0].users)
+    while users and all(kind(u) == "cast" for u in users):  # self.weight.type(torch.float32)
+        users = [v for u in users for v in u.users]
+    linears = [u for u in users if u in inside and kind(u) == "linear"]
+    if not linears:
+        return None
+    x2d = linears[0].args[0]
+    while isinstance(x2d, fx.Node) and kind(x2d) == "cast" and x2d in inside:
+        x2d = x2d.args[0]
+    return x2d
 
 
 def _cannot_lower(region: MoERegion) -> str | None:
