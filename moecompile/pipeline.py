@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
 from dataclasses import dataclass
 
@@ -47,7 +48,12 @@ def _record(graph_id, cand: detect.Candidate, spec, status, reason, kernels, ver
     return RegionRecord(graph=graph_id, name=cand.name, num_experts=E, top_k=K, hidden=H, intermediate=I,
                         status=status, reason=reason, kernels=kernels, spec=spec.summary() if spec else {},
                         experts_impl=cand.experts_impl, verify_ms=round(verify_ms, 1), idiom=cand.idiom,
-                        spec_full=dataclasses.asdict(spec) if spec else {})
+                        spec_full=_json_safe(dataclasses.asdict(spec)) if spec else {})
+
+
+def _json_safe(fields: dict) -> dict:
+    """report.json is strict JSON: a non-finite float (masked_score -inf) is written as text."""
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
 
 
 def _candidate_shape(cand: detect.Candidate) -> tuple:

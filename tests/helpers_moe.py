@@ -138,3 +138,46 @@ class NearMoE(nn.Module):
         y = self._at("expert_out", y)  # (T*K, H)
         out = (y.view(T, self.K, H) * w.unsqueeze(-1).to(y.dtype)).sum(dim=1)
         return out.view(B, S, H)
+
+
+class GroupedRouterMoE(nn.Module):
+    """A DeepSeek-V3-style layer written by hand: sigmoid scores, a score-correction bias that steers
+    the choice, top-`top_groups` of `groups` expert groups (by top-2 sum, or by max as in V2), weights
+    gathered from the unbiased scores, renormalized with an epsilon, scaled. `tamper` puts a clamp
+    into the group scores (a near-miss the compiler must refuse)."""
+
+    def __init__(self, E=16, K=4, H=16, I=8, groups=4, top_groups=2, group_score="top2_sum", tamper=False):
+        super().__init__()
+        self.E, self.K, self.groups, self.top_groups = E, K, groups, top_groups
+        self.group_score, self.tamper = group_score, tamper
+        self.router = nn.Linear(H, E, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.randn(E) * 0.1)
+        self.gate_up = nn.Parameter(torch.randn(E, 2 * I, H) / H**0.5)
+        self.down = nn.Parameter(torch.randn(E, H, I) / I**0.5)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        flat = x.reshape(-1, H)
+        T = flat.shape[0]
+        scores = self.router(flat).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        grouped = choice.view(T, self.groups, self.E // self.groups)
+        if self.group_score == "top2_sum":
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        if self.tamper:
+            group_scores = group_scores.clamp(max=0.9)
+        group_idx = torch.topk(group_scores, k=self.top_groups, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(T, self.groups, self.E // self.groups).reshape(T, self.E)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=self.K, dim=-1, sorted=False)[1]
+        w = scores.gather(1, ids)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * 2.5
+        rows = flat.repeat_interleave(self.K, dim=0)
+        gate, up = torch.bmm(rows.unsqueeze(1), self.gate_up[ids.reshape(-1)].transpose(1, 2)).squeeze(1).chunk(2, -1)
+        y = torch.bmm((F.silu(gate) * up).unsqueeze(1), self.down[ids.reshape(-1)].transpose(1, 2)).squeeze(1)
+        out = (y.view(T, self.K, H) * w.unsqueeze(-1)).sum(dim=1)
+        return out.view(B, S, H)

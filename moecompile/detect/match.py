@@ -97,11 +97,14 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
     topk = cand.topk
     # 1. Router: top-k's input goes back through scoring and casts to a linear over x, maybe by
     #    a DeepSeek-style choice (scores + correction bias, masked to the best expert groups).
-    selection = match_selection(flow, topk)
-    if isinstance(selection, str):
-        raise _Reject(selection)
-    cand.selection = selection
+    selection = cand.selection = match_selection(flow, topk)
     router, chain = walk_back(selection.scores if selection else topk.args[0], ("cast", "softmax", "sigmoid"))
+    if selection is not None and selection.reason is not None:
+        if isinstance(router, fx.Node) and op_kind(router) == "linear":  # reported under the router's name
+            cand.name = region_name(walk_back(router.args[1], ("cast",))[0], index)
+            cand.x2d = router.args[0]
+            cand.x, _ = walk_back(cand.x2d, ("reshape", "cast"))
+        raise _Reject(selection.reason)
     if not isinstance(router, fx.Node) or op_kind(router) != "linear":
         _reject_router_path(cand, router, index)
     w_router, _ = walk_back(router.args[1], ("cast",))  # DeepSeek: self.weight.type(torch.float32)

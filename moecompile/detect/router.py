@@ -48,10 +48,12 @@ class Selection:
     group_score: str = "max"
     masked_score: float = -math.inf
     explained: frozenset = frozenset()  # nodes of the group mask, modeled by the spec's group fields
+    reason: str | None = None  # why this choice is not one the spec models
 
 
-def match_selection(flow: Flow, topk: fx.Node) -> "Selection | str | None":
-    """The DeepSeek-style choice feeding `topk`, None for a plain router, or why it is neither."""
+def match_selection(flow: Flow, topk: fx.Node) -> "Selection | None":
+    """The DeepSeek-style choice feeding `topk`, or None for a plain router. A choice that is
+    neither has `reason` set (its `scores` and `explained` still say where the router is)."""
     node, masked = topk.args[0], None
     if isinstance(node, fx.Node) and kind(node) == "masked_fill":
         masked, node = node, node.args[0]
@@ -70,22 +72,24 @@ def match_selection(flow: Flow, topk: fx.Node) -> "Selection | str | None":
     value = masked.args[2] if len(masked.args) > 2 else masked.kwargs.get("value")
     cond = masked.args[1] if len(masked.args) > 1 else masked.kwargs.get("mask")
     if not isinstance(value, (int, float)) or not isinstance(cond, fx.Node):
-        return "masked_fill before top-k with a mask or value the group-limited router does not have"
-    explained = (flow.ancestors(cond) & flow.descendants(choice)) - {choice}
+        return Selection(scores, bias, reason="masked_fill before top-k with a mask or value the "
+                                               "group-limited router does not have")
+    explained = frozenset((flow.ancestors(cond) & flow.descendants(choice)) - {choice})
     bad = sorted(kind(n) for n in explained if kind(n) not in _GROUP_OPS)
     if bad:
-        return f"{bad[0]} in the expert-group mask before top-k is not modeled"
+        return Selection(scores, bias, explained=explained,
+                         reason=f"{bad[0]} in the expert-group mask before top-k is not modeled")
     view = [n for n in explained if len(shape_of(n) or ()) == 3 and choice in n.all_input_nodes]
     tops = [n for n in explained if kind(n) == "topk"]
-    if len(view) != 1 or not isinstance(shape_of(view[0])[1], int):
-        return "expert-group mask before top-k does not group the experts once"
-    G = shape_of(view[0])[1]
     group_topk = [n for n in tops if len(shape_of(n.args[0]) or ()) == 2]
     pair_topk = [n for n in tops if len(shape_of(n.args[0]) or ()) == 3]
-    if len(group_topk) != 1 or len(pair_topk) > 1 or (pair_topk and topk_k(pair_topk[0]) != 2):
-        return "expert-group mask before top-k picks groups in a way the spec does not model"
+    if (len(view) != 1 or not isinstance(shape_of(view[0])[1], int) or len(group_topk) != 1
+            or len(pair_topk) > 1 or (pair_topk and topk_k(pair_topk[0]) != 2)):
+        return Selection(scores, bias, explained=explained,
+                         reason="expert-group mask before top-k picks groups in a way the spec does not model")
+    G = shape_of(view[0])[1]
     return Selection(scores, bias, G, int(topk_k(group_topk[0])), "top2_sum" if pair_topk else "max",
-                     float(value), frozenset(explained))
+                     float(value), explained)
 
 
 def router_facts(flow: Flow, topk, chain, inside, router, scores=None) -> dict:

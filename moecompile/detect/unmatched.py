@@ -38,6 +38,8 @@ def _module_path(text: str) -> str:
     text = re.sub(r"^[Ll]_self_", "", text).rstrip("_")
     if text.startswith("modules_"):
         text = text[len("modules_"):]
+    if text in ("", "L_self", "l_self", "self"):
+        return "(model)"  # parameters of the compiled module itself
     return ".".join(text.split("_modules_"))
 
 
@@ -57,7 +59,7 @@ def _expert_params(gm: fx.GraphModule) -> dict[str, dict]:
             entry["E"] = len(entry["ids"])
         elif len(shape) == 3 and all(isinstance(d, int) for d in shape) and shape[0] > 1:
             path = _module_path(owner)
-            layer = path.rsplit(".", 1)[0] if "." in path else path  # the block holding `experts`
+            layer = path.rsplit(".", 1)[0] if "." in path else (path if owner.startswith(("L_self_modules", "l_self_modules")) else "(model)")
             entry = layers.setdefault(layer, {"nodes": [], "ids": set(), "E": shape[0], "H": 0})
             entry["E"] = shape[0]
         else:
