@@ -24,7 +24,7 @@ from typing import Any
 
 SCORINGS = ("softmax", "sigmoid")
 TOPK_ORDERS = ("score_then_topk", "topk_then_score")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
 LAYOUTS = ("concat", "interleaved", "separate")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 GROUP_SCORES = ("max", "top2_sum")
@@ -60,6 +60,11 @@ class MoESpec:
     weights_from: str = "topk"  # topk: the selected choice values | gather: scores at the chosen ids
     # -- experts --
     activation: str = "silu"
+    # clamped_swiglu (GPT-OSS): g = gate.clamp(max=act_limit), u = up.clamp(-act_limit, act_limit),
+    # h = (u + 1) * g * sigmoid(act_alpha * g)
+    act_alpha: float = 1.0
+    act_limit: float = 0.0
+    expert_bias: bool = False  # gate/up and down projections add a per-expert bias (E, out)
     gated: bool = True  # act(gate) * up (SwiGLU / GeGLU) vs act(up)
     layout: str = "concat"  # gate_up as [gate; up] | rows interleaved g0 u0 g1 u1 .. | two tensors
     transposed: bool = False  # weights stored (E, H, 2I) / (E, I, H) instead of (E, 2I, H) / (E, H, I)
@@ -86,6 +91,8 @@ class MoESpec:
                              f"weights_from={self.weights_from!r} not in {WEIGHTS_FROM}")
         if (self.groups > 1 or self.correction_bias) and self.topk_order != "score_then_topk":
             raise ValueError("MoESpec: grouped or biased expert choice needs topk_order='score_then_topk'")
+        if self.activation == "clamped_swiglu" and not (self.gated and self.act_limit > 0):
+            raise ValueError("MoESpec: clamped_swiglu needs gated experts and act_limit > 0")
         if self.layout != "concat" and not self.gated:
             raise ValueError(f"MoESpec.layout={self.layout!r} needs gated experts")
 
@@ -94,10 +101,11 @@ class MoESpec:
         names = ["router_weight"] + (["router_bias"] if self.router_bias else [])
         names += ["router_correction_bias"] if self.correction_bias else []
         if self.layout == "separate":
-            names += ["gate_proj", "up_proj"]
+            names += ["gate_proj", "up_proj"] + (["gate_proj_bias", "up_proj_bias"] if self.expert_bias else [])
         else:
-            names += ["gate_up_proj" if self.gated else "up_proj"]
-        names += ["down_proj"]
+            first = "gate_up_proj" if self.gated else "up_proj"
+            names += [first] + ([first + "_bias"] if self.expert_bias else [])
+        names += ["down_proj"] + (["down_proj_bias"] if self.expert_bias else [])
         if self.shared_intermediate:
             names += ["shared_gate_proj", "shared_up_proj", "shared_down_proj"]
             names += ["shared_expert_gate"] if self.shared_gate else []
@@ -115,6 +123,8 @@ class MoESpec:
             "router_weight": (E, H), "router_bias": (E,), "router_correction_bias": (E,),
             "gate_up_proj": expert(up_rows, H), "up_proj": expert(up_rows, H),
             "gate_proj": expert(I, H), "down_proj": expert(H, I),
+            "gate_up_proj_bias": (E, up_rows), "up_proj_bias": (E, up_rows), "gate_proj_bias": (E, I),
+            "down_proj_bias": (E, H),
             "shared_gate_proj": (Ish, H), "shared_up_proj": (Ish, H), "shared_down_proj": (H, Ish),
             "shared_expert_gate": (1, H),
         }
@@ -131,7 +141,9 @@ class MoESpec:
         """The fields a person wants in a report row."""
         return {
             "scoring": self.scoring, "topk_order": self.topk_order, "renormalize": self.renormalize,
-            "activation": self.activation, "gated": self.gated, "layout": self.layout,
+            "activation": self.activation + (f"(alpha={self.act_alpha:g}, limit={self.act_limit:g})"
+                                             if self.activation == "clamped_swiglu" else ""),
+            "gated": self.gated, "layout": self.layout, "expert_bias": self.expert_bias,
             "transposed": self.transposed, "shared_expert": self.shared_intermediate,
             "shared_gate": self.shared_gate, "dtype": self.dtype,
             "routed_scaling": self.routed_scaling, "correction_bias": self.correction_bias,

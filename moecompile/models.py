@@ -80,6 +80,16 @@ def _deepseek_v2(hidden, layers):
         routed_scaling_factor=2.5, topk_method="group_limited_greedy")
 
 
+def _gpt_oss(hidden, layers):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    # router bias, top-k then softmax, interleaved gate/up (E, H, 2I) with biases, clamped SwiGLU
+    return GptOssForCausalLM, GptOssConfig(
+        **_common(hidden, layers), head_dim=hidden // 4, intermediate_size=hidden // 2, num_local_experts=8,
+        num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"][:layers] * max(1, layers // 2),
+        sliding_window=64)
+
+
 def _mistral_dense(hidden, layers):
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -88,9 +98,9 @@ def _mistral_dense(hidden, layers):
 
 BUILDERS: dict[str, Callable] = {
     "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe,
-    "deepseek_v3": _deepseek_v3, "deepseek_v2": _deepseek_v2, "dense": _mistral_dense,
+    "deepseek_v3": _deepseek_v3, "deepseek_v2": _deepseek_v2, "gpt_oss": _gpt_oss, "dense": _mistral_dense,
 }
-MOE_MODELS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v2")
+MOE_MODELS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "gpt_oss")
 
 
 def names() -> list[str]:

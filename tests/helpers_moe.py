@@ -181,3 +181,32 @@ class GroupedRouterMoE(nn.Module):
         y = torch.bmm((F.silu(gate) * up).unsqueeze(1), self.down[ids.reshape(-1)].transpose(1, 2)).squeeze(1)
         out = (y.view(T, self.K, H) * w.unsqueeze(-1)).sum(dim=1)
         return out.view(B, S, H)
+
+
+class ClampedSwiGLUMoE(nn.Module):
+    """GPT-OSS-style experts by hand: router with bias, top-k then softmax, interleaved (E, H, 2I)
+    gate/up with biases, gate.clamp(max=L), up.clamp(-L, L), (up + 1) * g * sigmoid(alpha * g).
+    `up_limit` other than `limit` is a near-miss: clamps the spec does not model."""
+
+    def __init__(self, E=8, K=2, H=16, I=8, limit=1.0, up_limit=None, alpha=1.702):
+        super().__init__()
+        self.K, self.limit, self.alpha = K, limit, alpha
+        self.up_limit = limit if up_limit is None else up_limit
+        self.router = nn.Linear(H, E)
+        self.gate_up = nn.Parameter(torch.randn(E, H, 2 * I) / H**0.5)
+        self.gate_up_bias = nn.Parameter(torch.randn(E, 2 * I) * 0.1)
+        self.down = nn.Parameter(torch.randn(E, I, H) / I**0.5)
+        self.down_bias = nn.Parameter(torch.randn(E, H) * 0.1)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        flat = x.reshape(-1, H)
+        top, ids = torch.topk(self.router(flat), self.K, dim=-1)
+        w = torch.softmax(top, dim=-1)
+        rows = flat.repeat_interleave(self.K, dim=0)
+        e = ids.reshape(-1)
+        h = torch.bmm(rows.unsqueeze(1), self.gate_up[e]).squeeze(1) + self.gate_up_bias[e]
+        gate, up = h[..., ::2].clamp(max=self.limit), h[..., 1::2].clamp(-self.up_limit, self.up_limit)
+        h = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        y = torch.bmm(h.unsqueeze(1), self.down[e]).squeeze(1) + self.down_bias[e]
+        return (y.view(-1, self.K, H) * w.unsqueeze(-1)).sum(dim=1).view(B, S, H)

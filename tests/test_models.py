@@ -30,6 +30,9 @@ EXPECTED_SPEC = {  # what the detector must read off each model's code (see mode
                         scoring="sigmoid", correction_bias=True, groups="2/4 by top2_sum", routed_scaling=2.5),
     "deepseek_v2": dict(num_experts=16, top_k=4, intermediate=32, renormalize=False, shared_intermediate=32,
                         groups="2/4 by max", routed_scaling=2.5),
+    "gpt_oss": dict(num_experts=8, top_k=2, intermediate=32, renormalize=False, shared_intermediate=0,
+                    topk_order="topk_then_score", activation="clamped_swiglu(alpha=1.702, limit=7)",
+                    layout="interleaved", expert_bias=True),
 }
 
 
@@ -50,10 +53,10 @@ def _check_report(name, layers=2):
         spec = r["spec"]
         want = EXPECTED_SPEC[name]
         assert spec["scoring"] == want.get("scoring", "softmax")
-        assert spec["activation"] == "silu" and spec["layout"] == "concat"
-        for field in ("correction_bias", "groups", "routed_scaling"):
-            assert spec[field] == want.get(field, {"correction_bias": False, "groups": None,
-                                                   "routed_scaling": 1.0}[field]), (name, field)
+        defaults = {"correction_bias": False, "groups": None, "routed_scaling": 1.0, "activation": "silu",
+                    "layout": "concat", "topk_order": "score_then_topk", "expert_bias": False}
+        for field, default in defaults.items():
+            assert spec[field] == want.get(field, default), (name, field, spec[field])
         assert spec["renormalize"] == EXPECTED_SPEC[name]["renormalize"]
         assert spec["shared_expert"] == EXPECTED_SPEC[name]["shared_intermediate"]
         assert spec["shared_gate"] == EXPECTED_SPEC[name].get("shared_gate", False)

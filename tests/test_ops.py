@@ -29,6 +29,20 @@ SPECS = {
     # I >= 256: the op's forward splits gate and up into two GEMMs (moe_torch._SPLIT_MIN_I)
     "wide_split": MoESpec(4, 2, 16, 256, renormalize=True),
     "wide_split_interleaved": MoESpec(4, 2, 16, 256, layout="interleaved", transposed=True),
+    # GPT-OSS: router bias, top-k then softmax, interleaved (E, H, 2I) with biases, clamped SwiGLU
+    # (a limit of 0.5 is reached by many of these random activations, so both clamps are exercised)
+    "gpt_oss": MoESpec(8, 2, 32, 16, topk_order="topk_then_score", router_bias=True, layout="interleaved",
+                       transposed=True, expert_bias=True, activation="clamped_swiglu", act_alpha=1.702,
+                       act_limit=0.5),
+    "separate_bias": MoESpec(5, 2, 16, 8, layout="separate", expert_bias=True),
+    "plain_bias": MoESpec(4, 2, 16, 8, gated=False, activation="relu", expert_bias=True),
+    # DeepSeek-V3: sigmoid, correction bias, 2 of 4 groups by top-2 sum, gathered weights, fp32 router
+    "deepseek_v3": MoESpec(16, 4, 32, 16, scoring="sigmoid", correction_bias=True, groups=4, top_groups=2,
+                           group_score="top2_sum", weights_from="gather", renormalize=True, renorm_eps=1e-20,
+                           routed_scaling=2.5, shared_intermediate=16, router_gemm_fp32=True),
+    # DeepSeek-V2: softmax, 1 of 4 groups by max, dropped groups score 0 (K = 6 > 4 experts per group:
+    # some picks come from dropped groups, with weight 0)
+    "deepseek_v2": MoESpec(16, 6, 32, 16, groups=4, top_groups=1, masked_score=0.0, routed_scaling=2.5),
 }
 
 
@@ -70,6 +84,9 @@ def test_op_gradients_match_reference(name, dtype):
     want = grads(lambda xs, ws: moe_torch.moe_forward_reference(xs, ws, spec))
     for wname, g, w in zip(("x",) + spec.weight_names(), got, want):
         assert g is not None and torch.isfinite(g).all(), wname
+        if w is None:  # the correction bias only steers the discrete choice: its gradient is zero
+            assert wname == "router_correction_bias" and not g.any(), (wname, g)
+            continue
         assert_close(g, w, dtype, kind="grad", what=f"{name} d{wname}")
 
 

@@ -13,7 +13,7 @@ import torch
 
 import moecompile
 from conftest import assert_close
-from helpers_moe import GroupedRouterMoE, capture
+from helpers_moe import ClampedSwiGLUMoE, GroupedRouterMoE, capture
 from moecompile import config, detect, pipeline
 
 
@@ -77,3 +77,20 @@ def test_verification_refuses_a_wrong_group_count(monkeypatch):
     outcome = pipeline.run(gm, inputs, config.make({}), graph_id=0)
     (row,) = outcome.regions
     assert row["status"] == "fallback" and "differs" in row["reason"]
+
+
+def test_clamped_swiglu_with_biases_compiles_and_matches_eager_where_clamps_bite():
+    torch.manual_seed(0)
+    model = ClampedSwiGLUMoE()
+    (row,) = _compile_and_check(model, torch.randn(2, 8, 16))
+    assert row["status"] == "optimized", row["reason"]
+    assert row["spec_full"]["activation"] == "clamped_swiglu" and row["spec_full"]["act_limit"] == 1.0
+    assert row["spec_full"]["expert_bias"] and row["spec_full"]["router_bias"]
+    compiled = torch.compile(model, backend="moe", options={"inner": "eager"})
+    x = torch.randn(3, 5, 16) * 20  # most gate/up values beyond the limit
+    assert_close(compiled(x), model(x), torch.float32, what="large inputs")
+
+
+def test_clamped_swiglu_with_other_limits_falls_back_naming_the_clamp():
+    (row,) = _compile_and_check(ClampedSwiGLUMoE(up_limit=2.0), torch.randn(2, 8, 16))
+    assert row["status"] == "fallback" and "clamp" in row["reason"], row["reason"]

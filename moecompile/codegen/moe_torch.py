@@ -200,13 +200,31 @@ def release_scratch() -> None:
     _scratch.buffers.clear()
 
 
-def _gated(act_name: str, gate: torch.Tensor, up: torch.Tensor, inplace: bool) -> torch.Tensor:
+def _gated(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor, inplace: bool) -> torch.Tensor:
     """act(gate) * up; with `inplace` (gate a view of a fresh GEMM output, rows of unit stride),
     written over gate: no (T*K, I) allocation, the costly part of an elementwise op on CPU."""
+    act_name = spec.activation
+    if act_name == "clamped_swiglu":
+        return clamped_swiglu(gate, up, spec.act_alpha, spec.act_limit)
     if inplace and gate.stride(-1) == 1:
         act = F.silu(gate, inplace=True) if act_name == "silu" else _ACTIVATIONS[act_name](gate)
         return act.mul_(up)
     return _ACTIVATIONS[act_name](gate) * up
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's gated activation: (up.clamp(-limit, limit) + 1) * g * sigmoid(alpha * g), with
+    g = gate.clamp(max=limit)."""
+    g = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(g * alpha))
+
+
+def _plus_bias(h: torch.Tensor, bias: torch.Tensor | None, expert: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """h (S, N) rows of experts `expert` (S,) + bias[expert] (E, N); h unchanged without a bias."""
+    if bias is None:
+        return h
+    rows = bias.index_select(0, expert)
+    return h.add_(rows) if inplace else h + rows
 
 
 def _gate_up_weights(w: torch.Tensor, spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +249,8 @@ def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace:
     # any order within an expert is fine: every (token, k) row is computed alone and put back in place
     perm = torch.sort(flat_ids).indices  # (T*K,)
     token = perm // K  # (T*K,) token of each sorted row
+    expert = flat_ids[perm] if spec.expert_bias else None  # (T*K,) expert of each sorted row
+    bias = (lambda name: weights[name]) if spec.expert_bias else (lambda name: None)  # noqa: E731
     first = weights["gate_proj" if spec.layout == "separate" else ("gate_up_proj" if spec.gated else "up_proj")]
     # inplace on CPU: intermediates go to the scratch buffers; with enough rows per expert the
     # GEMMs write into them too, through a loop of mm (grouped_mm has no out=)
@@ -248,23 +268,25 @@ def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace:
         buf = _scratch.take("inner", 2 * T * K, cols, x) if half else _scratch.take("inner", T * K, cols, x)
         return buf[(half - 1) * T * K: half * T * K] if half else buf
 
+    def project(name: str, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:  # (T*K, out) + bias
+        return _plus_bias(groups.linear(xs, _as_in_out(w, spec), out), bias(name + "_bias"), expert, inplace)
+
     if spec.layout == "separate":
-        gate = groups.linear(xs, _as_in_out(weights["gate_proj"], spec), into(I, 1))
-        h = _gated(spec.activation, gate, groups.linear(xs, _as_in_out(weights["up_proj"], spec), into(I, 2)),
-                   inplace)
-    elif spec.gated and inplace and I >= _SPLIT_MIN_I:
+        gate = project("gate_proj", weights["gate_proj"], into(I, 1))
+        h = _gated(spec, gate, project("up_proj", weights["up_proj"], into(I, 2)), inplace)
+    elif spec.gated and inplace and I >= _SPLIT_MIN_I and not spec.expert_bias:
         # two half-width GEMMs give contiguous gate and up, so act(gate) * up needs no new buffer
         w_gate, w_up = _gate_up_weights(weights["gate_up_proj"], spec)
         gate = groups.linear(xs, _as_in_out(w_gate, spec), into(I, 1))
-        h = _gated(spec.activation, gate, groups.linear(xs, _as_in_out(w_up, spec), into(I, 2)), inplace)
+        h = _gated(spec, gate, groups.linear(xs, _as_in_out(w_up, spec), into(I, 2)), inplace)
     elif spec.gated:
-        gate, up = _split_gate_up(groups.linear(xs, _as_in_out(weights["gate_up_proj"], spec), into(2 * I)),
-                                  spec)
-        h = _gated(spec.activation, gate, up, inplace)
+        gate, up = _split_gate_up(project("gate_up_proj", weights["gate_up_proj"], into(2 * I)), spec)
+        h = _gated(spec, gate, up, inplace)
     else:
-        h = _ACTIVATIONS[spec.activation](groups.linear(xs, _as_in_out(weights["up_proj"], spec), into(I)))
+        h = _ACTIVATIONS[spec.activation](project("up_proj", weights["up_proj"], into(I)))
     w_sorted = topk_w.reshape(-1)[perm].unsqueeze(-1)  # (T*K, 1)
-    if inplace and x.device.type == "cpu" and h.dtype == torch.promote_types(h.dtype, w_sorted.dtype):
+    if (inplace and x.device.type == "cpu" and h.dtype == torch.promote_types(h.dtype, w_sorted.dtype)
+            and not spec.expert_bias):
         # (w * h) @ W_down == w * (h @ W_down): scaling the I-wide rows costs less than the H-wide ones,
         # and CPU index_add_ adds rows in index order, so the combine is deterministic. The sorted
         # rows of x are dead by now: the down GEMM writes over them.
@@ -272,7 +294,8 @@ def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace:
         y = groups.linear(h.mul_(w_sorted), _as_in_out(weights["down_proj"], spec),
                           rows if gemm_into_scratch else None)  # (T*K, H)
         return (y.new_zeros(T, H) if acc is None else acc).index_add_(0, token, y)
-    y = groups.linear(h, _as_in_out(weights["down_proj"], spec))  # (T*K, H)
+    y = _plus_bias(groups.linear(h, _as_in_out(weights["down_proj"], spec)), bias("down_proj_bias"), expert,
+                   inplace)  # (T*K, H)
     y = y * w_sorted  # promotes to the weights' dtype, as traced code does
     unsorted = torch.empty_like(y).index_copy(0, perm, y)  # (T*K, H) back in (token, k) order
     out = unsorted.view(T, K, H).sum(dim=1).to(x.dtype)
@@ -280,8 +303,7 @@ def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace:
 
 
 def _shared_expert(x, weights, spec: MoESpec) -> torch.Tensor:
-    act = _ACTIVATIONS[spec.activation]
-    h = act(F.linear(x, weights["shared_gate_proj"])) * F.linear(x, weights["shared_up_proj"])
+    h = _gated(spec, F.linear(x, weights["shared_gate_proj"]), F.linear(x, weights["shared_up_proj"]), False)
     out = F.linear(h, weights["shared_down_proj"])  # (T, H)
     if spec.shared_gate:
         out = torch.sigmoid(F.linear(x, weights["shared_expert_gate"])) * out
@@ -294,7 +316,7 @@ def _shared_expert_cpu(x, weights, spec: MoESpec) -> torch.Tensor:
     T, Ish = x.shape[0], spec.shared_intermediate
     inner = _scratch.take("inner", 2 * T, Ish, x)
     gate = torch.mm(x, weights["shared_gate_proj"].t(), out=inner[:T])
-    h = _gated(spec.activation, gate, torch.mm(x, weights["shared_up_proj"].t(), out=inner[T:]), True)
+    h = _gated(spec, gate, torch.mm(x, weights["shared_up_proj"].t(), out=inner[T:]), True)
     out = torch.mm(h, weights["shared_down_proj"].t(), out=x.new_empty(T, spec.hidden))
     if spec.shared_gate:
         out.mul_(torch.sigmoid(F.linear(x, weights["shared_expert_gate"])))
@@ -336,22 +358,26 @@ def moe_forward_reference(x: torch.Tensor, weights: list[torch.Tensor], spec: Mo
     topk_w, topk_ids = route(x, w, spec)
     if on_route is not None:
         on_route(topk_ids)
-    act = _ACTIVATIONS[spec.activation]
     acc = torch.zeros(x.shape[0], x.shape[1], dtype=torch.promote_types(x.dtype, topk_w.dtype),
                       device=x.device)
+
+    def linear(xe, name, e):  # one expert's projection, with its bias if the spec has biases
+        out = xe @ _as_in_out(w[name], spec)[e]
+        return out + w[name + "_bias"][e] if spec.expert_bias else out
+
     for e in range(spec.num_experts):
         tok, slot = torch.where(topk_ids == e)
         if tok.numel() == 0:
             continue
         xe = x[tok]
         if spec.layout == "separate":
-            h = act(xe @ _as_in_out(w["gate_proj"], spec)[e]) * (xe @ _as_in_out(w["up_proj"], spec)[e])
+            h = _gated(spec, linear(xe, "gate_proj", e), linear(xe, "up_proj", e), False)
         elif spec.gated:
-            gate, up = _split_gate_up(xe @ _as_in_out(w["gate_up_proj"], spec)[e], spec)
-            h = act(gate) * up
+            gate, up = _split_gate_up(linear(xe, "gate_up_proj", e), spec)
+            h = _gated(spec, gate, up, False)
         else:
-            h = act(xe @ _as_in_out(w["up_proj"], spec)[e])
-        y = h @ _as_in_out(w["down_proj"], spec)[e]
+            h = _ACTIVATIONS[spec.activation](linear(xe, "up_proj", e))
+        y = linear(h, "down_proj", e)
         acc = acc.index_add(0, tok, y * topk_w[tok, slot].unsqueeze(-1))
     out = acc.to(x.dtype)
     if spec.shared_intermediate:

@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from ..fx import is_inplace, kind, meta_value
+from .experts import clamp_bounds
 from ..ir import MoESpec
 
 NUMERIC, INDEX, SHAPE = "numeric", "index", "shape"
@@ -54,7 +55,8 @@ _ARITH = {"mul", "add", "div", "truediv", "sum"}
 _SELECTS = {"where", "masked_fill"}
 # Ops the spec decides (checked by `unexplained`).
 _SPEC_OPS = {"softmax", "sigmoid", "silu", "gelu", "relu", "topk"}
-NUMERIC_OPS = _GEMMS | _MOVEMENT | _SCATTER | _CREATE | _ARITH | _SELECTS | _SPEC_OPS | {"dropout"}
+# Clamps are numeric only where the spec models them (GPT-OSS's clamped SwiGLU, `unexplained`).
+NUMERIC_OPS = _GEMMS | _MOVEMENT | _SCATTER | _CREATE | _ARITH | _SELECTS | _SPEC_OPS | {"dropout", "clamp"}
 
 INDEX_OPS = _MOVEMENT | _SCATTER | _CREATE | _ARITH | _SELECTS | {
     "sort", "argsort", "cumsum", "histc", "bincount", "one_hot", "nonzero", "argwhere", "floordiv",
@@ -118,9 +120,17 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
     """Why `spec` does not model every node of the cover, or None if it does."""
     if cover.count("topk") != 1:
         return f"{cover.count('topk')} top-k ops on the layer's values; the spec models one"
+    clamps = [(node, clamp_bounds(node)) for node, k, c in cover.nodes if k == "clamp" and c == NUMERIC]
+    L = spec.act_limit
+    if clamps and (spec.activation != "clamped_swiglu" or len(clamps) != 2 or sorted(
+            (b for _, b in clamps), key=str) != sorted([(None, L), (-L, L)], key=str)):
+        node, bounds = clamps[0]
+        return (f"clamp ({node.name}, min={bounds[0]}, max={bounds[1]}) on the layer's values is not part "
+                f"of any MoE layer the compiler models")
     scoring_ok = {"softmax": spec.scoring == "softmax",
                   # sigmoid: router scoring, the shared expert's gate, or silu spelled x * sigmoid(x)
-                  "sigmoid": spec.scoring == "sigmoid" or spec.shared_gate or spec.activation == "silu",
+                  "sigmoid": spec.scoring == "sigmoid" or spec.shared_gate or spec.activation in (
+                      "silu", "clamped_swiglu"),
                   "silu": spec.activation == "silu", "relu": spec.activation == "relu",
                   "gelu": spec.activation in ("gelu", "gelu_tanh")}
     for node, k, c in cover.nodes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..fx import op_kind, shape_of
+from ..fx import kind, op_kind, shape_of
 from ..ir import MoESpec
 
 
@@ -16,10 +16,13 @@ def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, r
                  has_shared, dtype) -> list:
     """All (spec, weights) that fit the shapes and the ops seen; verification picks among them.
     `router` is the router's weight inputs in `MoESpec.weight_names()` order."""
-    kinds = {op_kind(n) for n in nodes}
+    kinds = {kind(n) for n in nodes}
     acts = [a for a in ("silu", "gelu", "relu") if a in kinds]
-    activations = []
-    for a in acts or ["silu"]:
+    activations = []  # names, or (name, {fields})
+    clamped = _clamped_swiglu(nodes)
+    if clamped is not None:
+        activations.append(("clamped_swiglu", clamped))
+    for a in acts or ([] if clamped else ["silu"]):
         if a == "gelu":
             approx = {n.kwargs.get("approximate", "none") for n in nodes if op_kind(n) == "gelu"}
             activations += ["gelu_tanh" if ap == "tanh" else "gelu" for ap in sorted(approx)]
@@ -42,6 +45,8 @@ def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, r
     layouts = ["interleaved", "concat"] if any(
         op_kind(n) == "getitem" and _has_step2(n) for n in nodes) else ["concat", "interleaved"]
 
+    biases = [p for p in shared_params if _is_expert_bias(p, E)]  # (E, out) rows picked by expert id
+    shared_params = [p for p in shared_params if p not in biases]
     expert_options = []  # (fields, weights)
     if len(expert_weights) == 2:
         w1, w2 = (shape_of(w) for w in expert_weights)
@@ -69,18 +74,58 @@ def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, r
         shared_options = _shared_options(shared_params, H)
     elif shared_params:
         return []
+    if biases:
+        expert_options = [({**f, "expert_bias": True}, _with_biases(w, biases)) for f, w in expert_options]
+        expert_options = [(f, w) for f, w in expert_options if w is not None]
     options = []
     for act in activations:
+        act_fields = {"activation": act} if isinstance(act, str) else {"activation": act[0], **act[1]}
         for fields_e, weights_e in expert_options:
             for fields_s, weights_s in shared_options:
                 try:
-                    spec = MoESpec(**{**base, **fields_e, **fields_s, "activation": act})
+                    spec = MoESpec(**{**base, **fields_e, **fields_s, **act_fields})
                 except ValueError:
                     continue
                 weights = tuple(router + list(weights_e) + list(weights_s))
                 if [shape_of(w) for w in weights] == list(spec.weight_shapes().values()):
                     options.append((spec, weights))
     return options
+
+
+def _is_expert_bias(node: fx.Node, E: int) -> bool:
+    """A 2D weight (E, out) that the layer indexes by expert id (bias[expert_ids]), not a matrix."""
+    shape = shape_of(node) or ()
+    return len(shape) == 2 and shape[0] == E and any(
+        kind(u) in ("getitem", "index_select", "index", "embedding", "gather") for u in node.users)
+
+
+def _with_biases(weights: list, biases: list) -> list | None:
+    """Expert weights with their biases in `MoESpec.weight_names()` order (biases in order of use)."""
+    if len(weights) == 2 and len(biases) == 2:
+        return [weights[0], biases[0], weights[1], biases[1]]
+    if len(weights) == 3 and len(biases) == 3:
+        return [weights[0], weights[1], biases[0], biases[1], weights[2], biases[2]]
+    return None
+
+
+def _clamped_swiglu(nodes) -> dict | None:
+    """alpha and limit of GPT-OSS's activation when the layer has its two clamps:
+    gate.clamp(max=L), up.clamp(-L, L), gate * sigmoid(gate * alpha)."""
+    bounds = [clamp_bounds(n) for n in nodes if kind(n) == "clamp"]
+    limits = {hi for lo, hi in bounds if lo is None} & {hi for lo, hi in bounds if lo is not None and lo == -hi}
+    if len(bounds) != 2 or len(limits) != 1:
+        return None
+    alphas = [a for n in nodes if kind(n) == "mul" and any(kind(u) == "sigmoid" for u in n.users)
+              for a in n.args if isinstance(a, float)]
+    return {"act_limit": float(limits.pop()), "act_alpha": alphas[0] if len(set(alphas)) == 1 else 1.0}
+
+
+def clamp_bounds(node: fx.Node) -> tuple:
+    """(min, max) of a clamp node, None where unbounded: clamp(x, lo, hi), clamp(min=, max=)."""
+    args = list(node.args[1:]) + [None, None]
+    lo = node.kwargs.get("min", args[0])
+    hi = node.kwargs.get("max", args[1])
+    return (lo if isinstance(lo, (int, float)) else None, hi if isinstance(hi, (int, float)) else None)
 
 
 def _has_step2(node: fx.Node) -> bool:

@@ -103,7 +103,7 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         if isinstance(router, fx.Node) and op_kind(router) == "linear":  # reported under the router's name
             cand.name = region_name(walk_back(router.args[1], ("cast",))[0], index)
             cand.x2d = router.args[0]
-            cand.x, _ = walk_back(cand.x2d, ("reshape", "cast"))
+            cand.x = _layer_input(cand.x2d)
         raise _Reject(selection.reason)
     if not isinstance(router, fx.Node) or op_kind(router) != "linear":
         _reject_router_path(cand, router, index)
@@ -118,7 +118,7 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         raise _Reject("top-k k is not a constant")
     cand.name = region_name(w_router, index)
     x2d = router.args[0]
-    x, _ = walk_back(x2d, ("reshape", "cast"))
+    x = _layer_input(x2d)
     cand.x, cand.x2d = x, x2d
     x_shape = shape_of(x)
     if x_shape is None or x_shape[-1] != H:
@@ -217,6 +217,26 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
     cand.options = [(s, w) for s, w in options if cover.unexplained(region_cover, s) is None]
     if not cand.options:
         raise _Reject(cover.unexplained(region_cover, options[0][0]))
+
+
+def _layer_input(x2d: fx.Node) -> fx.Node:
+    """The layer input behind the router's input: back through views, and through the router's own
+    upcast to float32 (DeepSeek's `x.view(-1, H).type(torch.float32)`), but not through a cast that
+    made the layer input (a norm's `.to(input_dtype)` back to bf16)."""
+    node = x2d
+    while isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node):
+        k = op_kind(node)
+        if k == "reshape" or (k == "cast" and _is_upcast(node)):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _is_upcast(cast: fx.Node) -> bool:
+    out, src = value_of(cast), value_of(cast.args[0])
+    return out is not None and src is not None and out.dtype == torch.float32 and src.dtype in (
+        torch.float32, torch.bfloat16, torch.float16)
 
 
 def _reject_router_path(cand: Candidate, stop, index: int) -> None:
