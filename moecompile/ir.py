@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -29,6 +30,7 @@ LAYOUTS = ("concat", "interleaved", "separate")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 GROUP_SCORES = ("max", "top2_sum")
 WEIGHTS_FROM = ("topk", "gather")
+CAPACITY_ORDERS = ("token_major", "k_major")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,12 @@ class MoESpec:
     group_score: str = "max"  # max | top2_sum
     masked_score: float = float("-inf")  # what experts of dropped groups score (V3 -inf, V2 0.0)
     weights_from: str = "topk"  # topk: the selected choice values | gather: scores at the chosen ids
+    # Capacity (Switch / GShard): each expert takes at most C = round(capacity_factor * T * K / E)
+    # (token, k) pairs, in `capacity_order` (token_major: t then k; k_major: every token's first
+    # choice before any second choice); the weights of the pairs beyond are zero. 0: no capacity.
+    capacity_factor: float = 0.0
+    capacity_order: str = "token_major"
+    capacity_rounding: str = "floor"  # floor | ceil
     # -- experts --
     activation: str = "silu"
     # clamped_swiglu (GPT-OSS): g = gate.clamp(max=act_limit), u = up.clamp(-act_limit, act_limit),
@@ -89,12 +97,23 @@ class MoESpec:
         if self.group_score not in GROUP_SCORES or self.weights_from not in WEIGHTS_FROM:
             raise ValueError(f"MoESpec.group_score={self.group_score!r} not in {GROUP_SCORES} or "
                              f"weights_from={self.weights_from!r} not in {WEIGHTS_FROM}")
+        if self.capacity_factor < 0 or self.capacity_order not in CAPACITY_ORDERS or \
+                self.capacity_rounding not in ("floor", "ceil"):
+            raise ValueError(f"MoESpec: capacity_factor={self.capacity_factor}, capacity_order="
+                             f"{self.capacity_order!r}, capacity_rounding={self.capacity_rounding!r}")
         if (self.groups > 1 or self.correction_bias) and self.topk_order != "score_then_topk":
             raise ValueError("MoESpec: grouped or biased expert choice needs topk_order='score_then_topk'")
         if self.activation == "clamped_swiglu" and not (self.gated and self.act_limit > 0):
             raise ValueError("MoESpec: clamped_swiglu needs gated experts and act_limit > 0")
         if self.layout != "concat" and not self.gated:
             raise ValueError(f"MoESpec.layout={self.layout!r} needs gated experts")
+
+    def capacity(self, tokens: int) -> int:
+        """C for `tokens` tokens (capacity_factor > 0)."""
+        exact = self.capacity_factor * tokens * self.top_k / self.num_experts
+        # NOTE: the factor is read off a traced C as C * E / (T * K); the tolerance keeps the float
+        # round trip from moving C by one
+        return math.ceil(exact - 1e-9) if self.capacity_rounding == "ceil" else math.floor(exact + 1e-9)
 
     def weight_names(self) -> tuple[str, ...]:
         """Names of the op's weight list, in order; shapes are in `weight_shapes`."""
@@ -148,6 +167,8 @@ class MoESpec:
             "shared_gate": self.shared_gate, "dtype": self.dtype,
             "routed_scaling": self.routed_scaling, "correction_bias": self.correction_bias,
             "groups": f"{self.top_groups}/{self.groups} by {self.group_score}" if self.groups > 1 else None,
+            "capacity": (f"{self.capacity_factor:g} x T*K/E ({self.capacity_rounding}, {self.capacity_order})"
+                         if self.capacity_factor else None),
         }
 
 

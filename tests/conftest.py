@@ -28,6 +28,22 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.float(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_grads_close(got: list, want: list, names: list, dtype: torch.dtype, what: str = "") -> None:
+    """Gradients of one loss, compiled vs eager. A gradient that is zero in exact arithmetic (the
+    router's when K = 1 and weights are renormalized: w = p / p) is rounding noise on both sides, of
+    the size of 64 ulps of the largest gradient; it is compared on that scale, not its own."""
+    scale = max((float(w.abs().max()) for w in want if w is not None), default=0.0)
+    noise = 64 * torch.finfo(dtype).eps * scale
+    for g, w, name in zip(got, want, names):
+        assert (g is None) == (w is None), name
+        if w is None:
+            continue
+        if float(w.abs().max()) <= noise:
+            assert float(g.abs().max()) <= noise, (what, name, float(g.abs().max()), noise)
+        else:
+            assert_close(g, w, dtype, kind="grad", what=f"{what} d{name}")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     import moecompile.report

@@ -23,9 +23,13 @@ def _run(model, *args, **options):
     return gm, inputs, pipeline.run(gm, inputs, config.make(options), graph_id=0)
 
 
-def test_capacity_drops_only_concentrated_routing_sees_are_caught():
+def test_capacity_drops_only_concentrated_routing_sees_are_caught(monkeypatch):
     """Capacity 2.5x the mean per-expert load: N(0, 1) inputs never reach it, routing every token
-    to a few experts does. The op has no capacity, so the layer must stay as traced."""
+    to a few experts does. With capacity detection switched off (a spec without capacity), the
+    layer must stay as traced, refused by a probe other than randn."""
+    from moecompile.detect import match
+
+    monkeypatch.setattr(match, "capacity_options", lambda *args: [{}])
     model = NearMoE(E=8, K=2, capacity=2.5)
     x = torch.randn(2, 32, 16)
     with torch.no_grad():
@@ -40,6 +44,18 @@ def test_capacity_drops_only_concentrated_routing_sees_are_caught():
     with torch.no_grad():
         assert not torch.equal(model(one_token), full(one_token))
         torch.testing.assert_close(gm(one_token, *inputs[1:])[0], model(one_token))
+
+
+def test_capacity_is_modeled_and_drops_exactly_what_the_layer_drops():
+    model = NearMoE(E=8, K=2, capacity=2.5)
+    x = torch.randn(2, 32, 16)
+    with torch.no_grad():
+        gm, inputs, outcome = _run(model, x)
+        (row,) = outcome.regions
+        assert row["status"] == "optimized", row["reason"]
+        assert row["spec"]["capacity"].endswith("(floor, token_major)"), row["spec"]
+        for probe in (torch.randn(1, 1, 16).expand(2, 32, 16).contiguous(), torch.randn(2, 32, 16) * 50):
+            assert_close(gm(probe, *inputs[1:])[0], model(probe), torch.float32, what="capacity probe")
 
 
 @pytest.mark.parametrize("site, op", [("input", "clamp"), ("gate", "clamp_max"), ("act", "soft_clamp")])

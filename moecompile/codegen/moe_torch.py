@@ -53,7 +53,22 @@ def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec):
         topk_w = topk_w * spec.routed_scaling
     if spec.weights_in_input_dtype:
         topk_w = topk_w.to(logits.dtype)
+    if spec.capacity_factor:
+        topk_w = topk_w * _within_capacity(topk_ids, spec).to(topk_w.dtype)
     return topk_w, topk_ids
+
+
+def _within_capacity(topk_ids: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    """(T, K) bool: the (token, k) pairs each expert takes before it is full (Switch / GShard)."""
+    T, K = topk_ids.shape
+    flat = (topk_ids.t() if spec.capacity_order == "k_major" else topk_ids).reshape(-1)  # pairs in order
+    _, order = torch.sort(flat, stable=True)  # (T*K,) grouped by expert, in pair order within each
+    counts = torch.bincount(flat, minlength=spec.num_experts)
+    starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted position of each expert
+    rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # position in its expert
+    position = torch.empty_like(rank).scatter_(0, order, rank)
+    keep = position < spec.capacity(T)
+    return keep.view(K, T).t() if spec.capacity_order == "k_major" else keep.view(T, K)
 
 
 def _choice(scores: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec) -> torch.Tensor:

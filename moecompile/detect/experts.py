@@ -5,6 +5,8 @@ same function.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.fx as fx
 
@@ -78,17 +80,16 @@ def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, r
         expert_options = [({**f, "expert_bias": True}, _with_biases(w, biases)) for f, w in expert_options]
         expert_options = [(f, w) for f, w in expert_options if w is not None]
     options = []
-    for act in activations:
-        act_fields = {"activation": act} if isinstance(act, str) else {"activation": act[0], **act[1]}
-        for fields_e, weights_e in expert_options:
-            for fields_s, weights_s in shared_options:
-                try:
-                    spec = MoESpec(**{**base, **fields_e, **fields_s, **act_fields})
-                except ValueError:
-                    continue
-                weights = tuple(router + list(weights_e) + list(weights_s))
-                if [shape_of(w) for w in weights] == list(spec.weight_shapes().values()):
-                    options.append((spec, weights))
+    acts = [{"activation": a} if isinstance(a, str) else {"activation": a[0], **a[1]} for a in activations]
+    for act_fields, (fields_e, weights_e), (fields_s, weights_s), fields_c in itertools.product(
+            acts, expert_options, shared_options, facts.get("capacities", [{}])):
+        try:
+            spec = MoESpec(**{**base, **fields_e, **fields_s, **act_fields, **fields_c})
+        except ValueError:
+            continue
+        weights = tuple(router + list(weights_e) + list(weights_s))
+        if [shape_of(w) for w in weights] == list(spec.weight_shapes().values()):
+            options.append((spec, weights))
     return options
 
 

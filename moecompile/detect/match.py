@@ -25,6 +25,7 @@ from ..fx import (Flow, getitem_users, is_autocast, is_grad_mode, is_inplace, ki
                   topk_k, value_of, walk_back)
 from ..ir import DTYPES
 from . import cover
+from .capacity import capacity_options
 from .experts import spec_options
 from .router import Selection, match_selection, router_facts
 
@@ -194,6 +195,7 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
     # 5. Specs that fit.
     facts = router_facts(flow, topk, chain, inside, router, selection.scores if selection else None)
     facts["gemm_fp32"] = value_of(x2d).dtype == torch.float32 != value_of(x).dtype
+    facts["capacities"] = capacity_options(nodes, _traced_tokens(x2d), K, E)
     bias = selection.correction_bias if selection else None
     if selection:
         facts.update(groups=selection.groups, top_groups=selection.top_groups,
@@ -231,6 +233,15 @@ def _layer_input(x2d: fx.Node) -> fx.Node:
         else:
             break
     return node
+
+
+def _traced_tokens(x2d: fx.Node) -> int | None:
+    """T the graph was traced at (a dynamic size's hint)."""
+    value = value_of(x2d)
+    if value is None or value.dim() != 2:
+        return None
+    T = value.shape[0]
+    return T if isinstance(T, int) else getattr(T.node, "hint", None)
 
 
 def _is_upcast(cast: fx.Node) -> bool:
