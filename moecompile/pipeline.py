@@ -47,8 +47,16 @@ def _record(graph_id, cand: detect.Candidate, spec, status, reason, kernels, ver
     E, K, H, I = (spec.num_experts, spec.top_k, spec.hidden, spec.intermediate) if spec else _candidate_shape(cand)
     return RegionRecord(graph=graph_id, name=cand.name, num_experts=E, top_k=K, hidden=H, intermediate=I,
                         status=status, reason=reason, kernels=kernels, spec=spec.summary() if spec else {},
-                        experts_impl=cand.experts_impl, verify_ms=round(verify_ms, 1), idiom=cand.idiom,
+                        experts_impl=cand.experts_impl, verify_ms=round(verify_ms, 1),
+                        idiom=_idiom(cand, spec), family=cand.family,
                         spec_full=_json_safe(dataclasses.asdict(spec)) if spec else {})
+
+
+def _idiom(cand: detect.Candidate, spec) -> str:
+    """The idiom of the spec verification chose (detection named it after its first option)."""
+    from .detect import idioms
+
+    return idioms.idiom_of(spec, cand.nodes) if spec is not None else cand.idiom
 
 
 def _json_safe(fields: dict) -> dict:

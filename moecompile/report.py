@@ -61,7 +61,8 @@ class RegionRecord(_Row):
     spec: dict = field(default_factory=dict)  # MoESpec.summary() (full spec in spec_full)
     experts_impl: str = ""
     verify_ms: float = 0.0
-    idiom: str = ""  # the pattern detection recognized (see detect/idioms.py)
+    idiom: str = ""  # the pattern detection recognized, "router + dispatch" (detect/idioms.py)
+    family: str = ""  # the transformers model family of the layer's code ("" for one's own)
     spec_full: dict = field(default_factory=dict)  # every MoESpec field
 
     def fallback(self, reason: str) -> "RegionRecord":

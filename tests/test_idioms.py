@@ -12,6 +12,9 @@ import moecompile
 from conftest import assert_close, assert_grads_close
 from helpers_idioms import IDIOMS, CapacityDispatch
 
+IDIOM = {"gathered_einsum": "topk + gathered-weights", "sorted_grouped_mm": "topk + grouped-gemm",
+         "dense_masked": "topk + dense-all-experts", "capacity_dispatch": "capacity + one-hot-dispatch",
+         "switch_top1": "capacity + one-hot-dispatch", "gshard_top2_tight": "capacity + one-hot-dispatch"}
 CASES = {**{name: (cls, {}) for name, cls in IDIOMS.items()},
          "switch_top1": (CapacityDispatch, {"K": 1, "capacity_factor": 1.0}),
          "gshard_top2_tight": (CapacityDispatch, {"K": 2, "capacity_factor": 0.5, "renormalize": False})}
@@ -44,6 +47,7 @@ def test_idiom_is_optimized_and_matches_eager(name):
         assert_grads_close(*grads, ["x"] + [n for n, _ in model.named_parameters()], dtype, what=name)
     rows = moecompile.last_report().regions
     assert rows and all(r["status"] == "optimized" for r in rows), rows
+    assert rows[0]["idiom"] == IDIOM[name] and rows[0]["family"] == ""
     if cls is CapacityDispatch:  # GShard queues every token's first choice before second choices
         assert rows[0]["spec"]["capacity"] is not None
         assert rows[0]["spec_full"]["capacity_order"] == ("k_major" if model.K > 1 else "token_major")

@@ -47,6 +47,7 @@ def _check_report(name, layers=2):
     assert all(r["status"] == "optimized" and r["reason"] is None for r in rows), rows
     assert all(r["passes"] == ["lower"] and r["kernels"] == "torch" for r in rows)
     for r in rows:
+        assert r["family"] == name and r["idiom"].endswith(("grouped-gemm", "gathered-weights")), r
         assert (r["hidden"], r["num_experts"], r["top_k"], r["intermediate"]) == (
             64, EXPECTED_SPEC[name]["num_experts"], EXPECTED_SPEC[name]["top_k"],
             EXPECTED_SPEC[name]["intermediate"])

@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..fx import (Flow, getitem_users, is_autocast, is_grad_mode, is_inplace, kind, op_kind, shape_of,
                   topk_k, value_of, walk_back)
 from ..ir import DTYPES
-from . import cover
+from . import cover, idioms
 from .capacity import capacity_options
 from .experts import spec_options
 from .router import Selection, match_selection, router_facts
@@ -51,6 +51,7 @@ class Candidate:
     reason: str | None = None  # set when this is not (or not safely) an MoE layer
     extra_inputs: tuple = ()  # free inputs that are neither x nor weights (symbolic sizes)
     idiom: str = ""  # which known pattern matched (detect/idioms.py)
+    family: str = ""  # the transformers model family the layer's code comes from, if any
     selection: Selection | None = None  # a DeepSeek-style expert choice before top-k
 
     @property
@@ -148,6 +149,10 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
             cand.output, expert_weights = node, weights3d
             break
     if cand.output is None:
+        if not any(len(shape_of(n) or ()) == 3 and (shape_of(n) or (0,))[0] == E and n.op == "placeholder"
+                   for d in after_topk for n in d.all_input_nodes):
+            raise _Reject("top-k's routing leaves this graph before any 3D expert weight is used: the "
+                          "layer is split across graphs (a graph break inside it)")
         raise _Reject("no (T, H) value after top-k combines the outputs of 3D expert weights")
     while len(cand.output.users) == 1 and op_kind(next(iter(cand.output.users))) == "cast":
         cand.output = next(iter(cand.output.users))
@@ -219,6 +224,9 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
     cand.options = [(s, w) for s, w in options if cover.unexplained(region_cover, s) is None]
     if not cand.options:
         raise _Reject(cover.unexplained(region_cover, options[0][0]))
+    cand.family = idioms.family_of(topk)
+    cand.options = idioms.by_hints(cand.options, cand.family)
+    cand.idiom = idioms.idiom_of(cand.options[0][0], nodes)
 
 
 def _layer_input(x2d: fx.Node) -> fx.Node:
