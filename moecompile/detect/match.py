@@ -143,8 +143,10 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         anc = flow.ancestors(node) - x_anc
         if routing_weights and not any(v in anc for v in routing_weights):
             continue
-        weights3d = [n for n in anc if n.op == "placeholder" and len(shape_of(n) or ()) == 3
-                     and shape_of(n)[0] == E]
+        # graph inputs the layer's own nodes read (a weight x also depends on, when layers share
+        # weights or one layer runs twice, is still this layer's weight)
+        weights3d = list({d for n in anc for d in n.all_input_nodes if d.op == "placeholder" and d is not x
+                          and len(shape_of(d) or ()) == 3 and shape_of(d)[0] == E})
         if len(weights3d) >= 2:
             cand.output, expert_weights = node, weights3d
             break
@@ -191,8 +193,8 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
     params = {n for n in tensors if n.op == "placeholder" and n is not x
               and (_is_weight(n) or n is w_router or n is b_router or (shape_of(n) or (0,))[0] == E)}
     stray = tensors - params - {x} - x_anc
-    if stray or (tensors & x_anc) - {x}:
-        bad = sorted(n.name for n in (stray | ((tensors & x_anc) - {x})))
+    if stray or (tensors & x_anc) - {x} - params:
+        bad = sorted(n.name for n in (stray | ((tensors & x_anc) - {x} - params)))
         raise _Reject(f"layer reads activations other than its input: {bad}")
     cand.extra_inputs = tuple(sorted(free - tensors, key=flow.order.__getitem__))
     cand.experts_impl = _experts_impl(nodes)

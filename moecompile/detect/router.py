@@ -125,6 +125,10 @@ def router_facts(flow: Flow, topk, chain, inside, router, scores=None) -> dict:
                     facts["renorm_eps"] = next(a for a in u.args if isinstance(a, float))
         elif kind_ == "mul" and any(isinstance(a, float) for a in n.args):
             facts["scale"] = next(a for a in n.args if isinstance(a, float))
+        elif (kind_ == "cast" and facts["scoring_before"] is None and facts["scoring_after"] is None
+              and value_of(n) is not None and value_of(n).dtype == torch.float32 and isinstance(n.args[0], fx.Node)
+              and value_of(n.args[0]) is not None and value_of(n.args[0]).dtype != torch.float32):
+            facts["fp32"] = True  # top-k logits scored in float32: score(top.float())
         elif kind_ == "cast" and value_of(n) is not None and value_of(n).dtype != torch.float32 \
                 and value_of(n).dim() == 2 and value_of(n).shape[-1] == topk_k(topk):
             facts["to_input_dtype"] = True
