@@ -149,6 +149,7 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
                           and len(shape_of(d) or ()) == 3 and shape_of(d)[0] == E})
         if len(weights3d) >= 2:
             cand.output, expert_weights = node, weights3d
+            cand.name = _block_name(w_router, weights3d, cand.name)
             break
     if cand.output is None:
         if not any(len(shape_of(n) or ()) == 3 and (shape_of(n) or (0,))[0] == E and n.op == "placeholder"
@@ -243,6 +244,23 @@ def _layer_input(x2d: fx.Node) -> fx.Node:
         else:
             break
     return node
+
+
+def _block_name(w_router: fx.Node, experts: list, default: str) -> str:
+    """The module holding both the router and the experts ('model.layers.3.mlp'), read off the
+    graph inputs' names; `default` when they share no module."""
+    paths = []
+    for n in [w_router, *experts]:
+        text = re.sub(r"^[Ll]_self_", "", n.name).rstrip("_").split("_parameters_")[0].split("_buffers_")[0]
+        if not text.startswith("modules_"):
+            return default
+        paths.append(text[len("modules_"):].split("_modules_"))
+    common = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common) or default
 
 
 def _traced_tokens(x2d: fx.Node) -> int | None:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..fx import Flow, shape_of
+from ..fx import Flow, kind, shape_of
 
-_LIST_EXPERT = re.compile(r"^(.*?)_modules_(experts?|local_experts|expert_list|mlps?)_modules_(\d+)_")
+_EXPERTISH = re.compile(r"expert|moe", re.IGNORECASE)
+_LIST_EXPERT = re.compile(r"^(.*?)_modules_(experts?|local_experts|expert_list|mlps?)_modules_(?:expert_)?(\d+)_")
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,10 @@ def _module_path(text: str) -> str:
     return ".".join(text.split("_modules_"))
 
 
-def _expert_params(gm: fx.GraphModule) -> dict[str, dict]:
-    """Layer name -> {'nodes': [...], 'E': int, 'H': int} for every expert weight input of the graph."""
+def _expert_params(gm: fx.GraphModule, routed_widths: set) -> dict[str, dict]:
+    """Layer name -> {'nodes': [...], 'E': int, 'H': int} for every expert weight input of the graph:
+    3D parameters named like experts, or whose leading size is the width of a top-k in the graph
+    (a 3D convolution weight of an attention block is neither)."""
     layers: dict[str, dict] = {}
     for node in gm.graph.nodes:
         if node.op != "placeholder" or "_parameters_" not in node.name:
@@ -57,7 +60,8 @@ def _expert_params(gm: fx.GraphModule) -> dict[str, dict]:
             entry = layers.setdefault(layer, {"nodes": [], "ids": set(), "E": 0, "H": 0})
             entry["ids"].add(int(listed.group(3)))
             entry["E"] = len(entry["ids"])
-        elif len(shape) == 3 and all(isinstance(d, int) for d in shape) and shape[0] > 1:
+        elif (len(shape) == 3 and all(isinstance(d, int) for d in shape) and shape[0] > 1
+              and (_EXPERTISH.search(node.name) or shape[0] in routed_widths or _used_as_experts(node))):
             path = _module_path(owner)
             layer = path.rsplit(".", 1)[0] if "." in path else (path if owner.startswith(("L_self_modules", "l_self_modules")) else "(model)")
             entry = layers.setdefault(layer, {"nodes": [], "ids": set(), "E": shape[0], "H": 0})
@@ -68,6 +72,18 @@ def _expert_params(gm: fx.GraphModule) -> dict[str, dict]:
         if len(shape) >= 2 and not entry["H"]:
             entry["H"] = min(d for d in shape[-2:] if isinstance(d, int)) if listed else 0
     return layers
+
+
+def _used_as_experts(node: fx.Node) -> bool:
+    """Indexed by a tensor of ids (W[ids]: each token's experts) or multiplied by a grouped GEMM."""
+    for user in node.users:
+        k = kind(user)
+        if "grouped_mm" in k:
+            return True
+        if k in ("getitem", "index_select") and len(user.args) > 1 and any(
+                isinstance(a, fx.Node) for a in (user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],))):
+            return True
+    return False
 
 
 def unmatched_expert_layers(gm: fx.GraphModule, candidates) -> list[UnmatchedLayer]:
@@ -82,7 +98,9 @@ def unmatched_expert_layers(gm: fx.GraphModule, candidates) -> list[UnmatchedLay
             after_routing.update(weights)
     has_topk = any(c.topk is not None for c in candidates)
     out = []
-    for layer, entry in _expert_params(gm).items():
+    widths = {shape_of(c.topk.args[0])[-1] for c in candidates
+              if isinstance(c.topk.args[0], fx.Node) and shape_of(c.topk.args[0])}
+    for layer, entry in _expert_params(gm, widths).items():
         if layer in covered_names or any(n in after_routing or set(n.users) & after_routing
                                          for n in entry["nodes"]):
             continue

@@ -1,0 +1,165 @@
+"""Every MoE family of the installed transformers, tiny (moecompile.families), compiled vs eager.
+
+One test id per family that `families.moe_families()` enumerates from transformers, so a family a
+new transformers adds shows up as a new id. Default run: forward under no_grad with the rewritten
+graph run without Inductor (`inner="eager"`), outputs within fp32 tolerance of eager, nothing
+crashes. `-m slow`: forward + backward (every parameter's gradient, the token embeddings among them)
+for each experts implementation the family can switch to.
+
+With MOECOMPILE_FAMILY_RESULTS=<dir>, each family's result goes to <dir>/<family>.json: its expert
+modules, the report rows (name, status, reason), the top-k ops detection passed over without a row,
+the graphs compiled, and whether the outputs matched. `scripts/family_table.py` builds the support
+table from those files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import time
+
+import pytest
+import torch
+
+import moecompile
+import moecompile.report
+from conftest import assert_close
+from moecompile import detect
+from moecompile.tools import families
+from moecompile.files import write_text
+
+FAMILIES = families.moe_families()
+# Families with expert modules the report does not list yet, and why (open work, not accepted):
+KNOWN_SILENT = {
+    "switch_transformers": "top-1 router by argmax (no top-k) and experts in a ModuleDict; many graph breaks",
+    "nllb-moe": "top-2 router by argmax / masks (no top-k); many graph breaks",
+    "jetmoe": "mixture of attention heads (experts inside self-attention) run in frames after breaks",
+    "longcat_flash": "zero-compute experts and graph breaks: rows of resumed frames name no layer",
+    "openai_privacy_filter": "graph breaks: the experts run in frames whose rows name no layer",
+    "step3p7": "graph breaks: the experts run in frames whose rows name no layer",
+    "dbrx": "experts (DbrxExpertGLU, a loop over chunks) run after graph breaks in frames whose rows name no layer",
+    "ernie4_5_vl_moe": "the vision experts run only on image tokens: no graph reads them on text input",
+}
+RESULTS = os.environ.get("MOECOMPILE_FAMILY_RESULTS")
+SWITCHABLE = "eager/grouped_mm/batched_mm"  # families.experts_kind of @use_experts_implementation experts
+
+
+def _build(name: str, record: bool = False, **kwargs):
+    try:
+        return families.build_family(name, **kwargs)
+    except families.FamilyUnavailable as err:
+        if record:
+            _write_result(name, {"family": name, "unavailable": err.reason})
+        pytest.skip(err.reason)
+
+
+def _module_path(node) -> str:
+    """The module a traced node came from: "L['self'].model.layers[0].mlp.gate" -> "model.layers.0.mlp.gate"."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"\[(\d+)\]", r".\1", re.sub(r"^L\['self'\]\.?", "", path))
+    return re.sub(r"\['([^']+)'\]", r".\1", path).strip(".")
+
+
+def _record_candidates(monkeypatch) -> list[dict]:
+    """Every top-k the detector looks at, with the module it came from and why it was declined:
+    the ones without a router get no report row, and the table must still show them."""
+    seen: list[dict] = []
+    find = detect.find_candidates
+
+    def recording(gm):
+        found = find(gm)
+        seen.extend({"module": _module_path(c.topk), "topk": c.topk.name, "reported": c.x is not None,
+                     "reason": c.reason} for c in found)
+        return found
+
+    monkeypatch.setattr(detect, "find_candidates", recording)
+    return seen
+
+
+def _matches(got: torch.Tensor, want: torch.Tensor) -> bool:
+    try:
+        assert_close(got, want, torch.float32)
+    except AssertionError:
+        return False
+    return True
+
+
+def _write_result(name: str, result: dict) -> None:
+    if RESULTS:  # one file per family: safe under parallel or repeated runs
+        write_text(os.path.join(RESULTS, f"{name}.json"), json.dumps(result, indent=1, default=str) + "\n",
+                   make_dirs=True)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_forward_matches_eager(name, monkeypatch):
+    t0 = time.perf_counter()
+    model, inputs = _build(name, record=True)
+    experts = families.expert_modules(model)
+    candidates = _record_candidates(monkeypatch)
+    torch._dynamo.reset()
+    moecompile.report.reset()
+    compiled = torch.compile(model, backend="moe", options={"inner": "eager"})
+    with torch.no_grad():
+        want = model(**inputs)[0]
+        got = compiled(**inputs)[0]
+    report = moecompile.last_report()
+    _write_result(name, {
+        "family": name, "model_class": type(model).__name__, "experts_kind": families.experts_kind(model),
+        "expert_modules": experts,
+        "regions": [{"name": r["name"], "status": r["status"], "reason": r["reason"],
+                     "experts_impl": r.get("experts_impl")} for r in report.regions],
+        "unreported_topk": [c for c in candidates if not c["reported"]],
+        "graphs": [{"status": g["status"], "reason": g["reason"]} for g in report.graphs],
+        "match": _matches(got, want), "max_abs_diff": (got.float() - want.float()).abs().max().item(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    })
+    assert experts, f"{name}: no module holds expert weights"
+    assert_close(got, want, torch.float32, what=name)
+    assert not [g for g in report.graphs if g["status"] == "error"], report.graphs
+    # never silent: every module holding expert weights has a row (optimized, or the reason)
+    names = [r["name"] for r in report.regions]
+    silent = [m for m in experts if not any(m == n or m.startswith(n + ".") for n in names)]
+    # NOTE: a graph Dynamo resumes after a break names its inputs relative to the frame's module
+    # ("experts", "router"), so those rows cannot be matched by name; each such row stands for one
+    modules = dict(model.named_modules())
+    relative = [n for n in names if n not in modules]
+    if len(silent) > len(relative) and name in KNOWN_SILENT:
+        pytest.xfail(f"{name}: {KNOWN_SILENT[name]}")
+    assert len(silent) <= len(relative), (name, silent, names)
+    assert all(r["status"] == "optimized" or r["reason"] for r in report.regions)
+
+
+def _loss_probe(out: torch.Tensor) -> torch.Tensor:
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", [None, "batched_mm", "eager"], ids=["default", "batched_mm", "eager"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_gradients_match_eager(name, impl):
+    """Forward + backward through eager and compiled twins: the loss and every parameter's gradient
+    (token embeddings, routers, experts) match."""
+    model, inputs = _build(name, experts_impl=impl)
+    if impl is not None and families.experts_kind(model) != SWITCHABLE:
+        pytest.skip(f"experts are {families.experts_kind(model)}, not switchable")
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="moe", options={"inner": "aot_eager"})
+    want_out = model(**inputs)[0]
+    got_out = compiled(**inputs)[0]
+    probe = _loss_probe(want_out)
+    want, got = (want_out.float() * probe).sum(), (got_out.float() * probe).sum()
+    assert_close(got_out, want_out, torch.float32, what=f"{name} {impl} output")
+    want.backward()
+    got.backward()
+    grads = 0
+    for (pname, p), q in zip(twin.named_parameters(), model.parameters()):
+        assert (p.grad is None) == (q.grad is None), f"{name} {impl}: d{pname} only on one side"
+        if q.grad is not None:
+            assert_close(p.grad, q.grad, torch.float32, kind="grad", what=f"{name} {impl} d{pname}")
+            grads += 1
+    assert grads, f"{name}: no gradients"
