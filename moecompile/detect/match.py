@@ -26,7 +26,9 @@ from ..fx import (Flow, getitem_users, is_autocast, is_grad_mode, is_inplace, ki
 from ..ir import DTYPES
 from . import cover
 from .experts import spec_options
+from .graph_break import cut_after_topk
 from .router import router_facts
+from .stacked import is_stacked_weight, is_weight_input
 
 class _Reject(Exception):
     """This top-k does not start an MoE layer we can take: the message says why."""
@@ -131,13 +133,14 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         anc = flow.ancestors(node) - x_anc
         if routing_weights and not any(v in anc for v in routing_weights):
             continue
-        weights3d = [n for n in anc if n.op == "placeholder" and len(shape_of(n) or ()) == 3
+        weights3d = [n for n in anc if is_weight_input(n) and len(shape_of(n) or ()) == 3
                      and shape_of(n)[0] == E]
         if len(weights3d) >= 2:
             cand.output, expert_weights = node, weights3d
             break
     if cand.output is None:
-        raise _Reject("no (T, H) value after top-k combines the outputs of 3D expert weights")
+        raise _Reject("no (T, H) value after top-k combines the outputs of 3D expert weights"
+                      + cut_after_topk(flow, topk))
     while len(cand.output.users) == 1 and op_kind(next(iter(cand.output.users))) == "cast":
         cand.output = next(iter(cand.output.users))
     routed_out = cand.output
@@ -148,7 +151,8 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         cand.output = shared
 
     # 4. Region: what the output needs that x does not; its free inputs must be x and weights.
-    nodes = [n for n in flow.ancestors(cand.output) - x_anc if n.op not in ("placeholder", "get_attr")]
+    nodes = [n for n in flow.ancestors(cand.output) - x_anc
+             if n.op not in ("placeholder", "get_attr") and not is_stacked_weight(n)]
     nodes.sort(key=flow.order.__getitem__)
     cand.nodes = tuple(nodes)
     inside = set(nodes)
@@ -172,7 +176,7 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
     if out_dtype != value_of(x).dtype:
         raise _Reject(f"layer output is {out_dtype} but its input is {value_of(x).dtype}")
     tensors = {n for n in free if value_of(n) is not None}
-    params = {n for n in tensors if n.op == "placeholder" and n is not x
+    params = {n for n in tensors if is_weight_input(n) and n is not x
               and (_is_weight(n) or n is w_router or n is b_router or (shape_of(n) or (0,))[0] == E)}
     stray = tensors - params - {x} - x_anc
     if stray or (tensors & x_anc) - {x}:
