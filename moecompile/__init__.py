@@ -1,5 +1,6 @@
 """moecompile: a torch.compile backend for Mixture-of-Experts models.
 
+    model = moecompile.prepare(model)                    # experts loops Dynamo cannot trace: first this
     model = torch.compile(model, backend="moe")          # every MoE layer -> one fused op
     moecompile.explain(model, *example_args)             # what was found, as a table + report
 """
@@ -8,8 +9,10 @@ from .config import Config, patch
 from .ir import MoERegion, MoESpec, PassResult
 from .report import Report
 from .tools.explain import explain
+from .traceable import Prepared, prepare, prepared
 
-__all__ = ["Config", "MoERegion", "MoESpec", "PassResult", "Report", "explain", "patch", "last_report"]
+__all__ = ["Config", "MoERegion", "MoESpec", "PassResult", "Prepared", "Report", "explain", "last_report", "patch",
+           "prepare", "prepared"]
 __version__ = "0.1.0"
 
 

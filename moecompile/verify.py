@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from .codegen import ops
 from .config import Config
-from .detect import Candidate
+from .detect import Candidate, stacked
 from .fx import value_of
 from .ir import MoERegion
 
@@ -203,9 +203,12 @@ def verify(cand: Candidate, graph_id: int, placeholder_values: dict, config: Con
 def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
     x_nodes = [cand.x] + sorted({w for _, ws in cand.options for w in ws}, key=lambda n: n.name)
     shapes = _shapes(cand, placeholder_values)
-    if shapes is None or any(n not in placeholder_values for n in x_nodes[1:]):
+    try:
+        weights = {n: stacked.input_value(n, placeholder_values) for n in x_nodes[1:]}
+    except KeyError:
+        weights = None
+    if shapes is None or weights is None:
         return Verdict(None, "verification could not evaluate the layer's inputs")
-    weights = {n: placeholder_values[n] for n in x_nodes[1:]}
     module = _subgraph(cand, x_nodes + list(cand.extra_inputs))
     router = cand.options[0][1][0]
     probes = _probes(cand, shapes, weights[router], graph_id)

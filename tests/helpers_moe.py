@@ -210,3 +210,65 @@ class ClampedSwiGLUMoE(nn.Module):
         h = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
         y = torch.bmm(h.unsqueeze(1), self.down[e]).squeeze(1) + self.down_bias[e]
         return (y.view(-1, self.K, H) * w.unsqueeze(-1)).sum(dim=1).view(B, S, H)
+
+# --- per-expert modules: an nn.ModuleList of MLPs and a Python loop over experts -----------------
+
+
+class SwiGLUExpert(nn.Module):
+    """One expert as older transformers (Mixtral 4.x) and many user models write it."""
+
+    def __init__(self, H: int, I: int, act=F.silu):
+        super().__init__()
+        self.w1 = nn.Linear(H, I, bias=False)  # gate
+        self.w2 = nn.Linear(I, H, bias=False)  # down
+        self.w3 = nn.Linear(H, I, bias=False)  # up
+        self.act_fn = act
+
+    def forward(self, x):
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+
+class ListMoE(nn.Module):
+    """A user-written MoE block with one module per expert: router Linear, softmax in fp32, top-k,
+    renormalization, then a loop over experts that picks each expert's tokens with torch.where and
+    adds the weighted outputs back with index_add_.
+
+    `loop="range"` visits every expert (`for e in range(E)`); `loop="hit"` only the experts some
+    token picked (`expert_mask.sum(...).nonzero()`, transformers >= 4.48). `router_logits=True`
+    returns `(out, logits)` as Mixtral-4.x blocks do.
+    """
+
+    def __init__(self, E=8, K=2, H=16, I=12, loop="range", renormalize=True, router_logits=False,
+                 order="score_then_topk"):
+        super().__init__()
+        self.num_experts, self.top_k, self.loop = E, K, loop
+        self.renormalize, self.router_logits, self.order = renormalize, router_logits, order
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList([SwiGLUExpert(H, I) for _ in range(E)])
+
+    def forward(self, x):
+        B, S, H = x.shape
+        flat = x.view(-1, H)
+        logits = self.gate(flat)  # (T, E)
+        if self.order == "score_then_topk":
+            w = F.softmax(logits, dim=1, dtype=torch.float)
+            w, ids = torch.topk(w, self.top_k, dim=-1)
+        else:
+            w, ids = torch.topk(logits, self.top_k, dim=-1)
+            w = F.softmax(w, dim=1, dtype=torch.float)
+        if self.renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        w = w.to(x.dtype)
+        out = torch.zeros_like(flat)
+        expert_mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)  # (E, K, T)
+        if self.loop == "range":
+            visit = range(self.num_experts)
+        else:
+            visit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in visit:
+            e = e if isinstance(e, int) else e[0]
+            slot, token = torch.where(expert_mask[e])
+            y = self.experts[e](flat[token]) * w[token, slot, None]
+            out.index_add_(0, token, y.to(x.dtype))
+        out = out.view(B, S, H)
+        return (out, logits) if self.router_logits else out

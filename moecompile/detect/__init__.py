@@ -5,6 +5,8 @@
     experts.py  the specs the expert weights' shapes and ops allow
     cover.py    every node of a region must be an op the spec models
     unmatched.py  layers holding expert weights that no candidate covers (never silent)
+    stacked.py  `torch.stack` of E per-expert 2D parameters taken as a 3D expert weight
+    graph_break.py  a top-k whose graph ends right after it: the reason says so
 """
 
 from .match import Candidate, find_candidates, region_name

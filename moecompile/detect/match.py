@@ -27,7 +27,9 @@ from ..ir import DTYPES
 from . import cover, idioms
 from .capacity import capacity_options
 from .experts import spec_options
+from .graph_break import cut_after_topk
 from .router import Selection, match_selection, router_facts
+from .stacked import is_stacked_weight, is_weight_input
 
 class _Reject(Exception):
     """This top-k does not start an MoE layer we can take: the message says why."""
@@ -144,19 +146,21 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         if routing_weights and not any(v in anc for v in routing_weights):
             continue
         # graph inputs the layer's own nodes read (a weight x also depends on, when layers share
-        # weights or one layer runs twice, is still this layer's weight)
-        weights3d = list({d for n in anc for d in n.all_input_nodes if d.op == "placeholder" and d is not x
+        # weights or one layer runs twice, is still this layer's weight); stacked per-expert
+        # weights (moecompile.prepare) count as inputs
+        weights3d = list({d for n in anc for d in n.all_input_nodes if is_weight_input(d) and d is not x
                           and len(shape_of(d) or ()) == 3 and shape_of(d)[0] == E})
         if len(weights3d) >= 2:
             cand.output, expert_weights = node, weights3d
             cand.name = _block_name(w_router, weights3d, cand.name)
             break
     if cand.output is None:
-        if not any(len(shape_of(n) or ()) == 3 and (shape_of(n) or (0,))[0] == E and n.op == "placeholder"
+        if not any(len(shape_of(n) or ()) == 3 and (shape_of(n) or (0,))[0] == E and is_weight_input(n)
                    for d in after_topk for n in d.all_input_nodes):
             raise _Reject("top-k's routing leaves this graph before any 3D expert weight is used: the "
-                          "layer is split across graphs (a graph break inside it)")
-        raise _Reject("no (T, H) value after top-k combines the outputs of 3D expert weights")
+                          "layer is split across graphs (a graph break inside it)" + cut_after_topk(flow, topk))
+        raise _Reject("no (T, H) value after top-k combines the outputs of 3D expert weights"
+                      + cut_after_topk(flow, topk))
     while len(cand.output.users) == 1 and op_kind(next(iter(cand.output.users))) == "cast":
         cand.output = next(iter(cand.output.users))
     routed_out = cand.output
@@ -167,7 +171,8 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         cand.output = shared
 
     # 4. Region: what the output needs that x does not; its free inputs must be x and weights.
-    nodes = [n for n in flow.ancestors(cand.output) - x_anc if n.op not in ("placeholder", "get_attr")]
+    nodes = [n for n in flow.ancestors(cand.output) - x_anc
+             if n.op not in ("placeholder", "get_attr") and not is_stacked_weight(n)]
     nodes.sort(key=flow.order.__getitem__)
     cand.nodes = tuple(nodes)
     inside = set(nodes)
@@ -191,7 +196,7 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
     if out_dtype != value_of(x).dtype:
         raise _Reject(f"layer output is {out_dtype} but its input is {value_of(x).dtype}")
     tensors = {n for n in free if value_of(n) is not None}
-    params = {n for n in tensors if n.op == "placeholder" and n is not x
+    params = {n for n in tensors if is_weight_input(n) and n is not x
               and (_is_weight(n) or n is w_router or n is b_router or (shape_of(n) or (0,))[0] == E)}
     stray = tensors - params - {x} - x_anc
     if stray or (tensors & x_anc) - {x} - params:
