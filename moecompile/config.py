@@ -72,7 +72,7 @@ class Config:
     ("model.layers.1*.mlp"); each is reported as a fallback with reason "skipped by option"."""
 
     disable_passes: tuple = ()
-    """Passes to switch off, by name (see `pipeline.PASSES`); a layer a required pass is switched off
+    """Passes to switch off, by name (PASS_NAMES); a layer a required pass is switched off
     for ("lower") stays as traced. A dict {layer pattern: [pass names]} switches passes off per layer."""
 
     verify_rtol: dict = field(default_factory=dict)

@@ -54,9 +54,7 @@ def _record(graph_id, cand: detect.Candidate, spec, status, reason, kernels, ver
 
 def _idiom(cand: detect.Candidate, spec) -> str:
     """The idiom of the spec verification chose (detection named it after its first option)."""
-    from .detect import idioms
-
-    return idioms.idiom_of(spec, cand.nodes) if spec is not None else cand.idiom
+    return detect.idioms.idiom_of(spec, cand.nodes) if spec is not None else cand.idiom
 
 
 def _json_safe(fields: dict) -> dict:

@@ -277,7 +277,7 @@ def _grads_close(cand, module, x, sizes, weights, x_nodes, spec, spec_weights, c
     # renormalized: w = p / p) is rounding noise on both sides; it is compared on the scale of the
     # layer's largest gradient (64 ulps of it) instead of its own.
     largest = max((float(w.abs().max()) for w in wants if w is not None and w.numel()), default=0.0)
-    floor = 64 * torch.finfo(torch.float32).eps * largest
+    floor = 64 * torch.finfo(getattr(torch, spec.dtype)).eps * largest  # bf16 / fp16: compared in fp32
     for name, want, got in zip(names, wants, ours):
         want = torch.zeros_like(got) if want is None else want.reshape(got.shape)
         ok, err = close(got, want, rtol, mean_rtol, floor)

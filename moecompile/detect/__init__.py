@@ -9,7 +9,8 @@
     graph_break.py  a top-k whose graph ends right after it: the reason says so
 """
 
+from . import idioms
 from .match import Candidate, find_candidates, region_name
 from .unmatched import UnmatchedLayer, unmatched_expert_layers
 
-__all__ = ["Candidate", "UnmatchedLayer", "find_candidates", "region_name", "unmatched_expert_layers"]
+__all__ = ["Candidate", "UnmatchedLayer", "find_candidates", "idioms", "region_name", "unmatched_expert_layers"]

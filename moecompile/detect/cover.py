@@ -122,8 +122,8 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
         return f"{cover.count('topk')} top-k ops on the layer's values; the spec models one"
     clamps = [(node, clamp_bounds(node)) for node, k, c in cover.nodes if k == "clamp" and c == NUMERIC]
     L = spec.act_limit
-    if clamps and (spec.activation != "clamped_swiglu" or len(clamps) != 2 or sorted(
-            (b for _, b in clamps), key=str) != sorted([(None, L), (-L, L)], key=str)):
+    if clamps and (spec.activation != "clamped_swiglu" or len(clamps) != 2
+                   or {b for _, b in clamps} != {(None, L), (-L, L)}):
         node, bounds = clamps[0]
         return (f"clamp ({node.name}, min={bounds[0]}, max={bounds[1]}) on the layer's values is not part "
                 f"of any MoE layer the compiler models")

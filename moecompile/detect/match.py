@@ -15,14 +15,13 @@ does not look like an MoE layer.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from ..fx import (Flow, getitem_users, is_autocast, is_grad_mode, is_inplace, kind, op_kind, shape_of,
-                  topk_k, value_of, walk_back)
+from ..fx import (Flow, getitem_users, is_autocast, is_grad_mode, is_inplace, kind, module_parts, op_kind,
+                  shape_of, topk_k, value_of, walk_back)
 from ..ir import DTYPES
 from . import cover, idioms
 from .capacity import capacity_options
@@ -30,6 +29,7 @@ from .experts import spec_options
 from .graph_break import cut_after_topk
 from .router import Selection, match_selection, router_facts
 from .stacked import is_stacked_weight, is_weight_input
+
 
 class _Reject(Exception):
     """This top-k does not start an MoE layer we can take: the message says why."""
@@ -69,12 +69,8 @@ class Candidate:
 def region_name(weight: fx.Node, index: int) -> str:
     """'L_self_modules_model_modules_layers_modules_3_modules_mlp_modules_gate_parameters_weight_'
     -> 'model.layers.3.mlp' (the module holding the router)."""
-    text = re.sub(r"^[Ll]_self_", "", weight.name).rstrip("_")
-    text = text.split("_parameters_")[0]
-    if not text.startswith("modules_"):
-        return f"moe{index}"
-    parts = text[len("modules_"):].split("_modules_")
-    return ".".join(parts[:-1]) or f"moe{index}"
+    parts = module_parts(weight.name)
+    return ".".join(parts[:-1]) if parts and len(parts) > 1 else f"moe{index}"
 
 
 def find_candidates(gm: fx.GraphModule) -> list[Candidate]:
@@ -254,12 +250,9 @@ def _layer_input(x2d: fx.Node) -> fx.Node:
 def _block_name(w_router: fx.Node, experts: list, default: str) -> str:
     """The module holding both the router and the experts ('model.layers.3.mlp'), read off the
     graph inputs' names; `default` when they share no module."""
-    paths = []
-    for n in [w_router, *experts]:
-        text = re.sub(r"^[Ll]_self_", "", n.name).rstrip("_").split("_parameters_")[0].split("_buffers_")[0]
-        if not text.startswith("modules_"):
-            return default
-        paths.append(text[len("modules_"):].split("_modules_"))
+    paths = [module_parts(n.name) for n in [w_router, *experts]]
+    if any(not p for p in paths):
+        return default
     common = []
     for parts in zip(*paths):
         if len(set(parts)) != 1:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..fx import Flow, kind, shape_of
+from ..fx import Flow, kind, module_parts, shape_of
 
 _EXPERTISH = re.compile(r"expert|moe", re.IGNORECASE)
 _LIST_EXPERT = re.compile(r"^(.*?)_modules_(experts?|local_experts|expert_list|mlps?)_modules_(?:expert_)?(\d+)_")
@@ -34,14 +34,8 @@ class UnmatchedLayer:
     reason: str
 
 
-def _module_path(text: str) -> str:
-    """'L_self_modules_model_modules_layers_modules_0_modules_mlp' -> 'model.layers.0.mlp'."""
-    text = re.sub(r"^[Ll]_self_", "", text).rstrip("_")
-    if text.startswith("modules_"):
-        text = text[len("modules_"):]
-    if text in ("", "L_self", "l_self", "self"):
-        return "(model)"  # parameters of the compiled module itself
-    return ".".join(text.split("_modules_"))
+def _layer_name(parts: list[str] | None) -> str:
+    return ".".join(parts) if parts else "(model)"  # "(model)": the compiled module's own parameters
 
 
 def _expert_params(gm: fx.GraphModule, routed_widths: set) -> dict[str, dict]:
@@ -53,17 +47,16 @@ def _expert_params(gm: fx.GraphModule, routed_widths: set) -> dict[str, dict]:
         if node.op != "placeholder" or "_parameters_" not in node.name:
             continue
         shape = shape_of(node) or ()
-        owner = node.name.split("_parameters_")[0]
         listed = _LIST_EXPERT.match(node.name)
         if listed:
-            layer = _module_path(listed.group(1))
+            layer = _layer_name(module_parts(listed.group(1)))
             entry = layers.setdefault(layer, {"nodes": [], "ids": set(), "E": 0, "H": 0})
             entry["ids"].add(int(listed.group(3)))
             entry["E"] = len(entry["ids"])
         elif (len(shape) == 3 and all(isinstance(d, int) for d in shape) and shape[0] > 1
               and (_EXPERTISH.search(node.name) or shape[0] in routed_widths or _used_as_experts(node))):
-            path = _module_path(owner)
-            layer = path.rsplit(".", 1)[0] if "." in path else (path if owner.startswith(("L_self_modules", "l_self_modules")) else "(model)")
+            parts = module_parts(node.name) or []
+            layer = _layer_name(parts[:-1] if len(parts) > 1 else parts)  # the block holding `experts`
             entry = layers.setdefault(layer, {"nodes": [], "ids": set(), "E": shape[0], "H": 0})
             entry["E"] = shape[0]
         else:

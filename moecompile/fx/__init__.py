@@ -10,6 +10,7 @@ tracking and mutation-aware dataflow.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +106,20 @@ def _dim(d) -> int | str:
         return d
     expr = d.node.expr
     return int(expr) if expr.is_number else str(d)  # a symbol Dynamo specialized is its number
+
+
+def module_parts(name: str) -> list[str] | None:
+    """The module path in a Dynamo graph-input name (or in its part before `_parameters_`):
+    'L_self_modules_model_modules_layers_modules_3_modules_mlp_modules_gate_parameters_weight_'
+    -> ['model', 'layers', '3', 'mlp', 'gate']; [] for the compiled module's own parameters; None
+    for a name that is not of a parameter or buffer of the compiled module."""
+    owner = re.split(r"_parameters_|_buffers_", name)[0].rstrip("_")
+    owner = re.sub(r"^[Ll]_self", "", owner)
+    if not owner:
+        return []
+    if not owner.startswith("_modules_"):
+        return None
+    return owner[len("_modules_"):].split("_modules_")
 
 
 def walk_back(node, kinds: tuple[str, ...]) -> tuple:
