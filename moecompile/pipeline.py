@@ -21,6 +21,7 @@ import torch.fx as fx
 from . import detect, verify
 from .codegen import moe_torch
 from .config import Config
+from .fx import names
 from .ir import MoERegion, PassResult
 from .passes import Lower
 from .report import Dumper, PassRecord, RegionRecord
@@ -77,6 +78,7 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
     values = dict(zip(placeholders, example_inputs))
 
     t0 = time.perf_counter()
+    names.annotate(gm, example_inputs)  # module names in the whole model, also in resumed frames
     candidates = detect.find_candidates(gm)
     detect_ms = (time.perf_counter() - t0) * 1e3
     # a training graph: the rewrite must give the same gradients too
@@ -135,6 +137,7 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
             else:
                 records[i] = dataclasses.replace(records[i], passes=records[i].passes + (p.name,))
     records += [_unmatched_record(graph_id, layer) for layer in detect.unmatched_expert_layers(gm, candidates)]
+    records = [dataclasses.replace(r, serves=names.serves(gm, r.name)) for r in records]
     if regions and config.dump_dir:
         dumper.write("kernels_torch.py", inspect.getsource(moe_torch))
     return GraphOutcome(records, pass_rows, changed)

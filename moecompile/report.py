@@ -5,7 +5,7 @@ report.json (stable; tests and users read it):
     {"regions": [{"graph": int, "name": str, "num_experts": E, "top_k": K, "hidden": H,
                   "intermediate": I, "status": "optimized" | "fallback", "reason": str | null,
                   "kernels": str, "passes": [str], "spec": {...}, "experts_impl": str,
-                  "verify_ms": float}],
+                  "verify_ms": float, "serves": [str]}],
      "passes":  [{"graph": int, "name": str, "changed": bool, "ms": float, "counters": {...}}],
      "graphs":  [{"graph": int, "status": "rewritten" | "unchanged" | "error", "reason": str | null,
                   "nodes_before": int, "nodes_after": int, "compile_ms": float}]}
@@ -64,6 +64,9 @@ class RegionRecord(_Row):
     idiom: str = ""  # the pattern detection recognized, "router + dispatch" (detect/idioms.py)
     family: str = ""  # the transformers model family of the layer's code ("" for one's own)
     spec_full: dict = field(default_factory=dict)  # every MoESpec field
+    # every layer this row stands for: a graph traced in a frame below the model (resumed after a
+    # graph break) runs again, unreported, for each module of that frame's class (fx/names.py)
+    serves: tuple[str, ...] = ()
 
     def fallback(self, reason: str) -> "RegionRecord":
         return dataclasses.replace(self, status="fallback", reason=reason, kernels="traced")

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..fx import (Flow, getitem_users, is_autocast, is_grad_mode, is_inplace, kind, module_parts, op_kind,
+from ..fx import (Flow, getitem_users, is_autocast, is_grad_mode, is_inplace, kind, op_kind,
                   shape_of, topk_k, value_of, walk_back)
+from ..fx.names import owner_parts
 from ..ir import DTYPES
 from . import cover, idioms
 from .capacity import capacity_options
@@ -69,7 +70,7 @@ class Candidate:
 def region_name(weight: fx.Node, index: int) -> str:
     """'L_self_modules_model_modules_layers_modules_3_modules_mlp_modules_gate_parameters_weight_'
     -> 'model.layers.3.mlp' (the module holding the router)."""
-    parts = module_parts(weight.name)
+    parts = owner_parts(weight)
     return ".".join(parts[:-1]) if parts and len(parts) > 1 else f"moe{index}"
 
 
@@ -250,7 +251,7 @@ def _layer_input(x2d: fx.Node) -> fx.Node:
 def _block_name(w_router: fx.Node, experts: list, default: str) -> str:
     """The module holding both the router and the experts ('model.layers.3.mlp'), read off the
     graph inputs' names; `default` when they share no module."""
-    paths = [module_parts(n.name) for n in [w_router, *experts]]
+    paths = [owner_parts(n) for n in [w_router, *experts]]
     if any(not p for p in paths):
         return default
     common = []

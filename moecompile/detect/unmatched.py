@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..fx import Flow, kind, module_parts, shape_of
+from ..fx import Flow, kind, shape_of
+from ..fx.names import param_name
 
 _EXPERTISH = re.compile(r"expert|moe", re.IGNORECASE)
-_LIST_EXPERT = re.compile(r"^(.*?)_modules_(experts?|local_experts|expert_list|mlps?)_modules_(?:expert_)?(\d+)_")
+_LIST_EXPERT = re.compile(r"^(?:(.*?)\.)?(experts?|local_experts|expert_list|mlps?)\.(?:expert_)?(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -41,21 +42,31 @@ def _layer_name(parts: list[str] | None) -> str:
 def _expert_params(gm: fx.GraphModule, routed_widths: set) -> dict[str, dict]:
     """Layer name -> {'nodes': [...], 'E': int, 'H': int} for every expert weight input of the graph:
     3D parameters named like experts, or whose leading size is the width of a top-k in the graph
-    (a 3D convolution weight of an attention block is neither)."""
+    (a 3D convolution weight of an attention block is neither); parameters of a list of expert
+    modules; one expert's slice of a parameter (a frame-local of an experts loop)."""
     layers: dict[str, dict] = {}
     for node in gm.graph.nodes:
-        if node.op != "placeholder" or "_parameters_" not in node.name:
+        if node.op != "placeholder":
+            continue
+        if _EXPERTISH.search(node.meta.get("moe_view_of", "")):
+            owner = node.meta["moe_view_of"].split(".")[:-1]
+            layer = _layer_name(owner[:-1] if len(owner) > 1 else owner)
+            entry = layers.setdefault(layer, {"nodes": [], "ids": set(), "E": 0, "H": 0, "slice": True})
+            entry["nodes"].append(node)
+            continue
+        name = param_name(node)
+        if name is None:
             continue
         shape = shape_of(node) or ()
-        listed = _LIST_EXPERT.match(node.name)
+        listed = _LIST_EXPERT.match(name)
         if listed:
-            layer = _layer_name(module_parts(listed.group(1)))
+            layer = listed.group(1) or "(model)"
             entry = layers.setdefault(layer, {"nodes": [], "ids": set(), "E": 0, "H": 0})
             entry["ids"].add(int(listed.group(3)))
             entry["E"] = len(entry["ids"])
         elif (len(shape) == 3 and all(isinstance(d, int) for d in shape) and shape[0] > 1
-              and (_EXPERTISH.search(node.name) or shape[0] in routed_widths or _used_as_experts(node))):
-            parts = module_parts(node.name) or []
+              and (_EXPERTISH.search(name) or shape[0] in routed_widths or _used_as_experts(node))):
+            parts = name.split(".")[:-1]  # the module holding the parameter
             layer = _layer_name(parts[:-1] if len(parts) > 1 else parts)  # the block holding `experts`
             entry = layers.setdefault(layer, {"nodes": [], "ids": set(), "E": shape[0], "H": 0})
             entry["E"] = shape[0]
@@ -68,7 +79,9 @@ def _expert_params(gm: fx.GraphModule, routed_widths: set) -> dict[str, dict]:
 
 
 def _used_as_experts(node: fx.Node) -> bool:
-    """Indexed by a tensor of ids (W[ids]: each token's experts) or multiplied by a grouped GEMM."""
+    """Indexed by a tensor of ids (W[ids]: each token's experts), multiplied by a grouped GEMM, or
+    read one leading slice at a time for every index (W[0], W[1], ...: a loop over the experts)."""
+    slices = set()
     for user in node.users:
         k = kind(user)
         if "grouped_mm" in k:
@@ -76,7 +89,12 @@ def _used_as_experts(node: fx.Node) -> bool:
         if k in ("getitem", "index_select") and len(user.args) > 1 and any(
                 isinstance(a, fx.Node) for a in (user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],))):
             return True
-    return False
+        if k == "getitem" and isinstance(user.args[1], int):
+            slices.add(user.args[1])
+        elif k == "select" and user.args[1:2] == (0,) and isinstance(user.args[2], int):
+            slices.add(user.args[2])
+    shape = shape_of(node) or ()
+    return bool(shape) and shape[0] > 1 and slices == set(range(shape[0]))
 
 
 def unmatched_expert_layers(gm: fx.GraphModule, candidates) -> list[UnmatchedLayer]:
@@ -97,8 +115,11 @@ def unmatched_expert_layers(gm: fx.GraphModule, candidates) -> list[UnmatchedLay
         if layer in covered_names or any(n in after_routing or set(n.users) & after_routing
                                          for n in entry["nodes"]):
             continue
-        if entry["ids"]:
-            what = f"a list of {entry['E']} expert modules"
+        if entry.get("slice"):
+            what = "expert weights read one expert at a time (a loop over the experts)"
+        elif entry["ids"]:
+            what = (f"a list of {entry['E']} expert modules" if entry["E"] > 1 else
+                    f"expert module {min(entry['ids'])} of a list (each expert traced on its own)")
         else:
             what = f"3D expert weights (E={entry['E']})"
         if not has_topk:

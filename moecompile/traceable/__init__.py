@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from . import expert_list, hf_experts
+from . import expert_list, expert_loop, hf_experts
 
 log = logging.getLogger("moecompile.prepare")
 
@@ -71,6 +71,16 @@ def prepare(model: nn.Module) -> nn.Module:
             rows.append(Prepared(name, f"transformers experts ({type(module).__name__}): with the 'eager' "
                                        "implementation, runs transformers' grouped_mm under torch.compile"))
             continue
+        form, why = expert_loop.find_form(module) if not hf_experts.is_experts(module) else (None, None)
+        if form is not None:
+            module.forward = expert_loop.LoopFreeForward(module, form)
+            rows.append(Prepared(name, f"experts loop ({type(module).__name__}, {form.describe()}): "
+                                       "sorted rows and grouped GEMMs under torch.compile"))
+            continue
+        if why is not None:
+            warnings.warn(f"moecompile.prepare: {name} ({type(module).__name__}) looks like an experts "
+                          f"module with a loop over the experts, but {why}; left as it is", stacklevel=2)
+            continue
         layout, why = expert_list.find_layout(module)
         if layout is None and why is None:
             continue
@@ -102,7 +112,8 @@ def prepared(model: nn.Module) -> list[Prepared]:
 
 
 def _is_prepared(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("forward"), (hf_experts.ExpertsForward, expert_list.ListForward))
+    return isinstance(module.__dict__.get("forward"), (hf_experts.ExpertsForward, expert_list.ListForward,
+                                                          expert_loop.LoopFreeForward))
 
 
 __all__ = ["Prepared", "prepare", "prepared"]
