@@ -67,18 +67,31 @@ def _pattern(names: list[str]) -> str:
     return ", ".join(f"{p} x{c}" if c > 1 else p for p, c in counts.items()) or "-"
 
 
-def summarize(result: dict) -> dict:
+def _after_prepare(prepare: dict | None, experts: list[str]) -> dict | None:
+    """What the report says once moecompile.prepare has run (None: prepare changes nothing)."""
+    if prepare is None:
+        return None
+    rows = prepare["regions"]
+    optimized = sum(any(r["status"] == "optimized" and any(_covers(n, e) for n in (r["serves"] or [r["name"]]))
+                        for r in rows) for e in experts)
+    reasons = Counter(short(r["reason"]) for r in rows if r["status"] == "fallback")
+    return {"prepared": prepare["prepared"], "optimized": optimized, "graphs": prepare["graphs"],
+            "fallback_reasons": dict(reasons)}
+
+
+def summarize(result: dict, prepare: dict | None = None) -> dict:
     if "unavailable" in result:
         return {"family": result["family"], "builds": False, "unavailable": result["unavailable"]}
     experts, regions = result["expert_modules"], result["regions"]
-    covered = {e: [r for r in regions if _covers(r["name"], e)] for e in experts}
-    unnamed = [r for r in regions if not re.search(r"\.\d+(\.|$)", r["name"])]  # regions of broken graphs
-    extra = [r for r in regions if r not in unnamed and not any(r in rows for rows in covered.values())]
-    # after graph breaks one compiled frame can serve every layer and its rows name no layer: which
-    # expert modules those rows stand for is not known (None)
-    silent = None if unnamed else [e for e, rows in covered.items() if not rows]
+    ran = result.get("expert_modules_run", experts)
+
+    def names(r):  # a row of a graph traced below the model stands for every layer that graph serves
+        return r.get("serves") or [r["name"]]
+
+    covered = {e: [r for r in regions if any(_covers(n, e) for n in names(r))] for e in experts}
+    extra = [r for r in regions if not any(r in rows for rows in covered.values())]
+    silent = [e for e in ran if not covered[e]]
     optimized = sum(any(r["status"] == "optimized" for r in rows) for rows in covered.values())
-    optimized += sum(r["status"] == "optimized" for r in unnamed)
     reasons = Counter(short(r["reason"]) for r in regions if r["status"] == "fallback")
     passed_over = Counter(f"{_pattern([c['module']]) if c['module'] else '?'}: {short(c['reason'])}"
                           for c in result["unreported_topk"])
@@ -92,8 +105,16 @@ def summarize(result: dict) -> dict:
         "unreported_topk": dict(passed_over), "graphs": len(result["graphs"]),
         "graph_errors": [g["reason"] for g in result["graphs"] if g["status"] == "error"],
         "match": result["match"], "max_abs_diff": result["max_abs_diff"], "seconds": result["seconds"],
-        "regions": result["regions"],
+        "regions": result["regions"], "after_prepare": _after_prepare(prepare, experts),
     }
+
+
+def _prepare_cell(r: dict) -> str:
+    p = r["after_prepare"]
+    if p is None:
+        return "-"
+    reasons = "; ".join(f"{why} (x{n})" if n > 1 else why for why, n in p["fallback_reasons"].items())
+    return f"{p['optimized']}/{r['moe_layers']}, {p['graphs']} graphs" + (f": {reasons}" if reasons else "")
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -103,18 +124,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "Compiled with `backend=\"moe\", options={\"inner\": \"eager\"}`, fp32, 2 x 8 tokens.", "",
              "Columns: *experts* is how transformers writes them (`eager/grouped_mm/batched_mm`: "
              "`@use_experts_implementation`, switchable); *optimized* counts expert modules with an optimized "
-             "row; *not reported* counts expert modules with no report row (`?`: rows of frames after graph "
-             "breaks name no layer), with the top-k ops detection passed over without a row; *graphs* is the "
-             "number of graphs Dynamo captured (more than 1: graph breaks).", "",
-             "| family | experts | MoE layers found (expert modules) | optimized | fallback reasons | "
-             "not reported | graphs | matches eager |",
-             "|---|---|---|---|---|---|---|---|"]
+             "row; *not reported* counts expert modules that ran and have no report row, with the top-k ops detection passed over without a row; *graphs* is the "
+             "number of graphs Dynamo captured (more than 1: graph breaks); *after prepare* is the same run "
+             "after `moecompile.prepare(model)` where prepare changes something (optimized, graphs, reasons).",
+             "", "| family | experts | MoE layers found (expert modules) | optimized | fallback reasons | "
+             "not reported | graphs | matches eager | after prepare |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["builds"]:
-            lines.append(f"| {r['family']} | - | does not build: {r['unavailable']} | - | - | - | - | - |")
+            lines.append(f"| {r['family']} | - | does not build: {r['unavailable']} | - | - | - | - | - | - |")
             continue
         reasons = "; ".join(f"{why} (x{n})" if n > 1 else why for why, n in r["fallback_reasons"].items()) or "-"
-        silent = "?" if r["not_reported"] is None else str(len(r["not_reported"]))
+        silent = str(len(r["not_reported"]))
         if r["unreported_topk"]:
             silent += " [top-k passed over: " + "; ".join(
                 f"{n}x {why}" for why, n in r["unreported_topk"].items()) + "]"
@@ -123,7 +144,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 sorted({_pattern([x["name"]]) for x in r["rows_on_other_modules"]}))
         lines.append(f"| {r['family']} | {r['experts_kind']} | {_pattern(r['expert_modules'])} | "
                      f"{r['optimized']}/{r['moe_layers']} | {reasons} | {silent} | {r['graphs']} | "
-                     f"{'yes' if r['match'] else 'NO'} |")
+                     f"{'yes' if r['match'] else 'NO'} | {_prepare_cell(r)} |")
     if meta["dropped"]:
         lines += ["", "Modeling code names an expert count but the tiny build holds no expert weights: "
                   + ", ".join(meta["dropped"]) + "."]
@@ -151,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                 old.unlink()
             rc = run_sweep(folder, args.pytest_args)
         results = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
-    rows = [summarize(r) for r in sorted(results, key=lambda r: r["family"])]
+    prepared = {r["family"]: r["prepare"] for r in results if "prepare" in r}
+    rows = [summarize(r, prepared.get(r["family"])) for r in sorted(results, key=lambda r: r["family"])
+            if "prepare" not in r]
     built = [r for r in rows if r["builds"]]
     meta = {"transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
             "families": len(rows), "builds": len(built),
