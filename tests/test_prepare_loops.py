@@ -84,6 +84,18 @@ def _compiled_rows(model, x):
     return got, moecompile.last_report().regions
 
 
+def _rows_of_eager_equal_run(block) -> list:
+    """Report rows of a two-layer stack of `block`, compiled; its output must match eager."""
+    torch.manual_seed(0)
+    model = Stack(block)
+    x = torch.randn(2, 5, 20)
+    with torch.no_grad():
+        want = model(x)
+        got, rows = _compiled_rows(model, x)
+    assert_close(got, want, torch.float32)
+    return rows
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_prepared_experts_loop_is_one_optimized_region_fwd_and_bwd(dtype):
     dt = DTYPES[dtype]
@@ -109,13 +121,7 @@ def test_prepared_experts_loop_is_one_optimized_region_fwd_and_bwd(dtype):
 
 
 def test_experts_loop_without_prepare_is_reported_with_the_reason():
-    torch.manual_seed(0)
-    model = Stack(LoopBlock)
-    x = torch.randn(2, 5, 20)
-    with torch.no_grad():
-        want = model(x)
-        got, rows = _compiled_rows(model, x)
-    assert_close(got, want, torch.float32)
+    rows = _rows_of_eager_equal_run(LoopBlock)
     # the graph breaks inside the loop; every layer still has rows (its router, its experts' slices)
     served = {n for r in rows for n in (r["serves"] or [r["name"]])}
     assert all(any(s == layer or s.startswith(layer + ".") for s in served) for layer in LAYERS), rows
@@ -207,13 +213,7 @@ class BrokenRouterBlock(nn.Module):
 
 
 def test_resumed_frame_rows_name_the_layer_and_serve_every_layer():
-    torch.manual_seed(0)
-    model = Stack(BrokenRouterBlock)
-    x = torch.randn(2, 5, 20)
-    with torch.no_grad():
-        want = model(x)
-        got, rows = _compiled_rows(model, x)
-    assert_close(got, want, torch.float32)
+    rows = _rows_of_eager_equal_run(BrokenRouterBlock)
     experts_rows = [r for r in rows if "3D expert weights" in (r["reason"] or "")]
     assert experts_rows, rows
     for r in experts_rows:
