@@ -7,6 +7,11 @@ import os
 import pytest
 import torch
 
+# The Triton kernels run on CPU in the interpreter; torch (inductor) may import triton before any
+# kernel test module does, and triton reads TRITON_INTERPRET when it first loads, so set it here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tolerance per dtype for compiled-vs-eager comparisons: (rtol, atol relative to the max |eager|).
 # fp32: the sorted grouped GEMMs add in another order than the traced code; ~1e-6 relative in
 #       practice, the bar is rtol 1e-4.
