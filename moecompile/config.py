@@ -21,7 +21,8 @@ from typing import Any
 
 from .errors import UserInputError
 
-KERNEL_CHOICES = ("auto", "torch", "reference")
+# codegen.plan.KERNELS (a test keeps them equal; config does not import codegen)
+KERNEL_CHOICES = ("auto", "triton", "torch", "reference", "interpreter")
 
 VERIFY_RTOL = {
     # dtype -> {"out": (max, mean), "grad": (max, mean)} of err = |a - b| / (|b| + mean|b|).
@@ -42,14 +43,16 @@ INNER_CHOICES = ("inductor", "aot_eager", "eager")
 # Passes a user can switch off (option disable_passes); the pipeline runs them in this order.
 # "verify" off rewrites without probing (the structural cover still applies); "lower" off leaves
 # every layer as traced, reported.
-PASS_NAMES = ("verify", "lower")
+# "fuse_gate" / "fuse_epilogues" off leave the layer's program unfused (it still runs, slower).
+PASS_NAMES = ("verify", "fuse_gate", "fuse_epilogues", "lower")
 
 
 @dataclass(frozen=True)
 class Config:
     kernels: str = "auto"
-    """Implementation of each MoE op: auto (best available), torch (sorted grouped GEMMs), reference
-    (the eager per-expert loop, for debugging)."""
+    """Implementation of each MoE op: auto (Triton on CUDA, the torch path elsewhere), triton (also
+    on CPU under TRITON_INTERPRET=1), torch (sorted grouped GEMMs), reference (the eager per-expert
+    loop, for debugging), interpreter (the layer's program stage by stage in torch)."""
 
     dump_dir: str | None = None
     """If set, write report.json, per-pass before/after graph code and kernel sources there."""
@@ -75,6 +78,10 @@ class Config:
     """Passes to switch off, by name (PASS_NAMES); a layer a required pass is switched off
     for ("lower") stays as traced. A dict {layer pattern: [pass names]} switches passes off per layer."""
 
+    pass_options: dict = field(default_factory=dict)
+    """Options of the layer passes, {pass name: {option: value}}: e.g. {"fuse_epilogues":
+    {"topk_weight": "combine"}} applies the top-k weights in the combine instead of GEMM 2."""
+
     verify_rtol: dict = field(default_factory=dict)
     """Tolerance of the verification: {dtype: {"out" | "grad": (max, mean)}} of |a - b| / (|b| +
     mean|b|); what is not given keeps its default (VERIFY_RTOL)."""
@@ -88,6 +95,7 @@ class Config:
         object.__setattr__(self, "verify_rtol", _rtol_table(self.verify_rtol))
         object.__setattr__(self, "skip_layers", _names("skip_layers", self.skip_layers))
         object.__setattr__(self, "disable_passes", _disabled(self.disable_passes))
+        _check_pass_options(self.pass_options)
         if self.routing_trace is not None and not str(self.routing_trace).endswith((".npz", ".json")):
             raise UserInputError(f"option routing_trace={self.routing_trace!r} must end in .npz or .json")
 
@@ -102,8 +110,13 @@ class Config:
         return True
 
     def op_kernels(self) -> str:
-        """The `kernels` argument the moe op is called with."""
-        return "torch" if self.kernels == "auto" else self.kernels
+        """The `kernels` argument the moe op is called with ("auto" is decided per device)."""
+        return self.kernels
+
+    def verify_kernels(self) -> str:
+        """What verification runs the spec with: it asks whether the spec is the traced layer's
+        (kernels answer to their own tests against the same reference)."""
+        return "reference" if self.kernels == "reference" else "torch"
 
 
 def _names(option: str, given) -> tuple[str, ...]:
@@ -125,6 +138,22 @@ def _disabled(given) -> tuple:
             raise UserInputError(f"option disable_passes: unknown pass(es) {unknown}; known: {list(PASS_NAMES)}")
         out.append((pattern, names))
     return tuple(out)
+
+
+def _check_pass_options(given) -> None:
+    from .passes.layer import REGISTRY  # passes import config: not at module level
+
+    if not isinstance(given, dict):
+        raise UserInputError(f"option pass_options must be a dict {{pass name: {{option: value}}}}, got {given!r}")
+    for name, opts in given.items():
+        if name not in REGISTRY or not isinstance(opts, dict):
+            raise UserInputError(f"option pass_options: {name!r} is not a layer pass with options; "
+                                 f"known: {sorted(REGISTRY)}")
+        fields = {f.name for f in dataclasses.fields(REGISTRY[name])} - {"name"}
+        unknown = sorted(set(opts) - fields)
+        if unknown:
+            raise UserInputError(f"option pass_options[{name!r}]: unknown option(s) {unknown}; known: {sorted(fields)}")
+        REGISTRY[name](**opts)  # validates values (UserInputError)
 
 
 def _rtol_table(given) -> dict:

@@ -2,9 +2,11 @@
 
     detect   -> candidates (router -> top-k -> experts -> combine), or reasons they are not MoE
     verify   -> regions whose replacement computes the same function (never a wrong answer)
-    lower    -> each region becomes one moecompile::moe call
+    layer passes on each region's MoEProgram (build(spec), then fuse_gate, fuse_epilogues; the
+             program checked after each)
+    lower    -> each region becomes one moecompile::moe call that carries its program
 
-fuse_gate, round_tokens, place_experts and overlap_comm slot in between verify and lower.
+round_tokens, place_experts and overlap_comm join the layer passes.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import torch
 import torch.fx as fx
 
 from . import detect, verify
-from .codegen import moe_torch
+from .codegen import moe_torch, plan
 from .config import Config
 from .fx import names
-from .ir import MoERegion, PassResult
+from .ir import MoERegion, PassResult, build
 from .passes import Lower
+from .passes.layer import LAYER_PASSES
 from .report import Dumper, PassRecord, RegionRecord
 
 
@@ -115,6 +118,10 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
                  PassRecord(graph_id, "verify", False, round(verify_ms, 3),
                             {"probes": probes, "training": int(training)})]
 
+    device = next((v.device for v in example_inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    regions, layer_rows = _run_layer_passes(regions, records, row_of, config, dumper, graph_id, device)
+    pass_rows += layer_rows
+
     changed = False
     for p in passes_for(config):
         # a pass switched off for a layer leaves it as traced from here on
@@ -139,8 +146,43 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
     records += [_unmatched_record(graph_id, layer) for layer in detect.unmatched_expert_layers(gm, candidates)]
     records = [dataclasses.replace(r, serves=names.serves(gm, r.name)) for r in records]
     if regions and config.dump_dir:
-        dumper.write("kernels_torch.py", inspect.getsource(moe_torch))
+        dumper.write("kernels_torch.py", inspect.getsource(moe_torch))  # the torch path, for every layer
     return GraphOutcome(records, pass_rows, changed)
+
+
+def _run_layer_passes(regions, records, row_of, config: Config, dumper: Dumper, graph_id: int, device):
+    """Each region's program through the layer passes enabled for it; its record gets the passes
+    that changed it, the program's key and the kernels it will run. -> (regions with programs,
+    one PassRecord per layer pass, counters summed over the regions)."""
+    totals = {cls.name: PassRecord(graph_id, cls.name, False, 0.0, {}) for cls in LAYER_PASSES}
+    out = []
+    for region in regions:
+        program = build(region.spec)
+        dumper.layer_program(region.name, "00_build", program.text())
+        done = []
+        for step, cls in enumerate(LAYER_PASSES, start=1):
+            if not config.pass_enabled(cls.name, region.name):
+                continue
+            t0 = time.perf_counter()
+            program, result = cls(**config.pass_options.get(cls.name, {}))(program)
+            program.check()
+            ms = (time.perf_counter() - t0) * 1e3
+            if result.changed:
+                done.append(cls.name)
+                dumper.layer_program(region.name, f"{step:02d}_{cls.name}", program.text())
+            row = totals[cls.name]
+            counters = dict(row.counters)
+            for k, v in result.counters.items():
+                counters[k] = counters.get(k, 0) + v
+            totals[cls.name] = dataclasses.replace(row, changed=row.changed or result.changed,
+                                                   ms=round(row.ms + ms, 3), counters=counters)
+        i = row_of[region.output]
+        kernels = plan.describe(program, config.op_kernels(), device)
+        records[i] = dataclasses.replace(records[i], passes=records[i].passes + tuple(done), kernels=kernels,
+                                         program_key=program.key())
+        dumper.kernels(region.name, program, kernels)
+        out.append(dataclasses.replace(region, program=program))
+    return out, list(totals.values()) if regions else []
 
 
 def _unmatched_record(graph_id: int, layer) -> RegionRecord:

@@ -5,7 +5,7 @@ report.json (stable; tests and users read it):
     {"regions": [{"graph": int, "name": str, "num_experts": E, "top_k": K, "hidden": H,
                   "intermediate": I, "status": "optimized" | "fallback", "reason": str | null,
                   "kernels": str, "passes": [str], "spec": {...}, "experts_impl": str,
-                  "verify_ms": float, "serves": [str]}],
+                  "verify_ms": float, "serves": [str], "program_key": str}],
      "passes":  [{"graph": int, "name": str, "changed": bool, "ms": float, "counters": {...}}],
      "graphs":  [{"graph": int, "status": "rewritten" | "unchanged" | "error", "reason": str | null,
                   "nodes_before": int, "nodes_after": int, "compile_ms": float}]}
@@ -67,9 +67,10 @@ class RegionRecord(_Row):
     # every layer this row stands for: a graph traced in a frame below the model (resumed after a
     # graph break) runs again, unreported, for each module of that frame's class (fx/names.py)
     serves: tuple[str, ...] = ()
+    program_key: str = ""  # MoEProgram.key() of the program the op runs (its .moe dump)
 
     def fallback(self, reason: str) -> "RegionRecord":
-        return dataclasses.replace(self, status="fallback", reason=reason, kernels="traced")
+        return dataclasses.replace(self, status="fallback", reason=reason, kernels="traced", program_key="")
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class Report:
                 f"{spec.get('layout')}{' +shared' if spec.get('shared_expert') else ''} "
                 f"[{r.experts_impl}]")
             rows.append(f"{r.graph:>5}  {r.name[:28]:<28} {r.num_experts:>4} {r.top_k:>3} "
-                        f"{r.hidden:>6} {r.intermediate:>6}  {r.status:<9} {r.kernels:<9} {detail}")
+                        f"{r.hidden:>6} {r.intermediate:>6}  {r.status:<9} {r.kernels.split(':')[0]:<9} {detail}")
         n_opt = len(self.optimized())
         rows.append(f"{len(self.regions)} MoE layer(s) found, {n_opt} optimized, "
                     f"{len(self.regions) - n_opt} left as traced; {len(self.graphs)} graph(s) compiled")
@@ -147,11 +148,34 @@ class Dumper:
             warnings.warn(f"moecompile: dumps stop: {err}", stacklevel=2)
             self.root = None
 
+    def layer_program(self, layer: str, step: str, text: str) -> None:
+        """A layer's program after one layer pass (`.moe` text), also as a tlparse artifact."""
+        _trace_artifact(f"moecompile_{layer}_{step}.moe", text)
+        self.write(f"layers/{layer}/{step}.moe", text)
+
+    def kernels(self, layer: str, program, kernels: str) -> None:
+        """What the layer's op runs: the kernel choice per stage and, for Triton, the kernels'
+        sources (the templates the constexpr options specialize) with their configs."""
+        if self.root is None:
+            return
+        from .codegen import kernel_dump  # codegen sources only when dumping
+
+        for name, text in kernel_dump.files(program, kernels).items():
+            _trace_artifact(f"moecompile_{layer}_{name}", text)
+            self.write(f"layers/{layer}/{name}", text)
+
     def pass_done(self, pass_name: str, before: str, after: str, changed: bool) -> None:
         self.step += 1
         if changed:  # unchanged passes would only repeat the same code
             self.write(f"{self.step:02d}_{pass_name}.before.py", before)
             self.write(f"{self.step:02d}_{pass_name}.after.py", after)
+
+
+def _trace_artifact(name: str, text: str) -> None:
+    """The same dump through torch's structured trace (tlparse); free when that log is off."""
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=lambda: text)
 
 
 # The report of everything compiled in this process since the last reset(); one per dump_dir.

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .codegen import ops
+from .codegen import ops, plan
 from .config import Config
 from .detect import Candidate, stacked
 from .fx import value_of
@@ -223,7 +223,7 @@ def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
                 expected = module(x, *[weights[n] for n in x_nodes[1:]], *sizes)
                 try:
                     actual = ops.run_forward(x.reshape(-1, x.shape[-1]), [weights[w] for w in spec_weights],
-                                             spec, config.op_kernels())
+                                             spec, config.verify_kernels())
                 except ValueError as err:
                     return Verdict(None, str(err), runs)
             if actual.dtype != expected.dtype:
@@ -270,7 +270,7 @@ def _grads_close(cand, module, x, sizes, weights, x_nodes, spec, spec_weights, c
     by_node = dict(zip(x_nodes, traced))
     x2d = x.reshape(-1, x.shape[-1])
     ours = ops.moe_backward(grad_out.reshape(x2d.shape).to(x2d.dtype), x2d, [weights[w] for w in spec_weights],
-                            spec.to_json(), config.op_kernels())
+                            plan.program_of(spec).text(), config.verify_kernels())
     names = ("x",) + spec.weight_names()
     wants = [by_node[node] for node in [x_nodes[0]] + list(spec_weights)]
     # NOTE: a gradient that is zero in exact arithmetic (the router's, when K = 1 and the weights are

@@ -79,8 +79,11 @@ def test_dump_dir_writes_report_and_pass_dumps(tmp_path):
     for row in report["regions"]:
         assert set(row) >= {"graph", "name", "num_experts", "top_k", "hidden", "intermediate", "status",
                             "reason", "kernels", "passes"}
-        assert row["status"] == "optimized" and row["passes"] == ["lower"]
-    assert {p["name"] for p in report["passes"]} == {"detect", "verify", "lower"}
+        assert row["status"] == "optimized" and row["passes"] == ["fuse_gate", "fuse_epilogues", "lower"]
+        assert row["kernels"] == "torch" and len(row["program_key"]) == 16
+    assert {p["name"] for p in report["passes"]} == {"detect", "verify", "fuse_gate", "fuse_epilogues", "lower"}
+    fused = next(p for p in report["passes"] if p["name"] == "fuse_epilogues")
+    assert fused["counters"] == {"gather_fused": 2, "activation_fused": 2, "topk_weight_fused": 2}
     assert all(row["verify_ms"] > 0 for row in report["regions"])
     assert all(isinstance(p["ms"], float) and isinstance(p["changed"], bool) for p in report["passes"])
     graph_dir = tmp_path / "graph_000"
@@ -89,6 +92,14 @@ def test_dump_dir_writes_report_and_pass_dumps(tmp_path):
     assert "torch.topk" in before and "torch.topk" not in after
     assert after.count("torch.ops.moecompile.moe.default") == 2
     assert (graph_dir / "kernels_torch.py").exists()
+    layer = graph_dir / "layers" / report["regions"][0]["name"]
+    programs = sorted(p.name for p in layer.glob("*.moe"))
+    assert programs == ["00_build.moe", "01_fuse_gate.moe", "02_fuse_epilogues.moe"]
+    assert "RouterGemm(" in (layer / "00_build.moe").read_text()
+    assert "Gate(" in (layer / "01_fuse_gate.moe").read_text()
+    final = (layer / "02_fuse_epilogues.moe").read_text()
+    assert "prologue=gather" in final and "epilogue=topk_weight" in final and "SharedMLP(" in final
+    assert json.loads((layer / "kernels.json").read_text())["program_key"] == report["regions"][0]["program_key"]
 
 
 def test_env_dump_dir(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from conftest import assert_close
 from moecompile.codegen import moe_torch
 from moecompile.codegen import ops  # noqa: F401
-from moecompile.ir import MoESpec
+from moecompile.ir import MoESpec, build
 
 SPECS = {
     "mixtral": MoESpec(8, 2, 32, 48, renormalize=True),
@@ -62,7 +62,7 @@ def test_fast_path_matches_reference(name, T, dtype):
     want = moe_torch.moe_forward_reference(x, weights, spec)
     assert_close(moe_torch.moe_forward(x, weights, spec), want, dtype, what=name)
     # the op's forward reuses its buffers (inplace path): same numbers
-    assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"), want, dtype, what=f"{name} op")
+    assert_close(torch.ops.moecompile.moe(x, weights, build(spec).text(), "torch", "l"), want, dtype, what=f"{name} op")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -80,7 +80,7 @@ def test_op_gradients_match_reference(name, dtype):
         fn(xs, ws).backward(grad_out)
         return [xs.grad] + [w.grad for w in ws]
 
-    got = grads(lambda xs, ws: torch.ops.moecompile.moe(xs, ws, spec.to_json(), "torch", "layer"))
+    got = grads(lambda xs, ws: torch.ops.moecompile.moe(xs, ws, build(spec).text(), "torch", "layer"))
     want = grads(lambda xs, ws: moe_torch.moe_forward_reference(xs, ws, spec))
     for wname, g, w in zip(("x",) + spec.weight_names(), got, want):
         assert g is not None and torch.isfinite(g).all(), wname
@@ -121,7 +121,7 @@ def test_op_outputs_survive_later_calls(name):
     for T in (64, 200, 3, 64):  # grow, shrink, then the small grouped path, then back
         x = torch.randn(T, spec.hidden, generator=gen)
         x_before = x.clone()
-        out = torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l")
+        out = torch.ops.moecompile.moe(x, weights, build(spec).text(), "torch", "l")
         assert torch.equal(x, x_before)
         kept.append((out, moe_torch.moe_forward_reference(x, weights, spec)))
     for out, want in kept:
@@ -138,14 +138,14 @@ def test_op_across_inference_mode_and_autograd():
     want = moe_torch.moe_forward_reference(x, weights, spec)
     moe_torch.release_scratch()
     with torch.inference_mode():
-        assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"), want, torch.float32)
+        assert_close(torch.ops.moecompile.moe(x, weights, build(spec).text(), "torch", "l"), want, torch.float32)
     with torch.no_grad():
-        assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"), want, torch.float32)
+        assert_close(torch.ops.moecompile.moe(x, weights, build(spec).text(), "torch", "l"), want, torch.float32)
     xr = x.clone().requires_grad_()
-    torch.ops.moecompile.moe(xr, weights, spec.to_json(), "torch", "l").sum().backward()
+    torch.ops.moecompile.moe(xr, weights, build(spec).text(), "torch", "l").sum().backward()
     assert xr.grad is not None and torch.isfinite(xr.grad).all()
     with torch.inference_mode():
-        assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"), want, torch.float32)
+        assert_close(torch.ops.moecompile.moe(x, weights, build(spec).text(), "torch", "l"), want, torch.float32)
 
 
 def test_op_past_the_scratch_cap(monkeypatch):
@@ -156,7 +156,7 @@ def test_op_past_the_scratch_cap(monkeypatch):
     x = torch.randn(96, spec.hidden, generator=gen)
     monkeypatch.setattr(moe_torch, "SCRATCH_MAX_BYTES", 64)
     moe_torch.release_scratch()
-    assert_close(torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l"),
+    assert_close(torch.ops.moecompile.moe(x, weights, build(spec).text(), "torch", "l"),
                  moe_torch.moe_forward_reference(x, weights, spec), torch.float32)
     assert not moe_torch._scratch.buffers  # nothing was kept
 
@@ -185,7 +185,7 @@ def test_op_under_compile_with_dynamic_tokens():
     weights = _weights(spec, torch.float32, gen)
 
     def f(x):
-        return torch.ops.moecompile.moe(x, weights, spec.to_json(), "torch", "l") * 2
+        return torch.ops.moecompile.moe(x, weights, build(spec).text(), "torch", "l") * 2
 
     compiled = torch.compile(f, backend="aot_eager", dynamic=True)
     for T in (3, 17):
@@ -197,9 +197,9 @@ def test_op_rejects_wrong_shapes_with_clear_message():
     spec = MoESpec(4, 2, 16, 8)
     weights = _weights(spec, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"x must be \(T, 16\)"):
-        torch.ops.moecompile.moe(torch.randn(3, 15), weights, spec.to_json(), "torch", "l")
+        torch.ops.moecompile.moe(torch.randn(3, 15), weights, build(spec).text(), "torch", "l")
     with pytest.raises(ValueError, match="takes 3 weights"):
-        torch.ops.moecompile.moe(torch.randn(3, 16), weights[:2], spec.to_json(), "torch", "l")
+        torch.ops.moecompile.moe(torch.randn(3, 16), weights[:2], build(spec).text(), "torch", "l")
 
 
 @pytest.mark.parametrize("name", ["mixtral", "sigmoid_interleaved_transposed", "shared_gated"])
@@ -210,7 +210,7 @@ def test_opcheck_fake_and_autograd_registration(name):
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(6, spec.hidden, generator=gen)
     weights = _weights(spec, torch.float32, gen)
-    args = (x, weights, spec.to_json(), "torch", "l")
+    args = (x, weights, build(spec).text(), "torch", "l")
     torch.library.opcheck(torch.ops.moecompile.moe.default, args)
     # NOTE: with grads, the schema check would wrap the torch.func.vjp inside moe_backward, whose
     # functorch wrappers have no storage to inspect; the other checks run the backward for real.
@@ -219,10 +219,10 @@ def test_opcheck_fake_and_autograd_registration(name):
                           test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
     # The backward op: its fake outputs have the real outputs' shapes and strides.
     g = torch.randn(6, spec.hidden, generator=gen)
-    real = torch.ops.moecompile.moe_backward(g, x, weights, spec.to_json(), "torch")
+    real = torch.ops.moecompile.moe_backward(g, x, weights, build(spec).text(), "torch")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
         fake = torch.ops.moecompile.moe_backward(mode.from_tensor(g), mode.from_tensor(x),
-                                                 [mode.from_tensor(w) for w in weights], spec.to_json(), "torch")
+                                                 [mode.from_tensor(w) for w in weights], build(spec).text(), "torch")
     assert [(t.shape, t.stride(), t.dtype) for t in real] == [(t.shape, t.stride(), t.dtype) for t in fake]

@@ -30,11 +30,20 @@ from ..ir import MoESpec
 
 def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec):
     """Router: (T, H) -> top-k weights (T, K) and expert ids (T, K) int64, as the traced code did."""
+    return topk_of_logits(router_logits(x, weights, spec), weights, spec)
+
+
+def router_logits(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec) -> torch.Tensor:
+    """(T, H) -> (T, E): the router GEMM, in float32 when the spec says so (DeepSeek)."""
     if spec.router_gemm_fp32:
         bias = weights.get("router_bias")
-        logits = F.linear(x.float(), weights["router_weight"].float(), None if bias is None else bias.float())
-    else:
-        logits = F.linear(x, weights["router_weight"], weights.get("router_bias"))  # (T, E)
+        return F.linear(x.float(), weights["router_weight"].float(), None if bias is None else bias.float())
+    return F.linear(x, weights["router_weight"], weights.get("router_bias"))
+
+
+def topk_of_logits(logits: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec):
+    """(T, E) logits -> top-k weights (T, K) and expert ids (T, K) int64: scoring, the choice,
+    renormalization, routed scaling, capacity."""
     scores_in = logits.float() if spec.router_fp32 else logits
     score = torch.softmax if spec.scoring == "softmax" else (lambda t, dim: torch.sigmoid(t))
     if spec.topk_order == "score_then_topk":

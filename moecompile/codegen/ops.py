@@ -1,11 +1,13 @@
 """The `moecompile::moe` op: one call per MoE layer in a rewritten graph.
 
-    moecompile::moe(Tensor x (T, H), Tensor[] weights, str spec, str kernels, str layer) -> (T, H)
+    moecompile::moe(Tensor x (T, H), Tensor[] weights, str program, str kernels, str layer) -> (T, H)
 
-`spec` is `MoESpec.to_json()`, `weights` follow `spec.weight_names()`, `kernels` picks the
-implementation ("torch": sorted grouped GEMMs; "reference": the eager loop), `layer` names the
-region for routing traces. The op is opaque to Inductor; its fake implementation gives shapes under
-dynamic T, and its backward is a second opaque op so AOTAutograd never looks inside either.
+`program` is the layer's `MoEProgram.text()` after the layer passes; `weights` follow its
+`spec().weight_names()`; `kernels` picks what runs it (codegen.plan: "auto" is Triton on CUDA and
+the torch path elsewhere); `layer` names the region for routing traces. The op is opaque to
+Inductor; its fake implementation gives shapes under dynamic T, and its backward is a second opaque
+op so AOTAutograd never looks inside either. One compiled graph serves every T: what depends on T
+(decode path, tuned configs) is picked inside, per T bucket.
 """
 
 from __future__ import annotations
@@ -13,22 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ir import MoESpec
-from . import moe_torch
-
-KERNELS = ("torch", "reference")
+from ..ir import MoEProgram, MoESpec
+from . import moe_torch, plan
 
 # Routing observers: callables (layer: str, topk_ids (T, K) int64, num_experts: int) -> None.
 # Empty when no routing trace is being recorded.
 routing_observers: list = []
-
-
-def _forward_fn(kernels: str):
-    if kernels == "reference":
-        return moe_torch.moe_forward_reference
-    if kernels == "torch":
-        return moe_torch.moe_forward
-    raise ValueError(f"moecompile::moe: unknown kernels {kernels!r}; expected one of {KERNELS}")
 
 
 def check_inputs(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
@@ -41,62 +33,67 @@ def check_inputs(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
             raise ValueError(f"moecompile::moe: {name} is {w.dtype} but x is {x.dtype}")
 
 
-def run_forward(x: Tensor, weights: list[Tensor], spec: MoESpec, kernels: str, on_route=None) -> Tensor:
+def run_forward(x: Tensor, weights: list[Tensor], program: MoEProgram | MoESpec, kernels: str,
+                on_route=None) -> Tensor:
     """What the op computes, callable without the op (verification runs exactly this)."""
-    check_inputs(x, weights, spec)
-    # below autograd nothing records intermediates, so the forward may reuse its buffers
-    return _forward_fn(kernels)(x, weights, spec, on_route=on_route, inplace=True).contiguous()
+    if isinstance(program, MoESpec):
+        program = plan.program_of(program)
+    check_inputs(x, weights, program.spec())
+    return plan.forward(program, x, weights, kernels, on_route=on_route).contiguous()
 
 
 @torch.library.custom_op("moecompile::moe", mutates_args=())
-def moe(x: Tensor, weights: list[Tensor], spec: str, kernels: str, layer: str) -> Tensor:
-    moe_spec = MoESpec.from_json(spec)
+def moe(x: Tensor, weights: list[Tensor], program: str, kernels: str, layer: str) -> Tensor:
+    parsed = MoEProgram.parse(program)
     on_route = None
     if routing_observers:
+        num_experts = parsed.dims.E
+
         def on_route(topk_ids):
             for observe in routing_observers:
-                observe(layer, topk_ids, moe_spec.num_experts)
-    return run_forward(x, weights, moe_spec, kernels, on_route)
+                observe(layer, topk_ids, num_experts)
+    return run_forward(x, weights, parsed, kernels, on_route)
 
 
 # NOTE: outputs are contiguous in the real and the fake implementation alike; Inductor checks that
 # the strides it planned for match what the op returns.
 @moe.register_fake
-def _moe_fake(x, weights, spec, kernels, layer):
+def _moe_fake(x, weights, program, kernels, layer):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("moecompile::moe_backward", mutates_args=())
-def moe_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: str, kernels: str) -> list[Tensor]:
+def moe_backward(grad: Tensor, x: Tensor, weights: list[Tensor], program: str, kernels: str) -> list[Tensor]:
     """Gradients of `moe` for (x, *weights): recomputes the forward under torch.func.vjp.
 
     NOTE: recompute trades one extra forward for not keeping (T*K, 2I) activations alive between
-    forward and backward; fused backward kernels will replace it.
+    forward and backward. The forward kernels are not differentiable, so the recompute runs the
+    torch path (or the eager loop for kernels="reference"); fused backward kernels will replace it.
     """
-    moe_spec = MoESpec.from_json(spec)
-    forward = _forward_fn(kernels)
+    spec = MoEProgram.parse(program).spec()
+    forward = plan.differentiable_forward(kernels)
 
     def f(x_, *ws):
-        return forward(x_, list(ws), moe_spec)
+        return forward(x_, list(ws), spec)
 
     _, vjp = torch.func.vjp(f, x, *weights)
     return [g.contiguous() for g in vjp(grad.to(x.dtype))]
 
 
 @moe_backward.register_fake
-def _moe_backward_fake(grad, x, weights, spec, kernels):
+def _moe_backward_fake(grad, x, weights, program, kernels):
     return [x.new_empty(x.shape)] + [w.new_empty(w.shape) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, spec, kernels, _layer = inputs
+    x, weights, program, kernels, _layer = inputs
     ctx.save_for_backward(x, *weights)
-    ctx.spec, ctx.kernels = spec, kernels
+    ctx.program, ctx.kernels = program, kernels
 
 
 def _backward(ctx, grad):
     x, *weights = ctx.saved_tensors
-    grads = moe_backward(grad, x, weights, ctx.spec, ctx.kernels)
+    grads = moe_backward(grad, x, weights, ctx.program, ctx.kernels)
     return grads[0], grads[1:], None, None, None
 
 

@@ -1,7 +1,7 @@
 """lower: replace each verified MoE region by one `moecompile::moe` call.
 
     Matches:     x (..., H) -> [router, top-k, dispatch, expert GEMMs, combine, shared expert] -> y
-    Rewrites to: y = torch.ops.moecompile.moe(x2d (T, H), [weights...], spec_json, kernels, name)
+    Rewrites to: y = torch.ops.moecompile.moe(x2d (T, H), [weights...], program_text, kernels, name)
                  (then `.reshape_as(x)` when y had x's shape rather than (T, H))
 
 Nodes of the region that nothing else reads are erased, in-place writes included; nodes the rest of
@@ -17,13 +17,13 @@ import torch.fx as fx
 
 from ..codegen import ops  # noqa: F401  (registers torch.ops.moecompile.moe)
 from ..fx import is_inplace, kind, shape_of
-from ..ir import MoERegion, PassResult
+from ..ir import MoERegion, PassResult, build
 
 
 @dataclass(frozen=True)
 class Lower:
     name: str = "lower"
-    kernels: str = "torch"
+    kernels: str = "auto"
 
     def __call__(self, gm: fx.GraphModule, regions: list[MoERegion]) -> PassResult:
         result = PassResult(self.name)
@@ -72,7 +72,7 @@ def _rewrite(graph: fx.Graph, region: MoERegion, kernels: str) -> None:
     with graph.inserting_after(x2d):
         out = graph.call_function(
             torch.ops.moecompile.moe.default,
-            (x2d, list(region.weights), region.spec.to_json(), kernels, region.name))
+            (x2d, list(region.weights), (region.program or build(region.spec)).text(), kernels, region.name))
     if shape_of(region.output) != shape_of(x2d):
         with graph.inserting_after(out):
             out = graph.call_method("reshape_as", (out, region.x))

@@ -1,4 +1,4 @@
-"""The MoE IR: one vocabulary for detection, passes, kernels and the report.
+"""MoESpec and MoERegion: what one MoE layer computes, and where a captured graph computed it.
 
 Dimensions: T tokens, E experts, K top-k, H hidden size, I expert intermediate size.
 
@@ -195,6 +195,7 @@ class MoERegion:
     output: Any  # torch.fx.Node
     nodes: tuple[Any, ...] = ()
     experts_impl: str = ""  # how the traced code ran its experts (grouped_mm, batched_mm, loop, ...)
+    program: Any = None  # the layer's MoEProgram once the layer passes ran (lower calls the op with it)
 
 
 @dataclass
