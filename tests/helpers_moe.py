@@ -7,6 +7,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moecompile.ir import MoESpec
+
 
 class TinyMoE(nn.Module):
     """A user-written MoE: top-k over logits then softmax over the K picks, plain GELU experts stored
@@ -272,3 +274,34 @@ class ListMoE(nn.Module):
             out.index_add_(0, token, y.to(x.dtype))
         out = out.view(B, S, H)
         return (out, logits) if self.router_logits else out
+
+
+# Specs over every MoESpec variant, small enough for the interpreter (ops, programs, Triton tests).
+SPECS = {
+    "mixtral": MoESpec(8, 2, 32, 48, renormalize=True),
+    "odd_tails": MoESpec(5, 2, 33, 17),
+    "k_equals_e": MoESpec(4, 4, 16, 8, renormalize=True),
+    "sigmoid_interleaved_transposed": MoESpec(6, 3, 24, 12, scoring="sigmoid", layout="interleaved",
+                                              transposed=True, renormalize=True, routed_scaling=2.5),
+    "topk_then_softmax_gelu": MoESpec(6, 2, 16, 8, topk_order="topk_then_score", activation="gelu_tanh"),
+    "plain_mlp_relu": MoESpec(4, 1, 16, 8, gated=False, activation="relu"),
+    "separate_gate_up": MoESpec(5, 2, 16, 8, layout="separate"),
+    "shared_gated": MoESpec(8, 2, 32, 16, shared_intermediate=24, shared_gate=True),
+    # I >= 256: the op's forward splits gate and up into two GEMMs (moe_torch._SPLIT_MIN_I)
+    "wide_split": MoESpec(4, 2, 16, 256, renormalize=True),
+    "wide_split_interleaved": MoESpec(4, 2, 16, 256, layout="interleaved", transposed=True),
+    # GPT-OSS: router bias, top-k then softmax, interleaved (E, H, 2I) with biases, clamped SwiGLU
+    # (a limit of 0.5 is reached by many of these random activations, so both clamps are exercised)
+    "gpt_oss": MoESpec(8, 2, 32, 16, topk_order="topk_then_score", router_bias=True, layout="interleaved",
+                       transposed=True, expert_bias=True, activation="clamped_swiglu", act_alpha=1.702,
+                       act_limit=0.5),
+    "separate_bias": MoESpec(5, 2, 16, 8, layout="separate", expert_bias=True),
+    "plain_bias": MoESpec(4, 2, 16, 8, gated=False, activation="relu", expert_bias=True),
+    # DeepSeek-V3: sigmoid, correction bias, 2 of 4 groups by top-2 sum, gathered weights, fp32 router
+    "deepseek_v3": MoESpec(16, 4, 32, 16, scoring="sigmoid", correction_bias=True, groups=4, top_groups=2,
+                           group_score="top2_sum", weights_from="gather", renormalize=True, renorm_eps=1e-20,
+                           routed_scaling=2.5, shared_intermediate=16, router_gemm_fp32=True),
+    # DeepSeek-V2: softmax, 1 of 4 groups by max, dropped groups score 0 (K = 6 > 4 experts per group:
+    # some picks come from dropped groups, with weight 0)
+    "deepseek_v2": MoESpec(16, 6, 32, 16, groups=4, top_groups=1, masked_score=0.0, routed_scaling=2.5),
+}

@@ -430,9 +430,7 @@ class MoEProgram:
         """Raise ProgramError unless every value is defined once before use with the type its user
         expects, the last stage gives y (T, H), and the stages agree on one spec. Returns self."""
         d = self.dims
-        spec = self.spec()  # raises on disagreeing options
-        if (spec.num_experts, spec.top_k, spec.hidden, spec.intermediate) != (d.E, d.K, d.H, d.I):
-            raise ProgramError(f"program header {d} disagrees with its stages' spec")
+        self.spec()  # raises on disagreeing options
         known = self.inputs()
         for i, s in enumerate(self.stages):
             in_types, out_types = s.signature(d)
@@ -476,15 +474,14 @@ def _weight_types(spec: MoESpec, dtype: str) -> dict[str, ValueType]:
 def _spec_of(program: MoEProgram) -> MoESpec:
     d = program.dims
     fields: dict = {"num_experts": d.E, "top_k": d.K, "hidden": d.H, "intermediate": d.I, "dtype": d.dtype}
-    said: dict = {}
+    said: dict = dict.fromkeys(fields, "the header")
     for i, s in enumerate(program.stages):
         for name, value in s.options().items():
             if name not in _SPEC_FIELDS:
                 continue
             if name in said and fields[name] != value and not _same_float(fields[name], value):
-                raise ProgramError(f"stage {i} {s.op}: {name}={value!r} but stage {said[name]} says "
-                                   f"{fields[name]!r}")
-            fields[name], said[name] = value, i
+                raise ProgramError(f"stage {i} {s.op}: {name}={value!r} but {said[name]} says {fields[name]!r}")
+            fields[name], said[name] = value, f"stage {i}"
     if program.stage("SharedMLP") is None:
         fields["shared_intermediate"] = 0
     # a router bias is said by the router stage; expert bias / layout / gated only by the GEMMs
