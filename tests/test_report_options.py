@@ -67,8 +67,49 @@ def test_disable_passes_per_layer_and_everywhere():
     assert verify_row["counters"]["probes"] == 0
 
 
+def test_layer_passes_switched_off_per_layer_and_their_options(tmp_path):
+    model, (ids,) = models.build("mixtral", layers=2)
+    report = _explain(model, ids, disable_passes={"model.layers.0.mlp": ["fuse_epilogues"]},
+                      pass_options={"fuse_epilogues": {"topk_weight": "combine"}}, dump_dir=str(tmp_path))
+    passes = {r["name"]: r["passes"] for r in report.regions}
+    assert passes == {"model.layers.0.mlp": ["fuse_gate", "lower"],
+                      "model.layers.1.mlp": ["fuse_gate", "fuse_epilogues", "lower"]}
+    assert all(r["status"] == "optimized" for r in report.regions)
+    layers = tmp_path / "graph_000" / "layers"
+    unfused = (layers / "model.layers.0.mlp" / "01_fuse_gate.moe").read_text()
+    assert not (layers / "model.layers.0.mlp" / "02_fuse_epilogues.moe").exists() and "Gather(" in unfused
+    fused = (layers / "model.layers.1.mlp" / "02_fuse_epilogues.moe").read_text()
+    assert "epilogue=topk_weight" not in fused and "weighted=true" in fused  # the option: weights in the combine
+    counters = next(p for p in report.passes if p["name"] == "fuse_epilogues")["counters"]
+    assert counters == {"gather_fused": 1, "activation_fused": 1}  # layer 1 only
+    compiled = torch.compile(model, backend="moe", options={
+        "inner": "eager", "disable_passes": {"model.layers.0.mlp": ["fuse_epilogues"]}})
+    with torch.no_grad():
+        assert_close(compiled(ids).logits, model(ids).logits, torch.float32)
+
+
+def test_layer_programs_go_to_the_structured_trace(monkeypatch):
+    seen = []
+
+    def record(kind, metadata_fn=None, payload_fn=None, **_):
+        if kind == "artifact" and metadata_fn()["name"].startswith("moecompile_"):
+            seen.append((metadata_fn()["name"], payload_fn()))
+
+    monkeypatch.setattr(torch._logging, "trace_structured", record)
+    model, (ids,) = models.build("olmoe", layers=1)
+    _explain(model, ids)
+    names = [n for n, _ in seen]
+    assert names == ["moecompile_model.layers.0.mlp_00_build.moe", "moecompile_model.layers.0.mlp_01_fuse_gate.moe",
+                     "moecompile_model.layers.0.mlp_02_fuse_epilogues.moe"]
+    assert seen[-1][1].startswith("moe E=")
+
+
 @pytest.mark.parametrize("options", [{"disable_passes": ["fuse_everything"]}, {"skip_layers": [3]},
-                                     {"disable_passes": {"model.*": "nope"}}])
+                                     {"disable_passes": {"model.*": "nope"}},
+                                     {"pass_options": {"fuse_gates": {}}},
+                                     {"pass_options": {"fuse_epilogues": {"topk": "down"}}},
+                                     {"pass_options": {"fuse_epilogues": {"topk_weight": "gemm"}}},
+                                     {"kernels": "cuda"}])
 def test_bad_options_are_one_line_errors(options):
     with pytest.raises(UserInputError) as err:
         config.make(options)
