@@ -29,14 +29,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import align_rows, padded_rows
+
 # Rows of ids one scan step covers: a 1024-wide int32 cumsum is 8 registers per thread at 4 warps.
 _BLOCK_S = 1024
 _INT32_MAX = 2**31 - 1
-
-
-def padded_rows(num_pairs: int, num_experts: int, tile_m: int) -> int:
-    """P: sum over e of round_up(counts[e], tile_m) <= S + E * (tile_m - 1), rounded up to a tile."""
-    return -(-(num_pairs + num_experts * (tile_m - 1)) // tile_m) * tile_m
 
 
 # -- kernel -------------------------------------------------------------------------------------
@@ -114,25 +111,11 @@ def align(ids: Tensor, counts: Tensor, num_experts: int, tile_m: int) -> tuple[T
 
 
 def align_reference(ids: Tensor, counts: Tensor, num_experts: int, tile_m: int) -> tuple[Tensor, Tensor, Tensor]:
-    """align in eager torch: a stable argsort of the ids, rows shifted by each expert's padding."""
-    flat = ids.reshape(-1).long()
-    S = flat.numel()
-    counts = counts.long()
-    if not torch.equal(counts, torch.bincount(flat, minlength=num_experts)):
+    """align in eager torch (codegen.reference.align_rows: a stable argsort of the ids, rows shifted
+    by each expert's padding); checks what the kernel trusts, counts == bincount(ids)."""
+    if not torch.equal(counts.long(), torch.bincount(ids.reshape(-1).long(), minlength=num_experts)):
         raise ValueError("align_reference: counts are not bincount(ids)")
-    sorted_pairs, tile_expert, inv = _outputs(S, num_experts, tile_m, ids.device)
-    padded = (counts + tile_m - 1) // tile_m * tile_m
-    row_start = torch.cumsum(padded, 0) - padded  # (E,) first padded row of each expert
-    pair_start = torch.cumsum(counts, 0) - counts  # (E,) first position in the unpadded sort
-    order = torch.argsort(flat, stable=True)  # (S,) pairs grouped by expert, increasing p within
-    expert = flat[order]
-    rows = row_start[expert] + torch.arange(S, device=ids.device) - pair_start[expert]
-    sorted_pairs[rows] = order.to(torch.int32)
-    inv[order] = rows.to(torch.int32)
-    tiles = torch.repeat_interleave(torch.arange(num_experts, device=ids.device, dtype=torch.int32),
-                                    padded // tile_m)
-    tile_expert[:tiles.numel()] = tiles
-    return sorted_pairs, tile_expert, inv
+    return align_rows(ids, counts, num_experts, tile_m)
 
 
 # Decided when the kernel was decorated: triton.jit reads TRITON_INTERPRET at that moment.
