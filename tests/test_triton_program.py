@@ -124,16 +124,17 @@ def test_a_token_gets_the_same_bits_in_any_batch(name):
 # -- end to end ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
-def test_models_compiled_with_triton_kernels_match_eager(name):
-    model, (ids,) = models.build(name, layers=1)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "gpt_oss"])
+def test_models_compiled_with_triton_kernels_match_eager(name, dtype):
+    model, (ids,) = models.build(name, layers=1, dtype=dtype)
     with torch.no_grad():
         want = model(ids)[0] if isinstance(model(ids), tuple) else model(ids)
         compiled = torch.compile(model, backend="moe", options={"inner": "aot_eager", "kernels": "triton"})
         out = compiled(ids)
         got = out[0] if isinstance(out, tuple) else out
     got, want = getattr(got, "logits", got), getattr(want, "logits", want)
-    assert_close(got, want, torch.float32, what=name)
+    assert_close(got, want, getattr(torch, dtype), what=name)
     rows = report.current().optimized()
     assert rows and all(r.kernels.startswith("triton: gate, ") for r in rows), [r.kernels for r in rows]
 
