@@ -170,6 +170,23 @@ def test_family_prepared_forward_matches_eager(name):
     assert all(r["status"] == "optimized" or r["reason"] for r in report.regions)
 
 
+@pytest.mark.slow  # 2.5 minutes on 2 cores; the demo models run on the kernels in the default run
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_on_triton_kernels_matches_eager(name):
+    """kernels="triton" (the Triton interpreter on CPU): every optimized layer of every family runs
+    on the kernels, and the model matches eager."""
+    model, inputs = _build(name)
+    torch._dynamo.reset()
+    moecompile.report.reset()
+    with torch.no_grad():
+        want = model(**inputs)[0]
+        got = torch.compile(model, backend="moe", options={"inner": "eager", "kernels": "triton"})(**inputs)[0]
+    report = moecompile.last_report()
+    assert_close(got, want, torch.float32, what=f"{name} on triton")
+    kernels = [r["kernels"] for r in report.optimized()]
+    assert all(k.startswith("triton: ") for k in kernels), (name, kernels)
+
+
 def _loss_probe(out: torch.Tensor) -> torch.Tensor:
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
 
