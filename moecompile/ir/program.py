@@ -232,7 +232,9 @@ class Gather(Stage):
         return (_t("T", "H", dtype=d.dtype), _t("P", dtype="int32")), (_t("P", "H", dtype=d.dtype),)
 
 
-_ACT_FIELDS = ("activation", "act_alpha", "act_limit")
+def _act_shown(names, activation: str) -> tuple[str, ...]:
+    """`names` without act_alpha / act_limit unless the activation reads them (clamped SwiGLU)."""
+    return tuple(n for n in names if activation == "clamped_swiglu" or n not in ("act_alpha", "act_limit"))
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,7 @@ class Activation(Stage):
     op: ClassVar[str] = "Activation"
 
     def shown(self):
-        keep = super().shown()
-        return keep if self.activation == "clamped_swiglu" else tuple(n for n in keep if n not in ("act_alpha", "act_limit"))
+        return _act_shown(super().shown(), self.activation)
 
     def signature(self, d):
         width = "2I" if self.gated else "I"
@@ -287,8 +288,8 @@ class GroupedGemm(Stage):
         if self.proj == "gate_up":
             keep += ["gated", "layout"]
         if self.epilogue == "activation":
-            keep += ["activation"] + (["act_alpha", "act_limit"] if self.activation == "clamped_swiglu" else [])
-        return tuple(keep)
+            keep += ["activation", "act_alpha", "act_limit"]
+        return _act_shown(keep, self.activation)
 
     def _weights(self, d: Dims) -> tuple[ValueType, ...]:
         def expert(rows, cols):
@@ -327,8 +328,7 @@ class SharedMLP(Stage):
     op: ClassVar[str] = "SharedMLP"
 
     def shown(self):
-        keep = ("shared_intermediate", "shared_gate", "activation")
-        return keep + (("act_alpha", "act_limit") if self.activation == "clamped_swiglu" else ())
+        return _act_shown(super().shown(), self.activation)
 
     def signature(self, d):
         Ish = str(self.shared_intermediate)
