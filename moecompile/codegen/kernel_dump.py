@@ -20,6 +20,7 @@ def files(program: MoEProgram, kernels: str) -> dict[str, str]:
     info: dict = {"kernels": kernels, "program_key": program.key()}
     out: dict[str, str] = {}
     if kernels.startswith("triton"):
+        from . import autotune
         from .triton import align, gate, grouped_gemm, launch
 
         spec, dtype = program.spec(), getattr(torch, program.dims.dtype)
@@ -29,6 +30,7 @@ def files(program: MoEProgram, kernels: str) -> dict[str, str]:
                            "down": grouped_gemm.default_config("down", E, H, I, dtype),
                            "combine": grouped_gemm.default_config("combine", E, H, spec.top_k, dtype),
                            "gate": vars(gate.config(E, H, dtype.itemsize))}
+        info["autotune"] = {"enabled": autotune.enabled(), "cache": autotune.cache_path()}
         for module in (gate, align, grouped_gemm):
             out[f"triton_{module.__name__.rsplit('.', 1)[-1]}.py"] = inspect.getsource(module)
     out["kernels.json"] = json.dumps(info, indent=2, default=str) + "\n"

@@ -13,7 +13,9 @@
 
 The tile height (tile_m) is the grouped GEMMs' BLOCK_M, fixed per layer by E (default_config), so
 the routing metadata Align builds fits both GEMMs whatever config the autotuner picks per
-tokens-per-expert bucket. The shared expert runs before the routed experts (torch GEMMs) and the
+tokens-per-expert bucket (codegen.autotune; MOECOMPILE_AUTOTUNE=0 pins the defaults). A token's
+output bits depend on its own row only for a fixed config: across buckets a tuned BLOCK_K may add
+in another order, so bitwise batch invariance everywhere takes MOECOMPILE_AUTOTUNE=0. The shared expert runs before the routed experts (torch GEMMs) and the
 combine kernel adds it: no extra (T, H) pass.
 """
 
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ...ir import MoEProgram, MoESpec
-from .. import reference
+from .. import autotune, reference
 from . import align as align_k
 from . import gate as gate_k
 from . import grouped_gemm as gemm_k
@@ -98,6 +100,15 @@ def _align(ctx, stage, ids, counts=None):
     return align_k.align(ids.to(torch.int32), counts, E, ctx.tile_m)
 
 
+def _launch(ctx, kind: str, N: int, K_dim: int, like: Tensor, launch):
+    """launch(config) with the config autotune picks for this layer's shapes and the tokens per
+    expert of this call (a bucket of them: never T itself)."""
+    s = ctx.spec
+    cfg = autotune.pick(kind, E=s.num_experts, N=N, K_dim=K_dim, dtype=like.dtype, device=like.device,
+                        tokens_per_expert=ctx.T * s.top_k / s.num_experts, run=launch)
+    return (launch(cfg),)
+
+
 def _grouped_gemm(ctx, stage, first, rows, tiles, *rest):
     s = ctx.spec
     if stage.proj == "gate_up" and not _fused_gate_up(stage):
@@ -106,21 +117,24 @@ def _grouped_gemm(ctx, stage, first, rows, tiles, *rest):
     n = 2 if separate else 1
     ws, biases, extra = rest[:n], rest[n:n + n * stage.expert_bias], rest[n + n * stage.expert_bias:]
     if stage.proj == "gate_up":
-        return (gemm_k.gemm_gate_up(
+        return _launch(ctx, "gate_up", s.intermediate, s.hidden, first, lambda cfg: gemm_k.gemm_gate_up(
             first, rows, tiles, ws[0], biases[0] if biases else None, top_k=s.top_k, tile_m=ctx.tile_m,
             activation=stage.activation, gated=stage.gated, layout=stage.layout, transposed=stage.transposed,
             act_alpha=stage.act_alpha, act_limit=stage.act_limit, w_up=ws[1] if separate else None,
-            bias_up=biases[1] if separate and biases else None),)
+            bias_up=biases[1] if separate and biases else None, config=cfg))
     topk_w = extra[0] if stage.epilogue == "topk_weight" else None
-    return (gemm_k.gemm_down(first, rows, tiles, ws[0], biases[0] if biases else None, topk_w, top_k=s.top_k,
-                             tile_m=ctx.tile_m, transposed=stage.transposed),)
+    return _launch(ctx, "down", s.hidden, s.intermediate, first, lambda cfg: gemm_k.gemm_down(
+        first, rows, tiles, ws[0], biases[0] if biases else None, topk_w, top_k=s.top_k, tile_m=ctx.tile_m,
+        transposed=stage.transposed, config=cfg))
 
 
 def _combine(ctx, stage, ys, inv, *rest):
     topk_w = rest[0] if stage.weighted else None
     shared = rest[-1] if len(rest) > stage.weighted else None
-    return (gemm_k.combine(ys, inv, num_tokens=ctx.T, top_k=ctx.spec.top_k, out_dtype=getattr(torch, ctx.spec.dtype),
-                           shared=shared, **({"topk_w": topk_w} if topk_w is not None else {})),)
+    weighting = {"topk_w": topk_w} if topk_w is not None else {}
+    return _launch(ctx, "combine", ctx.spec.hidden, ctx.spec.top_k, ys, lambda cfg: gemm_k.combine(
+        ys, inv, num_tokens=ctx.T, top_k=ctx.spec.top_k, out_dtype=getattr(torch, ctx.spec.dtype), shared=shared,
+        config=cfg, **weighting))
 
 
 STAGE_FNS = {"Gate": _gate, "Align": _align, "GroupedGemm": _grouped_gemm, "Combine": _combine}
