@@ -188,6 +188,60 @@ def test_combine_matches_reference(K, shared, dtype):
         _close(out, ref, KERNEL_TOL[dtype], "combine")
 
 
+@DTYPES
+@pytest.mark.parametrize("K,shared,y_dtype", [(1, False, "fp32"), (3, True, "fp32"), (2, False, "same")])
+def test_weighted_combine_matches_reference(K, shared, y_dtype, dtype):
+    """out[t] = sum_k topk_w[t, k] * y[inv[t*K + k]]: fp32 products and sums in k order on both sides."""
+    T, E, H = 9, 4, 33
+    _, ids = _routing(T, E, K, seed=2)
+    topk_w = (torch.rand(T, K) + 0.5).to(DEVICE)  # not softmax: at K = 1 that is all ones
+    sorted_pairs, _, inv = _align(ids, E)
+    y = torch.randn(sorted_pairs.shape[0], H).to(torch.float32 if y_dtype == "fp32" else dtype).to(DEVICE)
+    s = torch.randn(T, H).to(dtype).to(DEVICE) if shared else None
+    kw = dict(num_tokens=T, top_k=K, out_dtype=dtype, shared=s, topk_w=topk_w)
+    out = gg.combine(y, inv, **kw, config=COMBINE_CFG)
+    assert out.shape == (T, H) and out.dtype == dtype
+    ref = gg.combine_reference(y, inv, **kw)
+    if dtype == torch.float32 and DEVICE == "cpu":  # no FMA in the interpreter: bitwise equal
+        assert torch.equal(out, ref)
+    else:  # bf16: the interpreter's truncating cast (see above); CUDA may fuse w * y + acc
+        _close(out, ref, KERNEL_TOL[dtype], "weighted combine")
+    unweighted = gg.combine(y, inv, num_tokens=T, top_k=K, out_dtype=dtype, shared=s, config=COMBINE_CFG)
+    assert not torch.equal(out, unweighted), "the weights must change the sum"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_in_combine_equals_weight_in_gemm_down(bias):
+    """gemm_down unweighted + weighted combine == gemm_down with topk_w + plain combine (fp32): the
+    same fp32 products w * (acc + b), the same k order."""
+    T, E, K, H, I = 11, 4, 2, 33, 20
+    topk_w, ids = _routing(T, E, K, seed=4)
+    sorted_pairs, tile_expert, inv = _align(ids, E)
+    a = torch.randn(sorted_pairs.shape[0], I, device=DEVICE)
+    w_down = (torch.randn(E, H, I) / I ** 0.5).to(DEVICE)
+    b = torch.randn(E, H, device=DEVICE) if bias else None
+    kw = dict(top_k=K, tile_m=TILE_M, transposed=False, config=CFG)
+    ckw = dict(num_tokens=T, top_k=K, out_dtype=torch.float32, config=COMBINE_CFG)
+    in_gemm = gg.combine(gg.gemm_down(a, sorted_pairs, tile_expert, w_down, b, topk_w, **kw), inv, **ckw)
+    in_combine = gg.combine(gg.gemm_down(a, sorted_pairs, tile_expert, w_down, b, None, **kw), inv, **ckw,
+                            topk_w=topk_w)
+    if DEVICE == "cpu":
+        assert torch.equal(in_gemm, in_combine)
+    else:  # CUDA may fuse the multiply into an FMA on one side
+        _close(in_combine, in_gemm, (1e-6, 1e-6), "weight in combine")
+
+
+def test_combine_rejects_bad_topk_w():
+    T, E, K, H = 5, 4, 2, 16
+    topk_w, ids = _routing(T, E, K)
+    sorted_pairs, _, inv = _align(ids, E)
+    y = torch.randn(sorted_pairs.shape[0], H, device=DEVICE)
+    kw = dict(num_tokens=T, top_k=K, out_dtype=torch.float32)
+    for bad in (topk_w[:, :1], topk_w[:-1], ids):
+        with pytest.raises(ValueError, match="topk_w must be"):
+            gg.combine(y, inv, **kw, topk_w=bad)
+
+
 # (T, E, K, H, I, spec options, router bias): edge shapes, each with a different expert variant
 E2E_CASES = {
     "T1": (1, 4, 2, 32, 32, {}, None),
@@ -336,8 +390,10 @@ ir = build(gg._down_kernel, {"a_ptr": bf, "w_ptr": bf, "b_ptr": bf, "pairs_ptr":
            ["N", "K_DIM", "stride_ap", "stride_we", "stride_wn", "stride_yp"])
 assert "warp_group_dot" in ir and "async_copy_global_to_local" in ir, "down: no wgmma / cp.async pipeline"
 cfg = gg.default_config("combine", 8, 7168, 8, torch.bfloat16)
-build(gg._combine_kernel, {"y_ptr": "*fp32", "inv_ptr": "*i32", "shared_ptr": bf, "out_ptr": bf},
-      dict(HAS_SHARED=True, BLOCK_T=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_N"]), cfg)
+for weighted in (False, True):
+    build(gg._combine_kernel, {"y_ptr": "*fp32", "inv_ptr": "*i32", "topk_w_ptr": "*fp32", "shared_ptr": bf,
+                               "out_ptr": bf},
+          dict(HAS_TOPK_W=weighted, HAS_SHARED=True, BLOCK_T=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_N"]), cfg)
 print("compiled")
 """
 

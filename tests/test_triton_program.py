@@ -46,7 +46,7 @@ def _spec_in(name: str, dtype) -> MoESpec:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("T", [0, 1, 37])
+@pytest.mark.parametrize("T", [0, 1, 4, 37])  # 1 and 4: the decode kernels (T*K <= max(E, 16))
 @pytest.mark.parametrize("name", list(SPECS))
 def test_fused_program_on_triton_matches_eager(name, T, dtype):
     spec = _spec_in(name, dtype)
@@ -70,6 +70,24 @@ def test_unfused_programs_mix_kernels_and_torch_stages(name, passes):
                  torch.float32, what=f"{name} {kernels}")
 
 
+@pytest.mark.parametrize("T, decodes", [(1, True), (8, True), (9, False), (40, False)])
+def test_decode_kernels_take_a_handful_of_tokens(T, decodes, monkeypatch):
+    from moecompile.codegen.triton import decode, grouped_gemm
+    calls = {"decode": 0, "tiled": 0}
+    for module, name, kind in ((decode, "decode_gate_up", "decode"), (grouped_gemm, "gemm_gate_up", "tiled")):
+        real = getattr(module, name)
+
+        def counted(*a, _real=real, _kind=kind, **k):
+            calls[_kind] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(module, name, counted)
+    spec = SPECS["mixtral"]  # E = 8, K = 2: decode up to T*K = 16
+    program = _fused(spec)
+    x, ws = _inputs(spec, T, torch.float32, f"decode{T}")
+    assert_close(plan.forward(program, x, ws, "triton"), moe_torch.moe_forward_reference(x, ws, spec), torch.float32)
+    assert calls == ({"decode": 1, "tiled": 0} if decodes else {"decode": 0, "tiled": 1})
+
+
 @pytest.mark.parametrize("E, gate", [(256, "gate"), (260, "Gate(torch)")])
 def test_many_experts(E, gate):
     spec = MoESpec(E, 8, 16, 16, scoring="sigmoid", renormalize=True)
@@ -84,7 +102,8 @@ def test_capacity_routes_in_torch_and_the_experts_on_triton():
     spec = MoESpec(8, 2, 16, 8, capacity_factor=1.0)
     program = _fused(spec)
     assert plan.describe(program, "triton", CPU) == \
-        "triton: Gate(torch), align, gemm_gate_up(gather, silu), gemm_down(topk_weight), combine"
+        "triton: Gate(torch), align, gemm_gate_up(gather, silu), gemm_down(topk_weight), combine; " \
+        "decode (T <= 16, T*K <= max(E, 16)): decode_gate_up, decode_down"
     x, ws = _inputs(spec, 33, torch.float32, "capacity")
     assert_close(plan.forward(program, x, ws, "triton"), moe_torch.moe_forward_reference(x, ws, spec),
                  torch.float32, what="capacity")

@@ -9,6 +9,9 @@
         a   = gemm_gate_up(x, sorted_pairs, tile_expert, W_gate_up)     (P, I)  x gathered in the prologue
         y   = gemm_down(a, sorted_pairs, tile_expert, W_down, topk_w)   (P, H)  fp32, top-k weight fused
         out = combine(y, inv)                                            (T, H)  k = 0..K-1 in order
+    or, the top-k weight in the combine instead of GEMM 2's epilogue:
+        y   = gemm_down(a, sorted_pairs, tile_expert, W_down)           (P, H)  a's dtype
+        out = combine(y, inv, topk_w)                                    (T, H)  sum_k w[t, k] * y[(t, k)]
 
 The routing metadata comes from the align stage: `sorted_pairs (P,) int32` holds the flat pair
 p = t*K + k of each row, rows grouped by expert and each group padded to a multiple of tile_m with -1;
@@ -202,14 +205,16 @@ def _down_kernel(
 
 @triton.jit
 def _combine_kernel(
-    y_ptr, inv_ptr, shared_ptr, out_ptr, T, H, TOP_K,
+    y_ptr, inv_ptr, topk_w_ptr, shared_ptr, out_ptr, T, H, TOP_K,
     stride_yp, stride_yh, stride_st, stride_sh, stride_ot, stride_oh,
-    HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_TOPK_W: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """out[t] = ((y[inv[t*K]] + y[inv[t*K + 1]]) + ...) (+ shared[t])     (P, H) -> (T, H)
+    """out[t] = ((w[t, 0] * y[inv[t*K]] + w[t, 1] * y[inv[t*K + 1]]) + ...) (+ shared[t])
+                                                                         (P, H) -> (T, H)
 
-    Each program owns BLOCK_T tokens times BLOCK_H columns and adds their K rows in k order in fp32:
-    no atomics, so the result is bitwise reproducible and independent of the other tokens.
+    Each program owns BLOCK_T tokens times BLOCK_H columns and adds their K rows in k order in fp32,
+    each row scaled by its top-k weight w (T, K) when HAS_TOPK_W: no atomics, so the result is
+    bitwise reproducible and independent of the other tokens.
     """
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -219,8 +224,11 @@ def _combine_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for k in range(0, TOP_K):
         rows = tl.load(inv_ptr + toks64 * TOP_K + k, mask=tok_ok, other=0).to(tl.int64)
-        acc += tl.load(y_ptr + rows[:, None] * stride_yp + cols[None, :] * stride_yh, mask=ok,
-                       other=0.0).to(tl.float32)
+        yk = tl.load(y_ptr + rows[:, None] * stride_yp + cols[None, :] * stride_yh, mask=ok,
+                     other=0.0).to(tl.float32)
+        if HAS_TOPK_W:  # topk_w is contiguous (T, K): pair t*K + k
+            yk = yk * tl.load(topk_w_ptr + toks64 * TOP_K + k, mask=tok_ok, other=0.0).to(tl.float32)[:, None]
+        acc += yk
     if HAS_SHARED:
         acc += tl.load(shared_ptr + toks64[:, None] * stride_st + cols[None, :] * stride_sh, mask=ok,
                        other=0.0).to(tl.float32)
@@ -349,10 +357,10 @@ def _check_weight(what: str, w: Tensor, shape: tuple, device, dtype) -> None:
                          "it in int32")
 
 
-def _gate_up_views(x, w, w_up, bias, bias_up, *, activation, gated, layout, transposed):
+def _gate_up_views(x, w, w_up, bias, bias_up, *, activation, gated, layout, transposed, what="gemm_gate_up"):
     """(wg, wu, bg, bu, I): the gate and up weights as strided (E, I, H) views (out, in), biases as
-    (E, I) views; no copies. Not gated: wg is up_proj and wu, bu are None."""
-    what = "gemm_gate_up"
+    (E, I) views; no copies. Not gated: wg is up_proj and wu, bu are None. `what` names the caller
+    in the error messages."""
     _check_dtype(what, x)
     if x.dim() != 2:
         raise ValueError(f"{what}: x must be (T, H), got {tuple(x.shape)}")
@@ -482,7 +490,7 @@ def gemm_down(a: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w_down: Tens
     return y
 
 
-def _combine_checks(y, inv, num_tokens, top_k, out_dtype, shared):
+def _combine_checks(y, inv, num_tokens, top_k, out_dtype, shared, topk_w):
     what = "combine"
     _check_dtype(what, y)
     if out_dtype not in _DTYPES:
@@ -496,13 +504,22 @@ def _combine_checks(y, inv, num_tokens, top_k, out_dtype, shared):
         if tuple(shared.shape) != (num_tokens, y.shape[1]) or shared.device != y.device:
             raise ValueError(f"{what}: shared must be ({num_tokens}, {y.shape[1]}) on {y.device}, got "
                              f"{tuple(shared.shape)} on {shared.device}")
+    if topk_w is not None and (tuple(topk_w.shape) != (num_tokens, top_k) or not topk_w.is_floating_point()
+                               or topk_w.device != y.device):
+        raise ValueError(f"{what}: topk_w must be ({num_tokens}, {top_k}) float on {y.device}, got "
+                         f"{tuple(topk_w.shape)} {topk_w.dtype} on {topk_w.device}")
 
 
 def combine(y: Tensor, inv: Tensor, *, num_tokens: int, top_k: int, out_dtype: torch.dtype,
-            shared: Tensor | None = None, config: dict | None = None) -> Tensor:
+            shared: Tensor | None = None, config: dict | None = None,
+            topk_w: Tensor | None = None) -> Tensor:
     """Each token's K expert rows summed in k order in fp32: y (P, H) -> out (T, H) in out_dtype,
-    plus shared (T, H) (a shared expert's output) added last. No atomics: deterministic."""
-    _combine_checks(y, inv, num_tokens, top_k, out_dtype, shared)
+    plus shared (T, H) (a shared expert's output) added last. No atomics: deterministic.
+
+    topk_w (T, K) float, when given, scales each row in fp32 before it is added:
+    out[t] = sum_k topk_w[t, k] * y[inv[t*K + k]], for a y that gemm_down left unweighted.
+    """
+    _combine_checks(y, inv, num_tokens, top_k, out_dtype, shared, topk_w)
     H = y.shape[1]
     out = y.new_empty(num_tokens, H, dtype=out_dtype)
     if num_tokens == 0 or H == 0:
@@ -510,10 +527,12 @@ def combine(y: Tensor, inv: Tensor, *, num_tokens: int, top_k: int, out_dtype: t
     cfg = _resolve_config("combine", config, None, 0, H, top_k, y.dtype)
     grid = (triton.cdiv(num_tokens, cfg["BLOCK_M"]), triton.cdiv(H, cfg["BLOCK_N"]))
     _combine_kernel[grid](
-        y, inv.contiguous(), shared if shared is not None else y, out, num_tokens, H, top_k,
+        y, inv.contiguous(), topk_w.contiguous() if topk_w is not None else y,
+        shared if shared is not None else y, out, num_tokens, H, top_k,
         y.stride(0), y.stride(1), *(shared.stride() if shared is not None else (0, 0)),
         out.stride(0), out.stride(1),
-        HAS_SHARED=shared is not None, BLOCK_T=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_N"],
+        HAS_TOPK_W=topk_w is not None, HAS_SHARED=shared is not None, BLOCK_T=cfg["BLOCK_M"],
+        BLOCK_H=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -562,13 +581,14 @@ def gemm_down_reference(a, sorted_pairs, tile_expert, w_down, bias, topk_w, *, t
     return y
 
 
-def combine_reference(y, inv, *, num_tokens, top_k, out_dtype, shared=None, config=None) -> Tensor:
-    """`combine` in torch: the same k order, fp32 sums. (P, H) -> (T, H)"""
-    _combine_checks(y, inv, num_tokens, top_k, out_dtype, shared)
+def combine_reference(y, inv, *, num_tokens, top_k, out_dtype, shared=None, config=None, topk_w=None) -> Tensor:
+    """`combine` in torch: the same k order, fp32 products and sums. (P, H) -> (T, H)"""
+    _combine_checks(y, inv, num_tokens, top_k, out_dtype, shared, topk_w)
     rows = inv.long().view(num_tokens, top_k)
     acc = y.new_zeros(num_tokens, y.shape[1], dtype=torch.float32)
     for k in range(top_k):
-        acc = acc + y[rows[:, k]].float()
+        yk = y[rows[:, k]].float()
+        acc = acc + (yk * topk_w[:, k:k + 1].float() if topk_w is not None else yk)
     if shared is not None:
         acc = acc + shared.float()
     return acc.to(out_dtype)

@@ -27,6 +27,7 @@ from torch import Tensor
 from ...ir import MoEProgram, MoESpec
 from .. import autotune, reference
 from . import align as align_k
+from . import decode as decode_k
 from . import gate as gate_k
 from . import grouped_gemm as gemm_k
 
@@ -45,13 +46,25 @@ def tile_m(spec: MoESpec) -> int:
 
 def run(program: MoEProgram, x: Tensor, weights: list[Tensor], on_route=None) -> Tensor:
     spec = program.spec()
-    return reference.run(program, x, weights, tile_m=tile_m(spec), stage_fns=STAGE_FNS, on_route=on_route)
+    decoding = _decodes(program) and decode_k.applies(x.shape[0], spec.top_k, spec.num_experts)
+    return reference.run(program, x, weights, tile_m=tile_m(spec), stage_fns=DECODE_FNS if decoding else STAGE_FNS,
+                         on_route=on_route)
 
 
 def describe(program: MoEProgram) -> str:
-    """One name per stage in order: the kernel, or "<op>(torch)" where a stage runs in torch."""
+    """One name per stage in order: the kernel, or "<op>(torch)" where a stage runs in torch; then
+    the decode variant where the program has one."""
     spec = program.spec()
-    return ", ".join(_kernel_name(s, spec) or f"{s.op}(torch)" for s in program.stages)
+    names = ", ".join(_kernel_name(s, spec) or f"{s.op}(torch)" for s in program.stages)
+    if _decodes(program):
+        names += f"; decode (T <= {decode_k.MAX_TOKENS}, T*K <= max(E, 16)): decode_gate_up, decode_down"
+    return names
+
+
+def _decodes(program: MoEProgram) -> bool:
+    """The decode kernels replace Align and both GEMMs when GEMM 1 is fused (gather, activation)."""
+    gemms = [s for s in program.stages if s.op == "GroupedGemm"]
+    return len(gemms) == 2 and _fused_gate_up(gemms[0]) and gemms[1].proj == "down"
 
 
 def _kernel_name(stage, spec: MoESpec) -> str | None:
@@ -138,3 +151,34 @@ def _combine(ctx, stage, ys, inv, *rest):
 
 
 STAGE_FNS = {"Gate": _gate, "Align": _align, "GroupedGemm": _grouped_gemm, "Combine": _combine}
+
+
+# -- the decode variant: a handful of tokens, each active expert's weights read once, no tiles ---
+
+
+def _decode_align(ctx, stage, ids, counts=None):
+    """rows: the pairs sorted by expert (S,), no padding; tiles: unused by the decode GEMMs (the
+    same order); inv: the row of each pair, for the combine."""
+    ctx.ids = ids.to(torch.int32)
+    order = decode_k.sort_pairs(ctx.ids)
+    return order, order, decode_k.inverse(order)
+
+
+def _decode_gemm(ctx, stage, first, rows, tiles, *rest):
+    s = ctx.spec
+    separate = stage.proj == "gate_up" and stage.layout == "separate"
+    n = 2 if separate else 1
+    ws, biases, extra = rest[:n], rest[n:n + n * stage.expert_bias], rest[n + n * stage.expert_bias:]
+    if stage.proj == "gate_up":
+        _, a = decode_k.decode_gate_up(
+            first, ctx.ids, ws[0], biases[0] if biases else None, top_k=s.top_k, activation=stage.activation,
+            gated=stage.gated, layout=stage.layout, transposed=stage.transposed, act_alpha=stage.act_alpha,
+            act_limit=stage.act_limit, w_up=ws[1] if separate else None,
+            bias_up=biases[1] if separate and biases else None)
+        return (a,)
+    topk_w = extra[0] if stage.epilogue == "topk_weight" else None
+    return (decode_k.decode_down(first, rows, ctx.ids, ws[0], biases[0] if biases else None, topk_w,
+                                 top_k=s.top_k, transposed=stage.transposed),)
+
+
+DECODE_FNS = dict(STAGE_FNS, Align=_decode_align, GroupedGemm=_decode_gemm)
