@@ -1,18 +1,28 @@
 """Time eager, torch.compile(inductor) and torch.compile(backend="moe") in one run.
 
-Used by `moecompile bench`, benchmarks/bench_moe.py and the demo. Speed claims come from here, never
-from tests. Each case is timed as the median of `iters` calls after `warmup` calls; on CUDA with a
-synchronize around each call. Compile time is the first call's wall time after a dynamo reset.
+Used by `moecompile bench`, benchmarks/bench_moe.py, benchmarks/bench_moe_layer.py and the demo.
+Speed claims come from here, never from tests. Each case is timed as the median of `iters` calls
+after `warmup` calls, round-robin over the backends; by wall clock with a synchronize around each call,
+or (`events=True`, CUDA) by CUDA events; `flush=True` overwrites a buffer larger than a GPU's L2
+before each timed call, as triton.testing.do_bench does, so that every call reads its weights from
+memory as a layer inside a model does. Compile time is the first call's wall time after a dynamo
+reset.
+The roofline probes (`peak_flops`, `copy_bandwidth`) time a large matmul and a large copy in the
+same way, so a floor is computed from what this device does in this run.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
+import math
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -72,19 +82,125 @@ def compare(case: str, module: torch.nn.Module, args: tuple, device, warmup=3, i
             _sync(device)
             compile_s[backend] = 0.0 if backend == "eager" else time.perf_counter() - t0
             errors[backend] = (out - reference).abs().max().item()
-        samples: dict[str, list[float]] = {b: [] for b in backends}
-        for backend in backends:
-            time_call(fns[backend], args, device, warmup, 1)
-        for _ in range(iters):
-            for backend in backends:
-                samples[backend].append(time_call(fns[backend], args, device, 0, 1))
-    return [Timing(case, b, statistics.median(samples[b]), compile_s[b], errors[b]) for b in backends]
+        ms = round_robin(fns, args, device, warmup, iters)
+    return [Timing(case, b, ms[b], compile_s[b], errors[b]) for b in backends]
+
+
+# triton.testing.do_bench writes 256 MB between calls: more than the L2 of any GPU so far (H100 and
+# H200: 50 MB), so no call finds the previous call's weights in cache. Not a CPU's: some server
+# CPUs (and the VMs on them) have last-level caches of hundreds of MB.
+FLUSH_BYTES = 256 * 2**20
+
+
+def round_robin(fns: dict[str, Callable], args: tuple, device, warmup: int, iters: int, events: bool = False,
+                flush: bool = False, errors: dict[str, str] | None = None) -> dict[str, float]:
+    """Median ms of each `fns[name](*args)`: `warmup` calls each, then `iters` rounds of one call
+    of each, so that a drift of the machine's speed hits all of them alike.
+
+    events=False: wall clock, synchronized around each call. events=True (CUDA only; wall clock
+    elsewhere): CUDA events around each call, one synchronize per round.
+    flush: overwrite FLUSH_BYTES before each timed call (not timed).
+    errors: if given, a function that raises is recorded there ("Type: message") and dropped;
+    otherwise the exception propagates.
+    """
+    events = events and torch.device(device).type == "cuda"
+    scratch = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device) if flush else None
+    live = dict(fns)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+
+    def attempt(name, sample):
+        try:
+            sample(live[name])
+        except Exception as err:  # noqa: BLE001 -- one failing column must not stop the others
+            if errors is None:
+                raise
+            errors[name] = f"{type(err).__name__}: {err}"
+            del live[name]
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()  # an out-of-memory error leaves the cache full
+
+    for name in list(live):
+        attempt(name, lambda fn: time_call(fn, args, device, warmup, 1))
+    for _ in range(iters):
+        pending = []
+        for name in list(live):
+            if scratch is not None:
+                scratch.zero_()
+            if events:
+                attempt(name, lambda fn: pending.append((name, _event_sample(fn, args))))
+            else:
+                attempt(name, lambda fn: samples[name].append(time_call(fn, args, device, 0, 1)))
+        if pending:
+            torch.cuda.synchronize(device)
+            for name, (start, end) in pending:
+                samples[name].append(start.elapsed_time(end))
+    return {name: statistics.median(samples[name]) for name in live}
+
+
+def _event_sample(fn, args):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(*args)
+    end.record()
+    return start, end
+
+
+def peak_flops(device, dtype, sizes: tuple[int, ...] | None = None, iters: int = 10) -> dict:
+    """The best FLOP/s of an (n, n) @ (n, n) matmul in `dtype` over `sizes`, timed as round_robin
+    times (events on CUDA). {"flops": FLOP/s, "n": the size that reached it, "ms": its time}."""
+    device = torch.device(device)
+    # 8192^3 keeps an H100's tensor cores busy for ~1.5 ms; on a CPU 1024^3 takes tens of ms.
+    sizes = sizes or ((4096, 8192) if device.type == "cuda" else (512, 1024))
+    best = {"flops": 0.0, "n": 0, "ms": 0.0}
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        ms = round_robin({"mm": lambda: torch.mm(a, b, out=c)}, (), device, 3, iters, events=True)["mm"]
+        if 2 * n**3 / (ms * 1e-3) > best["flops"]:
+            best = {"flops": 2 * n**3 / (ms * 1e-3), "n": n, "ms": ms}
+        del a, b, c
+    return best
+
+
+def copy_bandwidth(device, nbytes: int | None = None, iters: int = 10) -> dict:
+    """Bytes per second of a device-to-device copy of `nbytes` (read + write counted), timed as
+    round_robin times. {"bytes_per_s": B/s, "nbytes": the buffer size, "ms": one copy's time}."""
+    device = torch.device(device)
+    # 1 GiB on a GPU, far beyond its L2 (50 MB); 256 MiB on a CPU, beyond a laptop's L3 (a large
+    # server L3 holds part of it, and the bandwidth comes out high)
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
+    src = torch.ones(nbytes, dtype=torch.int8, device=device)
+    dst = torch.zeros_like(src)
+    ms = round_robin({"copy": lambda: dst.copy_(src)}, (), device, 3, iters, events=True)["copy"]
+    return {"bytes_per_s": 2 * nbytes / (ms * 1e-3), "nbytes": nbytes, "ms": ms}
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """device_name in lower case, runs of other characters as "-": for result file names."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def versions() -> dict:
+    """Versions of the packages a timing depends on; None for one not installed."""
+    out = {}
+    for package in ("torch", "triton", "transformers", "moecompile"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    out["torch"] = torch.__version__  # the imported one (a local build may not match its metadata)
+    return out
 
 
 def _cpu_model() -> str:
