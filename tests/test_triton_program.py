@@ -118,6 +118,19 @@ def test_float64_falls_back_to_the_torch_path_with_the_reason():
     assert_close(plan.forward(program, x, ws, "triton"), moe_torch.moe_forward_reference(x, ws, spec), torch.float64)
 
 
+def test_a_kernel_that_declines_at_run_time_falls_back_with_a_warning(monkeypatch):
+    from moecompile.codegen.triton import grouped_gemm
+
+    def declines(*args, **kwargs):
+        raise ValueError("gemm_down: an input the kernel does not take")
+    monkeypatch.setattr(grouped_gemm, "gemm_down", declines)
+    spec = SPECS["mixtral"]
+    x, ws = _inputs(spec, 30, torch.float32, "declines")
+    with pytest.warns(UserWarning, match="declined a layer .*an input the kernel does not take.*torch path"):
+        got = plan.forward(_fused(spec), x, ws, "triton")
+    assert_close(got, moe_torch.moe_forward_reference(x, ws, spec), torch.float32)
+
+
 def test_auto_is_the_torch_path_on_cpu():
     program = _fused(SPECS["mixtral"])
     assert plan.choose(program, "auto", CPU) == ("torch", None)

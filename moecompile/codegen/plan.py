@@ -16,6 +16,7 @@ has one for that stage's form (codegen/triton/launch.py), else on its torch func
 from __future__ import annotations
 
 import os
+import warnings
 from functools import lru_cache
 
 import torch
@@ -79,7 +80,21 @@ def forward(program: MoEProgram, x: Tensor, weights: list[Tensor], kernels: str,
     if what == "interpreter":
         return reference.run(program, x, weights, on_route=on_route)
     from .triton import launch
-    return launch.run(program, x, weights, on_route=on_route)
+    try:
+        return launch.run(program, x, weights, on_route=on_route)
+    except ValueError as err:  # a launcher's input check: never a crash, the torch path instead
+        _warn_once(program, str(err))
+        return moe_torch.moe_forward(x, weights, spec, on_route=on_route, inplace=True)
+
+
+_warned: set = set()
+
+
+def _warn_once(program: MoEProgram, reason: str) -> None:
+    if (program.key(), reason) not in _warned:
+        _warned.add((program.key(), reason))
+        warnings.warn(f"moecompile: the Triton kernels declined a layer (program {program.key()}): {reason}; "
+                      "it runs on the torch path", stacklevel=3)
 
 
 def differentiable_forward(kernels: str):

@@ -15,8 +15,10 @@ The tile height (tile_m) is the grouped GEMMs' BLOCK_M, fixed per layer by E (de
 the routing metadata Align builds fits both GEMMs whatever config the autotuner picks per
 tokens-per-expert bucket (codegen.autotune; MOECOMPILE_AUTOTUNE=0 pins the defaults). A token's
 output bits depend on its own row only for a fixed config: across buckets a tuned BLOCK_K may add
-in another order, so bitwise batch invariance everywhere takes MOECOMPILE_AUTOTUNE=0. The shared expert runs before the routed experts (torch GEMMs) and the
-combine kernel adds it: no extra (T, H) pass.
+in another order, so bitwise batch invariance everywhere takes MOECOMPILE_AUTOTUNE=0.
+
+The shared expert runs before the routed experts (torch GEMMs) and the combine kernel adds it: no
+extra (T, H) pass.
 """
 
 from __future__ import annotations
