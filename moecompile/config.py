@@ -149,10 +149,13 @@ def _check_pass_options(given) -> None:
         if name not in REGISTRY or not isinstance(opts, dict):
             raise UserInputError(f"option pass_options: {name!r} is not a layer pass with options; "
                                  f"known: {sorted(REGISTRY)}")
-        fields = {f.name for f in dataclasses.fields(REGISTRY[name])} - {"name"}
-        unknown = sorted(set(opts) - fields)
+        fields = {f.name: type(f.default) for f in dataclasses.fields(REGISTRY[name]) if f.name != "name"}
+        unknown = sorted(set(opts) - set(fields))
         if unknown:
             raise UserInputError(f"option pass_options[{name!r}]: unknown option(s) {unknown}; known: {sorted(fields)}")
+        for opt, value in opts.items():
+            if type(value) is not fields[opt]:
+                raise UserInputError(f"option pass_options[{name!r}][{opt!r}]={value!r}: expected a {fields[opt].__name__}")
         REGISTRY[name](**opts)  # validates values (UserInputError)
 
 

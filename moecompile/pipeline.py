@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from . import detect, verify
 from .codegen import moe_torch, plan
 from .config import Config
 from .fx import names
-from .ir import MoERegion, PassResult, build
+from .ir import MoERegion, PassResult, ProgramError, build
 from .passes import Lower
 from .passes.layer import LAYER_PASSES
 from .report import Dumper, PassRecord, RegionRecord
@@ -164,8 +165,14 @@ def _run_layer_passes(regions, records, row_of, config: Config, dumper: Dumper, 
             if not config.pass_enabled(cls.name, region.name):
                 continue
             t0 = time.perf_counter()
-            program, result = cls(**config.pass_options.get(cls.name, {}))(program)
-            program.check()
+            try:
+                rewritten, result = cls(**config.pass_options.get(cls.name, {}))(program)
+                program = rewritten.check()
+            except ProgramError as err:  # the pass broke its own invariant: this layer keeps the program before it
+                result = PassResult(cls.name)
+                result.skip("program_error")
+                warnings.warn(f"moecompile: layer pass {cls.name} on {region.name}: {err}; the pass is skipped there",
+                              stacklevel=2)
             ms = (time.perf_counter() - t0) * 1e3
             if result.changed:
                 done.append(cls.name)

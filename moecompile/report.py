@@ -70,7 +70,8 @@ class RegionRecord(_Row):
     program_key: str = ""  # MoEProgram.key() of the program the op runs (its .moe dump)
 
     def fallback(self, reason: str) -> "RegionRecord":
-        return dataclasses.replace(self, status="fallback", reason=reason, kernels="traced", program_key="")
+        return dataclasses.replace(self, status="fallback", reason=reason, kernels="traced", program_key="",
+                                   passes=())
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def _check_report(name, layers=2):
     rows = report.regions
     assert len({r["name"] for r in rows}) == layers, rows
     assert all(r["status"] == "optimized" and r["reason"] is None for r in rows), rows
-    assert all(r["passes"] == ["lower"] and r["kernels"] == "torch" for r in rows)
+    assert all(r["passes"] == ["fuse_gate", "fuse_epilogues", "lower"] and r["kernels"] == "torch" for r in rows)
     for r in rows:
         assert r["family"] == name and r["idiom"].endswith(("grouped-gemm", "gathered-weights")), r
         assert (r["hidden"], r["num_experts"], r["top_k"], r["intermediate"]) == (

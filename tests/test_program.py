@@ -103,6 +103,10 @@ def _broken(program: MoEProgram, index: int, **changes) -> MoEProgram:
     (lambda p: _broken(p, 6, ins=("xs", "rows", "tiles", "down_proj")), r"input 'xs' is \(P, H\) f32, expected \(P, I\)"),
     (lambda p: dataclasses.replace(p, stages=p.stages[:-1]), "the last stage must give y"),
     (lambda p: _broken(p, 3, top_k=3), "top_k=3 but the header says 2"),
+    # a program that chains but computes another layer
+    (lambda p: _broken(p, 6, ins=("a", "rows", "tiles", "down_proj", "w"), epilogue="topk_weight"),
+     r"input 'ys' is \(P, H\) f32, expected|applied 2 times"),
+    (lambda p: _broken(p, 7, ins=("ys", "inv"), weighted=False), r"'w' is computed but never read|applied 0 times"),
 ])
 def test_check_names_what_does_not_chain(change, message):
     program = build(SPECS["mixtral"])
@@ -150,6 +154,30 @@ def test_fuse_gate_declines_when_logits_are_read_elsewhere():
     odd = dataclasses.replace(program, stages=program.stages[:2] + (extra,) + program.stages[2:])
     same, result = FuseGate()(odd)
     assert same is odd and result.counters == {"skipped:logits_read_by_other_stages": 1}
+
+
+def test_a_dropped_shared_expert_or_double_weights_do_not_check():
+    fused = _after_passes(build(SPECS["shared_gated"]))[-1]
+    i = fused.find("Combine")[0]
+    with pytest.raises(ProgramError, match="'s' is computed but never read"):
+        _broken(fused, i, ins=("ys", "inv")).check()
+    with pytest.raises(ProgramError, match="applied 2 times"):
+        _broken(fused, i, ins=("ys", "inv", "w", "s"), weighted=True).check()
+
+
+def test_fuse_gate_without_counts():
+    program, result = FuseGate(counts=False)(build(SPECS["mixtral"]))
+    program.check()
+    assert program.stage("Gate").outs == ("w", "ids") and program.stage("Align").ins == ("ids",)
+    x, ws = _inputs(SPECS["mixtral"], 11, "nocounts")
+    torch.testing.assert_close(reference.run(program, x, ws), reference.run(build(SPECS["mixtral"]), x, ws))
+
+
+def test_text_keeps_every_spec_field_and_float_spelling():
+    odd = MoESpec(8, 2, 16, 8, routed_scaling=2, renorm_eps=1e-6, capacity_order="k_major", group_score="top2_sum")
+    for program in _after_passes(build(odd)):
+        again = MoEProgram.parse(program.text())
+        assert again == program and again.key() == program.key() and again.spec() == odd
 
 
 def test_fuse_epilogues_options():

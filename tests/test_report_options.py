@@ -88,6 +88,25 @@ def test_layer_passes_switched_off_per_layer_and_their_options(tmp_path):
         assert_close(compiled(ids).logits, model(ids).logits, torch.float32)
 
 
+def test_a_layer_pass_that_breaks_its_program_is_skipped_for_that_layer(monkeypatch):
+    import dataclasses
+    from moecompile.passes.layer import FuseEpilogues
+
+    def breaks(self, program):  # drops the combine: the program no longer gives y
+        return dataclasses.replace(program, stages=program.stages[:-1]), moecompile.ir.PassResult(self.name, True)
+    monkeypatch.setattr(FuseEpilogues, "__call__", breaks)
+    model, (ids,) = models.build("mixtral", layers=1)
+    with pytest.warns(UserWarning, match="layer pass fuse_epilogues on model.layers.0.mlp: the last stage must give y"):
+        report = _explain(model, ids)
+    row = report.regions[0]
+    assert row["status"] == "optimized" and row["passes"] == ["fuse_gate", "lower"]
+    counters = next(p for p in report.passes if p["name"] == "fuse_epilogues")["counters"]
+    assert counters == {"skipped:program_error": 1}
+    compiled = torch.compile(model, backend="moe", options={"inner": "eager"})
+    with torch.no_grad():
+        assert_close(compiled(ids).logits, model(ids).logits, torch.float32)
+
+
 def test_layer_programs_go_to_the_structured_trace(monkeypatch):
     seen = []
 
@@ -109,6 +128,7 @@ def test_layer_programs_go_to_the_structured_trace(monkeypatch):
                                      {"pass_options": {"fuse_gates": {}}},
                                      {"pass_options": {"fuse_epilogues": {"topk": "down"}}},
                                      {"pass_options": {"fuse_epilogues": {"topk_weight": "gemm"}}},
+                                     {"pass_options": {"fuse_epilogues": {"gather": "no"}}},
                                      {"kernels": "cuda"}])
 def test_bad_options_are_one_line_errors(options):
     with pytest.raises(UserInputError) as err:

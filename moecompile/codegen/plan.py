@@ -8,8 +8,8 @@
     reference the eager per-expert loop (debugging)
     interpreter  the program stage by stage in torch (codegen.reference)
 
-`choose` decides once per (program, kernels, device) and `describe` says it for the report; the
-op calls `forward`, which decides the same way. Under Triton each stage runs on its kernel when it
+`describe` says for the report what `choose` decides; the op calls `forward`, which decides the
+same way at every call (a few dict lookups). Under Triton each stage runs on its kernel when it
 has one for that stage's form (codegen/triton/launch.py), else on its torch function.
 """
 
@@ -80,19 +80,24 @@ def forward(program: MoEProgram, x: Tensor, weights: list[Tensor], kernels: str,
     if what == "interpreter":
         return reference.run(program, x, weights, on_route=on_route)
     from .triton import launch
+    routed: list = []  # routing seen once, whichever path computes the output
     try:
-        return launch.run(program, x, weights, on_route=on_route)
+        out = launch.run(program, x, weights, on_route=routed.append if on_route else None)
     except ValueError as err:  # a launcher's input check: never a crash, the torch path instead
         _warn_once(program, str(err))
         return moe_torch.moe_forward(x, weights, spec, on_route=on_route, inplace=True)
+    for ids in routed:
+        on_route(ids)
+    return out
 
 
 _warned: set = set()
 
 
 def _warn_once(program: MoEProgram, reason: str) -> None:
-    if (program.key(), reason) not in _warned:
-        _warned.add((program.key(), reason))
+    launcher = reason.split(":")[0]  # the message's shapes vary with T; one warning per launcher
+    if (program.key(), launcher) not in _warned:
+        _warned.add((program.key(), launcher))
         warnings.warn(f"moecompile: the Triton kernels declined a layer (program {program.key()}): {reason}; "
                       "it runs on the torch path", stacklevel=3)
 

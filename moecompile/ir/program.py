@@ -96,9 +96,14 @@ class Stage:
     exact: ClassVar[bool] = True  # False: the stage changes what the layer computes (token rounding)
 
     def options(self) -> dict:
-        """The option fields shown in text, in declaration order."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("outs", "ins")
-                and f.name in self.shown()}
+        """The option fields shown in text, in declaration order; float fields as floats (a spec's
+        routed_scaling=2 prints and hashes as 2.0, as it parses back)."""
+        shown = self.shown()
+        return {f.name: float(getattr(self, f.name)) if isinstance(f.default, float) else getattr(self, f.name)
+                for f in dataclasses.fields(self) if f.name in shown}
+
+    def _at_default(self, name: str) -> bool:
+        return getattr(self, name) == next(f.default for f in dataclasses.fields(self) if f.name == name)
 
     def shown(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self) if f.name not in ("outs", "ins"))
@@ -119,8 +124,9 @@ def _logits_dtype(d: Dims, router_gemm_fp32: bool) -> str:
     return "float32" if router_gemm_fp32 else d.dtype
 
 
-def _weights_dtype(d: Dims, router_gemm_fp32: bool, weights_in_input_dtype: bool) -> str:
-    return _logits_dtype(d, router_gemm_fp32) if weights_in_input_dtype else "float32"
+def _weights_dtype(d: Dims, router_gemm_fp32: bool, weights_in_input_dtype: bool, router_fp32: bool) -> str:
+    """Top-k weights are fp32 when scores are (router_fp32), else in the logits' dtype."""
+    return _logits_dtype(d, router_gemm_fp32) if weights_in_input_dtype or not router_fp32 else "float32"
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,8 @@ class _Routing(Stage):
             hidden |= {"capacity_order", "capacity_rounding"}
         if not self.renormalize:
             hidden.add("renorm_eps")
-        return tuple(n for n in super().shown() if n not in hidden)
+        # a field that does not matter here is hidden only at its default: the text says the spec whole
+        return tuple(n for n in super().shown() if n not in hidden or not self._at_default(n))
 
 
 @dataclass(frozen=True)
@@ -187,14 +194,14 @@ class TopK(_Routing):
     def signature(self, d):
         ins = (_t("T", "E", dtype=_logits_dtype(d, self.router_gemm_fp32)),)
         ins += (_t("E", dtype="any"),) if self.correction_bias else ()
-        wd = _weights_dtype(d, self.router_gemm_fp32, self.weights_in_input_dtype)
+        wd = _weights_dtype(d, self.router_gemm_fp32, self.weights_in_input_dtype, self.router_fp32)
         return ins, (_t("T", "K", dtype=wd), _t("T", "K", dtype="int32"))
 
 
 @dataclass(frozen=True)
 class Gate(_Routing):
     """RouterGemm + TopK + the per-expert histogram in one stage (fuse_gate):
-    x (T, H) -> w (T, K), ids (T, K) int32, counts (E,) int32."""
+    x (T, H) -> w (T, K), ids (T, K) int32 [, counts (E,) int32]."""
 
     router_bias: bool = False
     router_gemm_fp32: bool = False
@@ -202,8 +209,9 @@ class Gate(_Routing):
 
     def signature(self, d):
         ins = (_t("T", "H", dtype=d.dtype),) + _router_weights(d, self.router_bias, self.correction_bias)
-        wd = _weights_dtype(d, self.router_gemm_fp32, self.weights_in_input_dtype)
-        return ins, (_t("T", "K", dtype=wd), _t("T", "K", dtype="int32"), _t("E", dtype="int32"))
+        wd = _weights_dtype(d, self.router_gemm_fp32, self.weights_in_input_dtype, self.router_fp32)
+        outs = (_t("T", "K", dtype=wd), _t("T", "K", dtype="int32"))
+        return ins, outs + ((_t("E", dtype="int32"),) if len(self.outs) > 2 else ())  # counts: optional
 
 
 @dataclass(frozen=True)
@@ -448,6 +456,15 @@ class MoEProgram:
                 known[name] = t
         if not self.stages or self.stages[-1].outs != ("y",) or known["y"] != _t("T", "H", dtype=d.dtype):
             raise ProgramError(f"the last stage must give y: (T, H) {_SHORT[d.dtype]}")
+        read = {n for s in self.stages for n in s.ins}
+        unread = [n for s in self.stages for n in s.outs if n not in read and n != "y"]
+        if unread:  # a dropped shared expert, a weight nobody applies: the program says another layer
+            raise ProgramError(f"value {unread[0]!r} is computed but never read")
+        weights = next((s.outs[0] for s in self.stages if s.op in ("TopK", "Gate")), None)
+        applied = sum(1 for s in self.stages if weights in s.ins and (
+            (s.op == "GroupedGemm" and s.epilogue == "topk_weight") or (s.op == "Combine" and s.weighted)))
+        if applied != 1:
+            raise ProgramError(f"the top-k weights {weights!r} are applied {applied} times; exactly once expected")
         return self
 
 

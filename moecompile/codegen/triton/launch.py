@@ -14,8 +14,9 @@
 The tile height (tile_m) is the grouped GEMMs' BLOCK_M, fixed per layer by E (default_config), so
 the routing metadata Align builds fits both GEMMs whatever config the autotuner picks per
 tokens-per-expert bucket (codegen.autotune; MOECOMPILE_AUTOTUNE=0 pins the defaults). A token's
-output bits depend on its own row only for a fixed config: across buckets a tuned BLOCK_K may add
-in another order, so bitwise batch invariance everywhere takes MOECOMPILE_AUTOTUNE=0.
+output bits depend on its own row only for a fixed config and one path: across buckets a tuned
+BLOCK_K may add in another order, and the decode kernels (T <= 16) reduce differently from the
+tiled ones.
 
 The shared expert runs before the routed experts (torch GEMMs) and the combine kernel adds it: no
 extra (T, H) pass.
@@ -85,7 +86,9 @@ def _kernel_name(stage, spec: MoESpec) -> str | None:
 
 def _gate_kernel_fits(spec: MoESpec) -> bool:
     top2_ok = spec.groups == 1 or spec.group_score != "top2_sum" or spec.num_experts // spec.groups >= 2
-    return spec.num_experts <= gate_k.MAX_EXPERTS and not spec.capacity_factor and top2_ok
+    # the kernel scores in fp32 (router_fp32); a layer scoring in bf16 runs its gate in torch
+    fp32_scores = spec.router_fp32 or spec.router_gemm_fp32 or spec.dtype == "float32"
+    return spec.num_experts <= gate_k.MAX_EXPERTS and not spec.capacity_factor and top2_ok and fp32_scores
 
 
 def _fused_gate_up(stage) -> bool:
