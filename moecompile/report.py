@@ -157,9 +157,7 @@ class Dumper:
     def kernels(self, layer: str, program, kernels: str) -> None:
         """What the layer's op runs: the kernel choice per stage and, for Triton, the kernels'
         sources (the templates the constexpr options specialize) with their configs."""
-        if self.root is None:
-            return
-        from .codegen import kernel_dump  # codegen sources only when dumping
+        from .codegen import kernel_dump
 
         for name, text in kernel_dump.files(program, kernels).items():
             _trace_artifact(f"moecompile_{layer}_{name}", text)

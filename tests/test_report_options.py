@@ -119,8 +119,8 @@ def test_layer_programs_go_to_the_structured_trace(monkeypatch):
     _explain(model, ids)
     names = [n for n, _ in seen]
     assert names == ["moecompile_model.layers.0.mlp_00_build.moe", "moecompile_model.layers.0.mlp_01_fuse_gate.moe",
-                     "moecompile_model.layers.0.mlp_02_fuse_epilogues.moe"]
-    assert seen[-1][1].startswith("moe E=")
+                     "moecompile_model.layers.0.mlp_02_fuse_epilogues.moe", "moecompile_model.layers.0.mlp_kernels.json"]
+    assert seen[2][1].startswith("moe E=") and '"kernels": "torch"' in seen[3][1]
 
 
 @pytest.mark.parametrize("options", [{"disable_passes": ["fuse_everything"]}, {"skip_layers": [3]},

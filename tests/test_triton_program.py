@@ -187,3 +187,19 @@ def test_triton_kernels_train_through_the_torch_backward():
     assert_grads_close(list(got), list(want), [n for n, p in model.named_parameters() if p.requires_grad],
                        torch.float32, what="mixtral")
     assert all(r.kernels.startswith("triton") for r in report.current().optimized())
+
+
+def test_dumps_name_the_kernels_their_configs_and_sources(tmp_path):
+    import json
+    model, (ids,) = models.build("qwen2_moe", layers=1)
+    with torch.no_grad():
+        torch.compile(model, backend="moe", options={"inner": "eager", "kernels": "triton",
+                                                     "dump_dir": str(tmp_path)})(ids)
+    layer = next(tmp_path.glob("graph_*/layers/*"))
+    info = json.loads((layer / "kernels.json").read_text())
+    assert info["kernels"].startswith("triton: gate, SharedMLP(torch), align, gemm_gate_up")
+    assert info["configs"]["gate_up"]["BLOCK_M"] == info["tile_m"] and "decode" in info["configs"]
+    assert info["autotune"]["cache"].endswith("autotune.json")
+    sources = sorted(p.name for p in layer.glob("triton_*.py"))
+    assert sources == ["triton_align.py", "triton_decode.py", "triton_gate.py", "triton_grouped_gemm.py"]
+    assert "@triton.jit" in (layer / "triton_grouped_gemm.py").read_text()
