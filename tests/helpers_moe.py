@@ -305,3 +305,17 @@ SPECS = {
     # some picks come from dropped groups, with weight 0)
     "deepseek_v2": MoESpec(16, 6, 32, 16, groups=4, top_groups=1, masked_score=0.0, routed_scaling=2.5),
 }
+
+
+# (activation, gated, layout, transposed, expert_bias): every activation, layout, orientation and bias
+GATE_UP_CASES = [
+    ("silu", True, "concat", False, False),
+    ("gelu", True, "concat", True, True),
+    ("gelu_tanh", True, "interleaved", False, True),
+    ("relu", True, "interleaved", True, False),
+    ("clamped_swiglu", True, "interleaved", False, True),
+    ("silu", True, "separate", True, True),
+    ("clamped_swiglu", True, "separate", False, False),
+    ("gelu", False, "concat", False, True),
+    ("relu", False, "concat", True, False),
+]

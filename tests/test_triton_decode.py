@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conftest import assert_close  # noqa: E402
+from helpers_moe import GATE_UP_CASES  # noqa: E402
 from moecompile.codegen import moe_torch  # noqa: E402
 from moecompile.codegen.triton import align, decode  # noqa: E402
 from moecompile.codegen.triton import grouped_gemm as gg  # noqa: E402
@@ -91,18 +92,6 @@ def _grouped(x, topk_w, ids, w, spec: MoESpec):
     return gg.combine(y, inv, num_tokens=x.shape[0], top_k=K, out_dtype=x.dtype)
 
 
-# (activation, gated, layout, transposed, expert_bias): every activation, layout, orientation and bias
-GATE_UP_CASES = [
-    ("silu", True, "concat", False, False),
-    ("gelu", True, "concat", True, True),
-    ("gelu_tanh", True, "interleaved", False, True),
-    ("relu", True, "interleaved", True, False),
-    ("clamped_swiglu", True, "interleaved", False, True),
-    ("silu", True, "separate", True, True),
-    ("clamped_swiglu", True, "separate", False, False),
-    ("gelu", False, "concat", False, True),
-    ("relu", False, "concat", True, False),
-]
 
 
 @DTYPES

@@ -23,6 +23,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers_moe import GATE_UP_CASES  # noqa: E402
 from moecompile.codegen import moe_torch  # noqa: E402
 from moecompile.codegen.triton import grouped_gemm as gg  # noqa: E402
 from moecompile.ir import MoESpec  # noqa: E402
@@ -113,18 +114,6 @@ def _pipeline(x, topk_w, ids, w, spec: MoESpec, fns=(gg.gemm_gate_up, gg.gemm_do
                   **({"config": COMBINE_CFG} if cfg else {}))
 
 
-# (activation, gated, layout, transposed, expert_bias): every activation, layout, orientation and bias
-GATE_UP_CASES = [
-    ("silu", True, "concat", False, False),
-    ("gelu", True, "concat", True, True),
-    ("gelu_tanh", True, "interleaved", False, True),
-    ("relu", True, "interleaved", True, False),
-    ("clamped_swiglu", True, "interleaved", False, True),
-    ("silu", True, "separate", True, True),
-    ("clamped_swiglu", True, "separate", False, False),
-    ("gelu", False, "concat", False, True),
-    ("relu", False, "concat", True, False),
-]
 
 
 @DTYPES
