@@ -156,9 +156,10 @@ def test_op_under_compile_with_dynamic_tokens():
     spec = MoESpec(4, 2, 16, 8)
     gen = torch.Generator().manual_seed(5)
     weights = _weights(spec, torch.float32, gen)
+    program = build(spec).text()  # the graph carries the text, as lower writes it
 
     def f(x):
-        return torch.ops.moecompile.moe(x, weights, build(spec).text(), "torch", "l") * 2
+        return torch.ops.moecompile.moe(x, weights, program, "torch", "l") * 2
 
     compiled = torch.compile(f, backend="aot_eager", dynamic=True)
     for T in (3, 17):
