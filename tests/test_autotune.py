@@ -363,3 +363,26 @@ def test_combine_launcher_takes_every_config_of_its_space():
                         tokens_per_expert=T * K / 8, run=run, timer=timer)
     space = grouped_gemm.config_space("combine", 8, H, K, torch.float32)
     assert ran == space and got == min(space, key=lambda c: c["BLOCK_M"])
+
+
+def test_flags_join_the_key(tmp_path, monkeypatch):
+    """Two variants of one kernel at the same shapes (another layout, another epilogue) tune apart."""
+    monkeypatch.setenv("MOECOMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MOECOMPILE_AUTOTUNE", raising=False)
+    autotune.clear()
+    timed = []
+
+    def timer(run, config):
+        timed.append(config["BLOCK_N"])
+        return float(config["BLOCK_N"] * config["BLOCK_K"])
+
+    args = dict(E=8, N=64, K_dim=64, dtype=torch.bfloat16, device="cpu", tokens_per_expert=4, run=lambda c: None,
+                timer=timer)
+    autotune.pick("down", flags="epilogue=topk_weight", **args)
+    n = len(timed)
+    autotune.pick("down", flags="epilogue=topk_weight", **args)
+    assert len(timed) == n  # a hit
+    autotune.pick("down", flags="epilogue=none", **args)
+    assert len(timed) == 2 * n  # another variant: tuned on its own
+    keys = [e["key"] for e in autotune.describe()]
+    assert sorted(k.rsplit("|", 1)[-1] for k in keys) == ["epilogue=none", "epilogue=topk_weight"]

@@ -8,7 +8,8 @@ Candidates come from one function per kernel kind (`register`; grouped_gemm's "g
 triton.testing.do_bench; one that raises (out of resources, a compile error) is skipped and counted;
 the fastest wins, and if every one fails the default is used (for this process only, not saved).
 
-Key: (kind, E, N, K_dim, dtype, device name, Triton version, tokens-per-expert bucket), never the
+Key: (kind, E, N, K_dim, dtype, device name, Triton version, tokens-per-expert bucket[, flags: the
+kernel's compile-time variant]), never the
 token count T: one compiled graph serves every T, and the caller passes the tokens per expert it
 sees at run time. Bucket b holds tokens_per_expert in (b/2, b], b = 1, 2, 4, ..., MAX_BUCKET (the
 last also holds everything above it).
@@ -120,14 +121,15 @@ def key(kind: str, E: int, N: int, K_dim: int, dtype, device, tpe_bucket: int) -
     return _key_of(_fields(kind, E, N, K_dim, dtype, device, tpe_bucket))
 
 
-def _fields(kind, E, N, K_dim, dtype, device, tpe_bucket) -> dict:
-    return {"kind": kind, "E": int(E), "N": int(N), "K_dim": int(K_dim), "dtype": _dtype_name(dtype),
-            "device": _device_name(device), "triton": _triton_version(), "tpe_bucket": int(tpe_bucket)}
+def _fields(kind, E, N, K_dim, dtype, device, tpe_bucket, flags: str = "") -> dict:
+    fields = {"kind": kind, "E": int(E), "N": int(N), "K_dim": int(K_dim), "dtype": _dtype_name(dtype),
+              "device": _device_name(device), "triton": _triton_version(), "tpe_bucket": int(tpe_bucket)}
+    return dict(fields, flags=flags) if flags else fields
 
 
 def _key_of(f: dict) -> str:
     return (f"{f['kind']}|E={f['E']}|N={f['N']}|K={f['K_dim']}|{f['dtype']}|{f['device']}"
-            f"|triton={f['triton']}|tpe<={f['tpe_bucket']}")
+            f"|triton={f['triton']}|tpe<={f['tpe_bucket']}" + (f"|{f['flags']}" if f.get("flags") else ""))
 
 
 def _dtype_name(dtype) -> str:
@@ -177,11 +179,13 @@ def cache_path() -> str:
 
 
 def pick(kind: str, *, E: int, N: int, K_dim: int, dtype, device, tokens_per_expert: float,
-         run: Callable[[dict], None], timer: Callable[[Callable, dict], float] | None = None) -> dict:
+         run: Callable[[dict], None], timer: Callable[[Callable, dict], float] | None = None,
+         flags: str = "") -> dict:
     """The config to launch `kind` with: cached, tuned now, or the default (see the module docstring).
 
     run(config) launches the kernel once on real inputs; timer(run, config) -> ms replaces
-    do_bench (tests; it also makes a non-CUDA device tune). Returns a fresh dict."""
+    do_bench (tests; it also makes a non-CUDA device tune); `flags` names the kernel's compile-time
+    variant (layout, activation, epilogue: they change its cost) and joins the key. Returns a fresh dict."""
     if kind not in _registry:
         raise ValueError(f"autotune.pick: kind {kind!r} is not registered; known: {sorted(_registry)}")
     default_fn, space_fn = _registry[kind]
@@ -189,7 +193,7 @@ def pick(kind: str, *, E: int, N: int, K_dim: int, dtype, device, tokens_per_exp
     if not on or (timer is None and torch.device(device).type != "cuda"):
         _counters["default"] += 1
         return dict(default_fn(kind, E, N, K_dim, dtype))
-    fields = _fields(kind, E, N, K_dim, dtype, device, bucket(tokens_per_expert))
+    fields = _fields(kind, E, N, K_dim, dtype, device, bucket(tokens_per_expert), flags)
     k = _key_of(fields)
     if k in _memory:
         _counters["memory"] += 1

@@ -118,12 +118,14 @@ def _align(ctx, stage, ids, counts=None):
     return align_k.align(ids.to(torch.int32), counts, E, ctx.tile_m)
 
 
-def _launch(ctx, kind: str, N: int, K_dim: int, like: Tensor, launch):
-    """launch(config) with the config autotune picks for this layer's shapes and the tokens per
-    expert of this call (a bucket of them: never T itself)."""
+def _launch(ctx, stage, kind: str, N: int, K_dim: int, like: Tensor, launch):
+    """launch(config) with the config autotune picks for this layer's shapes, the stage's variant
+    and the tokens per expert of this call (a bucket of them: never T itself)."""
     s = ctx.spec
+    variant = ",".join(f"{k}={v}" for k, v in stage.options().items() if k not in ("act_alpha", "act_limit"))
     cfg = autotune.pick(kind, E=s.num_experts, N=N, K_dim=K_dim, dtype=like.dtype, device=like.device,
-                        tokens_per_expert=ctx.T * s.top_k / s.num_experts, run=launch)
+                        tokens_per_expert=ctx.T * s.top_k / s.num_experts, run=launch,
+                        flags=f"{variant},inputs={len(stage.ins)}")
     return (launch(cfg),)
 
 
@@ -135,13 +137,13 @@ def _grouped_gemm(ctx, stage, first, rows, tiles, *rest):
     n = 2 if separate else 1
     ws, biases, extra = rest[:n], rest[n:n + n * stage.expert_bias], rest[n + n * stage.expert_bias:]
     if stage.proj == "gate_up":
-        return _launch(ctx, "gate_up", s.intermediate, s.hidden, first, lambda cfg: gemm_k.gemm_gate_up(
+        return _launch(ctx, stage, "gate_up", s.intermediate, s.hidden, first, lambda cfg: gemm_k.gemm_gate_up(
             first, rows, tiles, ws[0], biases[0] if biases else None, top_k=s.top_k, tile_m=ctx.tile_m,
             activation=stage.activation, gated=stage.gated, layout=stage.layout, transposed=stage.transposed,
             act_alpha=stage.act_alpha, act_limit=stage.act_limit, w_up=ws[1] if separate else None,
             bias_up=biases[1] if separate and biases else None, config=cfg))
     topk_w = extra[0] if stage.epilogue == "topk_weight" else None
-    return _launch(ctx, "down", s.hidden, s.intermediate, first, lambda cfg: gemm_k.gemm_down(
+    return _launch(ctx, stage, "down", s.hidden, s.intermediate, first, lambda cfg: gemm_k.gemm_down(
         first, rows, tiles, ws[0], biases[0] if biases else None, topk_w, top_k=s.top_k, tile_m=ctx.tile_m,
         transposed=stage.transposed, config=cfg))
 
@@ -150,7 +152,7 @@ def _combine(ctx, stage, ys, inv, *rest):
     topk_w = rest[0] if stage.weighted else None
     shared = rest[-1] if len(rest) > stage.weighted else None
     weighting = {"topk_w": topk_w} if topk_w is not None else {}
-    return _launch(ctx, "combine", ctx.spec.hidden, ctx.spec.top_k, ys, lambda cfg: gemm_k.combine(
+    return _launch(ctx, stage, "combine", ctx.spec.hidden, ctx.spec.top_k, ys, lambda cfg: gemm_k.combine(
         ys, inv, num_tokens=ctx.T, top_k=ctx.spec.top_k, out_dtype=getattr(torch, ctx.spec.dtype), shared=shared,
         config=cfg, **weighting))
 
