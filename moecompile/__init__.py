@@ -5,7 +5,7 @@
     moecompile.explain(model, *example_args)             # what was found, as a table + report
 """
 
-from .config import Config, patch
+from .config import Config, interpret_triton_if_forced, patch
 from .ir import MoERegion, MoESpec, PassResult
 from .report import Report
 from .tools.explain import explain
@@ -14,6 +14,8 @@ from .traceable import Prepared, prepare, prepared
 __all__ = ["Config", "MoERegion", "MoESpec", "PassResult", "Prepared", "Report", "explain", "last_report", "patch",
            "prepare", "prepared"]
 __version__ = "0.1.0"
+
+interpret_triton_if_forced()  # MOECOMPILE_KERNELS=triton on a machine without CUDA: the interpreter
 
 
 def last_report() -> Report:

@@ -194,6 +194,20 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return options
 
 
+def interpret_triton_if_forced(environ=None) -> bool:
+    """MOECOMPILE_KERNELS=triton without CUDA means Triton's CPU interpreter: set TRITON_INTERPRET=1
+    while triton is not loaded yet (triton reads it once, when it loads). True if it is set now."""
+    import sys
+
+    import torch
+
+    env = os.environ if environ is None else environ
+    if from_env(env).get("kernels") != "triton" or "triton" in sys.modules or torch.cuda.is_available():
+        return False
+    env.setdefault("TRITON_INTERPRET", "1")
+    return env["TRITON_INTERPRET"] == "1"
+
+
 _overrides: dict[str, Any] = {}
 
 

@@ -203,3 +203,22 @@ def test_dumps_name_the_kernels_their_configs_and_sources(tmp_path):
     sources = sorted(p.name for p in layer.glob("triton_*.py"))
     assert sources == ["triton_align.py", "triton_decode.py", "triton_gate.py", "triton_grouped_gemm.py"]
     assert "@triton.jit" in (layer / "triton_grouped_gemm.py").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels run natively")
+def test_moecompile_kernels_triton_forces_the_interpreter_on_cpu():
+    """MOECOMPILE_KERNELS=triton in a fresh process, TRITON_INTERPRET unset: importing moecompile
+    before triton loads turns the interpreter on, and the report names the kernels."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os, torch, moecompile\n"
+            "from moecompile import models\n"
+            "model, (ids,) = models.build('olmoe', layers=1)\n"
+            "r = moecompile.explain(model, ids, quiet=True, options={'inner': 'eager'})\n"
+            "print(os.environ['TRITON_INTERPRET'], r.regions[0]['kernels'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MOECOMPILE_KERNELS"] = "triton"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("1 triton: gate, align, gemm_gate_up"), out.stdout
