@@ -309,14 +309,15 @@ def _routed_experts_sorted(x, topk_w, topk_ids, weights, spec: MoESpec, inplace:
     else:
         h = _ACTIVATIONS[spec.activation](project("up_proj", weights["up_proj"], into(I)))
     w_sorted = topk_w.reshape(-1)[perm].unsqueeze(-1)  # (T*K, 1)
-    if (inplace and x.device.type == "cpu" and h.dtype == torch.promote_types(h.dtype, w_sorted.dtype)
-            and not spec.expert_bias):
-        # (w * h) @ W_down == w * (h @ W_down): scaling the I-wide rows costs less than the H-wide ones,
-        # and CPU index_add_ adds rows in index order, so the combine is deterministic. The sorted
-        # rows of x are dead by now: the down GEMM writes over them.
+    if inplace and x.device.type == "cpu" and h.dtype == torch.promote_types(h.dtype, w_sorted.dtype):
+        # (w * h) @ W_down + w * b == w * (h @ W_down + b): scaling the I-wide rows costs less than
+        # the H-wide ones, and CPU index_add_ adds rows in index order, so the combine is
+        # deterministic. The sorted rows of x are dead by now: the down GEMM writes over them.
         # NOTE: on CUDA index_add_ uses atomics, hence the gather + sum below there.
         y = groups.linear(h.mul_(w_sorted), _as_in_out(weights["down_proj"], spec),
                           rows if gemm_into_scratch else None)  # (T*K, H)
+        if spec.expert_bias:
+            y.add_(weights["down_proj_bias"].index_select(0, expert).mul_(w_sorted))
         return (y.new_zeros(T, H) if acc is None else acc).index_add_(0, token, y)
     y = _plus_bias(groups.linear(h, _as_in_out(weights["down_proj"], spec)), bias("down_proj_bias"), expert,
                    inplace)  # (T*K, H)
