@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import moe_torch
+from .. import moe_torch, reference
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LAYOUTS = ("concat", "interleaved", "separate")
@@ -541,21 +541,13 @@ def combine(y: Tensor, inv: Tensor, *, num_tokens: int, top_k: int, out_dtype: t
 # -- eager references (same signatures; fp32 math, one rounding, as the kernels) ----------------
 
 
-def _live_rows(sorted_pairs: Tensor, tile_expert: Tensor, tile_m: int):
-    """(expert, rows) of each expert with live rows: rows of its tiles whose pair is not -1."""
-    row_expert = tile_expert.long().repeat_interleave(tile_m)  # (P,)
-    live = (sorted_pairs >= 0) & (row_expert >= 0)
-    for e in row_expert[live].unique().tolist():
-        yield e, (live & (row_expert == e)).nonzero().view(-1)
-
-
 def gemm_gate_up_reference(x, sorted_pairs, tile_expert, w, bias, *, top_k, tile_m, activation, gated, layout,
                            transposed, act_alpha, act_limit, w_up=None, bias_up=None, config=None) -> Tensor:
     """`gemm_gate_up` in torch, zeros in every row it does not compute. (P, I)"""
     wg, wu, bg, bu, I = _gate_up_views(x, w, w_up, bias, bias_up, activation=activation, gated=gated,
                                        layout=layout, transposed=transposed)
     a = x.new_zeros(sorted_pairs.shape[0], I)
-    for e, rows in _live_rows(sorted_pairs, tile_expert, tile_m):
+    for e, rows in reference.tile_rows(sorted_pairs, tile_expert, tile_m):
         xs = x[sorted_pairs[rows].long() // top_k].float()
         g = xs @ wg[e].float().T + (bg[e].float() if bg is not None else 0)
         if not gated:
@@ -573,7 +565,7 @@ def gemm_down_reference(a, sorted_pairs, tile_expert, w_down, bias, topk_w, *, t
     """`gemm_down` in torch, zeros in every row it does not compute. (P, I) -> (P, H)"""
     _, wd = _down_checks(a, sorted_pairs, tile_expert, w_down, bias, topk_w, top_k, tile_m, transposed)
     y = a.new_zeros(a.shape[0], wd.shape[1], dtype=torch.float32 if topk_w is not None else a.dtype)
-    for e, rows in _live_rows(sorted_pairs, tile_expert, tile_m):
+    for e, rows in reference.tile_rows(sorted_pairs, tile_expert, tile_m):
         out = a[rows].float() @ wd[e].float().T + (bias[e].float() if bias is not None else 0)
         if topk_w is not None:
             out = out * topk_w.reshape(-1)[sorted_pairs[rows].long()].float().unsqueeze(-1)
@@ -584,11 +576,4 @@ def gemm_down_reference(a, sorted_pairs, tile_expert, w_down, bias, topk_w, *, t
 def combine_reference(y, inv, *, num_tokens, top_k, out_dtype, shared=None, config=None, topk_w=None) -> Tensor:
     """`combine` in torch: the same k order, fp32 products and sums. (P, H) -> (T, H)"""
     _combine_checks(y, inv, num_tokens, top_k, out_dtype, shared, topk_w)
-    rows = inv.long().view(num_tokens, top_k)
-    acc = y.new_zeros(num_tokens, y.shape[1], dtype=torch.float32)
-    for k in range(top_k):
-        yk = y[rows[:, k]].float()
-        acc = acc + (yk * topk_w[:, k:k + 1].float() if topk_w is not None else yk)
-    if shared is not None:
-        acc = acc + shared.float()
-    return acc.to(out_dtype)
+    return reference.combine_rows(y, inv, topk_w, shared, num_tokens=num_tokens, top_k=top_k, out_dtype=out_dtype)
