@@ -24,6 +24,8 @@ extra (T, H) pass.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -122,11 +124,16 @@ def _launch(ctx, stage, kind: str, N: int, K_dim: int, like: Tensor, launch):
     """launch(config) with the config autotune picks for this layer's shapes, the stage's variant
     and the tokens per expert of this call (a bucket of them: never T itself)."""
     s = ctx.spec
-    variant = ",".join(f"{k}={v}" for k, v in stage.options().items() if k not in ("act_alpha", "act_limit"))
     cfg = autotune.pick(kind, E=s.num_experts, N=N, K_dim=K_dim, dtype=like.dtype, device=like.device,
-                        tokens_per_expert=ctx.T * s.top_k / s.num_experts, run=launch,
-                        flags=f"{variant},inputs={len(stage.ins)}")
+                        tokens_per_expert=ctx.T * s.top_k / s.num_experts, run=launch, flags=_variant(stage))
     return (launch(cfg),)
+
+
+@functools.lru_cache(maxsize=1024)
+def _variant(stage) -> str:
+    """The stage's compile-time variant for the autotune key (once per stage, not per call)."""
+    options = ",".join(f"{k}={v}" for k, v in stage.options().items() if k not in ("act_alpha", "act_limit"))
+    return f"{options},inputs={len(stage.ins)}"
 
 
 def _grouped_gemm(ctx, stage, first, rows, tiles, *rest):
