@@ -4,7 +4,8 @@
                tokens_per_expert=T * K / E, run=lambda config: launch(..., config=config))
 
 Candidates come from one function per kernel kind (`register`; grouped_gemm's "gate_up", "down" and
-"combine" are registered here, imported only when first used). On CUDA each candidate is timed with
+"combine" and the backward's "down_backward", "dx_rows" and "weight_grad" are registered here,
+imported only when first used). On CUDA each candidate is timed with
 triton.testing.do_bench; one that raises (out of resources, a compile error) is skipped and counted;
 the fastest wins, and if every one fails the default is used (for this process only, not saved).
 
@@ -102,6 +103,22 @@ def _gemm_space(kind, E, N, K_dim, dtype):
 
 for _kind in ("gate_up", "down", "combine"):
     register(_kind, _gemm_default, _gemm_space)
+
+
+def _backward_default(kind, E, N, K_dim, dtype):
+    from .triton import backward
+
+    return backward.default_config(kind, E, N, K_dim, dtype)
+
+
+def _backward_space(kind, E, N, K_dim, dtype):
+    from .triton import backward
+
+    return backward.config_space(kind, E, N, K_dim, dtype)
+
+
+for _kind in ("down_backward", "dx_rows", "weight_grad"):
+    register(_kind, _backward_default, _backward_space)
 
 
 def bucket(tokens_per_expert: float) -> int:

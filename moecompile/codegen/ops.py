@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..ir import MoEProgram, MoESpec
-from . import moe_torch, plan
+from . import moe_torch, plan, train
 
 # Routing observers: callables (layer: str, topk_ids (T, K) int64, num_experts: int) -> None.
 # Empty when no routing trace is being recorded.
@@ -64,20 +64,10 @@ def _moe_fake(x, weights, program, kernels, layer):
 
 @torch.library.custom_op("moecompile::moe_backward", mutates_args=())
 def moe_backward(grad: Tensor, x: Tensor, weights: list[Tensor], program: str, kernels: str) -> list[Tensor]:
-    """Gradients of `moe` for (x, *weights): recomputes the forward under torch.func.vjp.
-
-    NOTE: recompute trades one extra forward for not keeping (T*K, 2I) activations alive between
-    forward and backward. The forward kernels are not differentiable, so the recompute runs the
-    torch path (or the eager loop for kernels="reference"); fused backward kernels will replace it.
-    """
-    spec = MoEProgram.parse(program).spec()
-    forward = plan.differentiable_forward(kernels)
-
-    def f(x_, *ws):
-        return forward(x_, list(ws), spec)
-
-    _, vjp = torch.func.vjp(f, x, *weights)
-    return [g.contiguous() for g in vjp(grad.to(x.dtype))]
+    """Gradients of `moe` for (x, *weights): codegen.train picks the Triton backward kernels where
+    the forward runs Triton, else recomputes the torch path's forward under torch.func.vjp."""
+    grads = train.backward(grad, x, weights, MoEProgram.parse(program), kernels)
+    return [g.contiguous() for g in grads]
 
 
 @moe_backward.register_fake
@@ -98,3 +88,16 @@ def _backward(ctx, grad):
 
 
 moe.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, grads):
+    raise RuntimeError("moecompile::moe: double backward (gradients of gradients, create_graph=True) is "
+                       "not supported; leave this layer out of the compiled model "
+                       "(skip_layers) to differentiate it twice")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+moe_backward.register_autograd(_no_double_backward, setup_context=_setup_nothing)

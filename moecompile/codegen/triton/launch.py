@@ -51,7 +51,7 @@ def tile_m(spec: MoESpec) -> int:
 
 def run(program: MoEProgram, x: Tensor, weights: list[Tensor], on_route=None) -> Tensor:
     spec = program.spec()
-    decoding = _decodes(program) and decode_k.applies(x.shape[0], spec.top_k, spec.num_experts)
+    decoding = fused_experts(program) and decode_k.applies(x.shape[0], spec.top_k, spec.num_experts)
     return reference.run(program, x, weights, tile_m=tile_m(spec), stage_fns=DECODE_FNS if decoding else STAGE_FNS,
                          on_route=on_route)
 
@@ -61,13 +61,14 @@ def describe(program: MoEProgram) -> str:
     the decode variant where the program has one."""
     spec = program.spec()
     names = ", ".join(_kernel_name(s, spec) or f"{s.op}(torch)" for s in program.stages)
-    if _decodes(program):
+    if fused_experts(program):
         names += f"; decode (T <= {decode_k.MAX_TOKENS}, T*K <= max(E, 16)): decode_gate_up, decode_down"
     return names
 
 
-def _decodes(program: MoEProgram) -> bool:
-    """The decode kernels replace Align and both GEMMs when GEMM 1 is fused (gather, activation)."""
+def fused_experts(program: MoEProgram) -> bool:
+    """GEMM 1 fused (gather, activation) and a down GEMM: the form the decode kernels (which replace
+    Align and both GEMMs) and the backward kernels take."""
     gemms = [s for s in program.stages if s.op == "GroupedGemm"]
     return len(gemms) == 2 and _fused_gate_up(gemms[0]) and gemms[1].proj == "down"
 
