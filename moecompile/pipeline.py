@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from . import detect, verify
-from .codegen import moe_torch, plan
+from .codegen import moe_torch, plan, train
 from .config import Config
 from .fx import names
 from .ir import MoERegion, PassResult, ProgramError, build
@@ -186,7 +186,8 @@ def _run_layer_passes(regions, records, row_of, config: Config, dumper: Dumper, 
         i = row_of[region.output]
         kernels = plan.describe(program, config.op_kernels(), device)
         records[i] = dataclasses.replace(records[i], passes=records[i].passes + tuple(done), kernels=kernels,
-                                         program_key=program.key())
+                                         program_key=program.key(),
+                                         backward=train.choose(program, config.op_kernels(), device))
         dumper.kernels(region.name, program, kernels)
         out.append(dataclasses.replace(region, program=program))
     return out, list(totals.values()) if regions else []

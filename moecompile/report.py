@@ -5,7 +5,8 @@ report.json (stable; tests and users read it):
     {"regions": [{"graph": int, "name": str, "num_experts": E, "top_k": K, "hidden": H,
                   "intermediate": I, "status": "optimized" | "fallback", "reason": str | null,
                   "kernels": str, "passes": [str], "spec": {...}, "experts_impl": str,
-                  "verify_ms": float, "serves": [str], "program_key": str}],
+                  "verify_ms": float, "serves": [str], "program_key": str,
+                  "backward": "triton" | "recompute" | ""}],
      "passes":  [{"graph": int, "name": str, "changed": bool, "ms": float, "counters": {...}}],
      "graphs":  [{"graph": int, "status": "rewritten" | "unchanged" | "error", "reason": str | null,
                   "nodes_before": int, "nodes_after": int, "compile_ms": float}]}
@@ -68,10 +69,11 @@ class RegionRecord(_Row):
     # graph break) runs again, unreported, for each module of that frame's class (fx/names.py)
     serves: tuple[str, ...] = ()
     program_key: str = ""  # MoEProgram.key() of the program the op runs (its .moe dump)
+    backward: str = ""  # how the op's backward runs (codegen.train): triton | recompute; "" when traced
 
     def fallback(self, reason: str) -> "RegionRecord":
         return dataclasses.replace(self, status="fallback", reason=reason, kernels="traced", program_key="",
-                                   passes=())
+                                   passes=(), backward="")
 
 
 @dataclass(frozen=True)

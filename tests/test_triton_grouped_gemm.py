@@ -314,7 +314,7 @@ def test_launchers_reject_bad_inputs():
     w1, b1, kw = _gate_up_args(w, spec)
     x = torch.randn(5, H, device=DEVICE)
     with pytest.raises(ValueError, match="not supported"):  # the caller falls back to torch
-        gg.gemm_gate_up(x.double(), sorted_pairs, tile_expert, w1, b1, **kw)
+        gg.gemm_gate_up(x.int(), sorted_pairs, tile_expert, w1, b1, **kw)
     with pytest.raises(ValueError, match="expected"):
         gg.gemm_gate_up(torch.randn(5, H + 1, device=DEVICE), sorted_pairs, tile_expert, w1, b1, **kw)
     with pytest.raises(ValueError, match="tile_m"):
@@ -348,6 +348,7 @@ def test_configs_are_valid(dtype):
 # interpreted functions); strides of 1 and 16-divisible sizes as a real launch specializes them.
 _COMPILE_H100 = r"""
 import torch, triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moecompile.codegen.triton import grouped_gemm as gg
@@ -367,14 +368,14 @@ blocks = {b: cfg[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
 for act in range(5):
     ir = build(gg._gate_up_kernel, dict.fromkeys(["x_ptr", "wg_ptr", "wu_ptr", "bg_ptr", "bu_ptr", "a_ptr"], bf)
                | {"pairs_ptr": "*i32", "tile_expert_ptr": "*i32", "alpha": "fp32", "limit": "fp32"},
-               dict(ACT=act, GATED=True, HAS_BIAS=True, INTERPRET_BF16=False, PRECISION="ieee", stride_xh=1,
+               dict(ACT=act, GATED=True, HAS_BIAS=True, INTERPRET=False, PRECISION="ieee", stride_xh=1,
                     stride_wgk=1, stride_wuk=1, stride_ai=1, stride_bgn=1, stride_bun=1, **blocks), cfg,
                ["H", "I", "stride_xt", "stride_wge", "stride_wgn", "stride_wue", "stride_wun", "stride_ap"])
     assert "warp_group_dot" in ir and "async_copy_global_to_local" in ir, "gate_up: no wgmma / cp.async pipeline"
 cfg = gg.default_config("down", 8, 7168, 2048, torch.bfloat16)
 ir = build(gg._down_kernel, {"a_ptr": bf, "w_ptr": bf, "b_ptr": bf, "pairs_ptr": "*i32",
                              "tile_expert_ptr": "*i32", "topk_w_ptr": "*fp32", "y_ptr": "*fp32"},
-           dict(HAS_BIAS=True, HAS_TOPK_W=True, INTERPRET_BF16=False, PRECISION="ieee", stride_ak=1, stride_wk=1,
+           dict(HAS_BIAS=True, HAS_TOPK_W=True, INTERPRET=False, PRECISION="ieee", stride_ak=1, stride_wk=1,
                 stride_yn=1, stride_bn=1, **{b: cfg[b] for b in blocks}), cfg,
            ["N", "K_DIM", "stride_ap", "stride_we", "stride_wn", "stride_yp"])
 assert "warp_group_dot" in ir and "async_copy_global_to_local" in ir, "down: no wgmma / cp.async pipeline"
@@ -382,7 +383,7 @@ cfg = gg.default_config("combine", 8, 7168, 8, torch.bfloat16)
 for weighted in (False, True):
     build(gg._combine_kernel, {"y_ptr": "*fp32", "inv_ptr": "*i32", "topk_w_ptr": "*fp32", "shared_ptr": bf,
                                "out_ptr": bf},
-          dict(HAS_TOPK_W=weighted, HAS_SHARED=True, BLOCK_T=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_N"]), cfg)
+          dict(HAS_TOPK_W=weighted, HAS_SHARED=True, ACC=tl.float32, BLOCK_T=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_N"]), cfg)
 print("compiled")
 """
 

@@ -3,7 +3,7 @@
     backward   runs                                                               when
     triton     the routed experts on the Triton backward kernels                  the forward runs
                (codegen/triton/backward.py); the router's and the shared          Triton and GEMM 1
-               expert's gradients by torch autograd on the device                 is fused
+               expert's gradients by torch.func.vjp on the device               is fused
     recompute  the torch path's forward again under torch.func.vjp                everywhere else
                (the eager loop for kernels="reference")
 
@@ -59,7 +59,7 @@ _ROUTER = ("router_weight", "router_bias", "router_correction_bias")
 
 def triton_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: MoESpec) -> list[Tensor]:
     """The routed experts' gradients on the backward kernels, the router's and the shared
-    expert's by torch autograd; dx sums all three in the combine kernel. -> [dx, *d(weights)]"""
+    expert's by torch.func.vjp; dx sums all three in the combine kernel. -> [dx, *d(weights)]"""
     from .triton import align as align_k
     from .triton import backward as bwd
     from .triton import grouped_gemm as gemm_k
@@ -68,16 +68,22 @@ def triton_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: MoESpe
     named = moe_torch.named_weights(weights, spec)
     T, H, K, E, I = x.shape[0], spec.hidden, spec.top_k, spec.num_experts, spec.intermediate
     tm = launch.tile_m(spec)
-    # 1. the routing and the shared expert again, recorded by autograd (both cheap next to the experts)
-    leaves = {"x": x.detach().requires_grad_()}
-    side = {n: t.detach().requires_grad_() for n, t in named.items() if n in _ROUTER or n.startswith("shared")}
-    leaves.update(side)
-    with torch.enable_grad():
-        topk_w, ids = moe_torch.route(leaves["x"], side, spec)
-        shared = moe_torch._shared_expert(leaves["x"], side, spec) if spec.shared_intermediate else None
+    # 1. the routing and the shared expert again, under torch.func.vjp (both cheap next to the
+    # experts); vjp rather than torch.autograd, which records nothing inside a custom op's kernel
+    side_names = [n for n in named if n in _ROUTER or n.startswith("shared")]
+
+    def routed(x_, *side_):
+        side = dict(zip(side_names, side_))
+        topk_w, ids = moe_torch.route(x_, side, spec)
+        if spec.shared_intermediate:
+            return (topk_w, moe_torch._shared_expert(x_, side, spec)), ids
+        return (topk_w,), ids
+
+    outs, side_vjp, ids = torch.func.vjp(routed, x, *[named[n] for n in side_names], has_aux=True)
     ids = ids.to(torch.int32)
     counts = reference.histogram(ids, E)
     rows, tiles, inv = align_k.align(ids, counts, E, tm)
+    topk_w = outs[0]
     w = topk_w.detach()
     # 2. GEMM 2 and the activation backward, then GEMM 1's input gradient per row
     name = _first_name(spec)  # the gate (separate), fused gate_up or up weight
@@ -91,13 +97,8 @@ def triton_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: MoESpe
     dw = dw_rows[inv.long()].view(T, K)
     dxr = bwd.dx_rows(dh, rows, tiles, first, hidden=H, tile_m=tm, w_up=w_up, **shape)
     # 3. the router's and the shared expert's gradients, then dx = the experts' rows + theirs
-    outs, grads_out = [topk_w], [dw.to(topk_w.dtype)]
-    if shared is not None:
-        outs.append(shared)
-        grads_out.append(grad)
-    names = list(leaves)
-    got = torch.autograd.grad(outs, [leaves[n] for n in names], grads_out, allow_unused=True)
-    side_grads = {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(names, got)}
+    got = side_vjp((dw.to(topk_w.dtype), grad)[:len(outs)])
+    side_grads = dict(zip(["x"] + side_names, got))
     dx = gemm_k.combine(dxr, inv, num_tokens=T, top_k=K, out_dtype=x.dtype, shared=side_grads.pop("x").to(x.dtype))
     # 4. the experts' weight gradients, one deterministic reduction per expert, written through
     # views of each gradient laid out as its weight (interleaved, transposed, biases)

@@ -144,6 +144,7 @@ _RULES: list[tuple[str, Callable]] = [  # the first pattern that matches a field
      _pos(lambda v: LAYERS)),
     (r"(key_value_heads|kv_heads|num_key_heads|kv_n_heads)$", _kv_heads),
     (r"^(mamba_n_heads|mamba_num_heads)$", _pos(lambda v: 8)),  # 8 x 16 = expand 2 x hidden 64
+    (r"^index_num_heads$", _pos(lambda v: 1)),  # indexer heads: at most the query heads of one key head
     (r"(num_attention_heads|^n_heads|^num_heads|_num_heads|_n_heads|attention_heads|num_value_heads)$",
      _pos(lambda v: HEADS)),
     (r"^qk_head_dim$", _pos(lambda v: 2 * HEAD_DIM)),  # qk_nope_head_dim + qk_rope_head_dim

@@ -78,7 +78,7 @@ def _down_backward_kernel(
     stride_wuk, stride_bge, stride_bgn, stride_bue, stride_bun, stride_wde, stride_wdh, stride_wdi,
     stride_bde, stride_bdh, stride_pp, stride_hp, stride_ap, stride_wp,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr,
-    HAS_PRE: tl.constexpr, INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_PRE: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Program pid owns one (expert, BLOCK_M rows, BLOCK_N of I) work item:
@@ -102,10 +102,10 @@ def _down_backward_kernel(
         cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < I
         e64 = e.to(tl.int64)
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_hg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_hu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        dbias = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        acc_hg = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        acc_hu = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        dbias = tl.zeros((BLOCK_M,), dtype=ACC)
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < H
@@ -114,39 +114,39 @@ def _down_backward_kernel(
             do = tl.load(dout_ptr + tok64[:, None] * stride_dt + ks[None, :] * stride_dh, mask=row_ok, other=0.0)
             wd = tl.load(wd_ptr + e64 * stride_wde + ks[:, None] * stride_wdh + cols[None, :] * stride_wdi,
                          mask=w_ok, other=0.0)  # (BLOCK_K of H, BLOCK_N of I)
-            acc_g = _dot(do, wd, acc_g, INTERPRET_BF16, PRECISION)
+            acc_g = _dot(do, wd, acc_g, INTERPRET, PRECISION)
             if HAS_DOWN_BIAS:
                 if n_tile == 0:  # dw's bias term, added once per row
                     bd = tl.load(bd_ptr + e64 * stride_bde + ks * stride_bdh, mask=k_ok, other=0.0)
-                    dbias += tl.sum(do.to(tl.float32) * bd.to(tl.float32)[None, :], axis=1)
+                    dbias += tl.sum(do.to(ACC) * bd.to(ACC)[None, :], axis=1)
             if not HAS_PRE:
                 xt = tl.load(x_ptr + tok64[:, None] * stride_xt + ks[None, :] * stride_xh, mask=row_ok, other=0.0)
                 wg = tl.load(wg_ptr + e64 * stride_wge + cols[None, :] * stride_wgn + ks[:, None] * stride_wgk,
                              mask=w_ok, other=0.0)
-                acc_hg = _dot(xt, wg, acc_hg, INTERPRET_BF16, PRECISION)
+                acc_hg = _dot(xt, wg, acc_hg, INTERPRET, PRECISION)
                 if GATED:
                     wu = tl.load(wu_ptr + e64 * stride_wue + cols[None, :] * stride_wun + ks[:, None] * stride_wuk,
                                  mask=w_ok, other=0.0)
-                    acc_hu = _dot(xt, wu, acc_hu, INTERPRET_BF16, PRECISION)
+                    acc_hu = _dot(xt, wu, acc_hu, INTERPRET, PRECISION)
         ok = live[:, None] & col_ok[None, :]
         if HAS_PRE:  # the forward's pre-activations, concat (P, 2I)
-            acc_hg = tl.load(pre_ptr + rows64[:, None] * stride_pp + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            acc_hg = tl.load(pre_ptr + rows64[:, None] * stride_pp + cols[None, :], mask=ok, other=0.0).to(ACC)
             if GATED:
                 acc_hu = tl.load(pre_ptr + rows64[:, None] * stride_pp + (I + cols)[None, :], mask=ok,
-                                 other=0.0).to(tl.float32)
+                                 other=0.0).to(ACC)
         else:
             if HAS_BIAS:
                 acc_hg += tl.load(bg_ptr + e64 * stride_bge + cols * stride_bgn, mask=col_ok,
-                                  other=0.0).to(tl.float32)[None, :]
+                                  other=0.0).to(ACC)[None, :]
                 if GATED:
                     acc_hu += tl.load(bu_ptr + e64 * stride_bue + cols * stride_bun, mask=col_ok,
-                                      other=0.0).to(tl.float32)[None, :]
+                                      other=0.0).to(ACC)[None, :]
         a = _activation(acc_hg, acc_hu, alpha, limit, ACT, GATED)
         a = tl.where(ok, a, 0.0).to(a_ptr.dtype.element_ty)
         tl.store(a_ptr + rows64[:, None] * stride_ap + cols[None, :], a, mask=col_ok[None, :])
-        part = tl.sum(acc_g * a.to(tl.float32), axis=1) + dbias
+        part = tl.sum(acc_g * a.to(ACC), axis=1) + dbias
         tl.store(dwp_ptr + rows64 * stride_wp + n_tile, tl.where(live, part, 0.0))
-        w = tl.load(topk_w_ptr + pairs, mask=live, other=0.0).to(tl.float32)
+        w = tl.load(topk_w_ptr + pairs, mask=live, other=0.0).to(ACC)
         da = acc_g * w[:, None]
         d_g, d_u = _act_backward(acc_hg, acc_hu, alpha, limit, ACT, GATED)
         dh_rows = dh_ptr + rows64[:, None] * stride_hp
@@ -162,8 +162,8 @@ def _dx_rows_kernel(
     dh_ptr, pairs_ptr, tile_expert_ptr, wg_ptr, wu_ptr, dxr_ptr,
     H, I, num_m_tiles,
     stride_hp, stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk, stride_xp,
-    GATED: tl.constexpr, INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GATED: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dxr[rows, n] = dh[rows, :I] @ Wg[e][:, n] + dh[rows, I:] @ Wu[e][:, n]     (P, 2I) -> (P, H)
 
@@ -179,7 +179,7 @@ def _dx_rows_kernel(
         cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < H
         e64 = e.to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(0, I, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < I
@@ -187,13 +187,13 @@ def _dx_rows_kernel(
             dg = tl.load(dh_ptr + rows64[:, None] * stride_hp + ks[None, :], mask=k_ok[None, :], other=0.0)
             wg = tl.load(wg_ptr + e64 * stride_wge + ks[:, None] * stride_wgn + cols[None, :] * stride_wgk,
                          mask=w_ok, other=0.0)  # (BLOCK_K of I, BLOCK_N of H)
-            acc = _dot(dg, wg, acc, INTERPRET_BF16, PRECISION)
+            acc = _dot(dg, wg, acc, INTERPRET, PRECISION)
             if GATED:
                 du = tl.load(dh_ptr + rows64[:, None] * stride_hp + (I + ks)[None, :], mask=k_ok[None, :],
                              other=0.0)
                 wu = tl.load(wu_ptr + e64 * stride_wue + ks[:, None] * stride_wun + cols[None, :] * stride_wuk,
                              mask=w_ok, other=0.0)
-                acc = _dot(du, wu, acc, INTERPRET_BF16, PRECISION)
+                acc = _dot(du, wu, acc, INTERPRET, PRECISION)
         acc = tl.where(live[:, None], acc, 0.0)
         tl.store(dxr_ptr + rows64[:, None] * stride_xp + cols[None, :], acc.to(dxr_ptr.dtype.element_ty),
                  mask=col_ok[None, :])
@@ -205,7 +205,7 @@ def _weight_grad_kernel(
     N, K_DIM, TOP_K,
     stride_ar, stride_an, stride_br, stride_bk, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """dW[e][n, k] = sum over e's rows r of A[r, n] * B[r, k]        (E, N, K), any strides
@@ -223,8 +223,8 @@ def _weight_grad_kernel(
     ks = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok, k_ok = ns < N, ks < K_DIM
     first, count = tl.load(tile_start_ptr + e), tl.load(tile_count_ptr + e)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    bias = tl.zeros((BLOCK_N,), dtype=ACC)
     for t in range(0, count):
         rows = (first + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         pairs = tl.load(pairs_ptr + rows)
@@ -235,13 +235,13 @@ def _weight_grad_kernel(
         at = tl.load(a_ptr + a_rows[:, None] * stride_ar + ns[None, :] * stride_an,
                      mask=live[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
         if A_SCALE:
-            w = tl.load(topk_w_ptr + pairs, mask=live, other=0.0).to(tl.float32)
-            at = (at.to(tl.float32) * w[:, None]).to(a_ptr.dtype.element_ty)
+            w = tl.load(topk_w_ptr + pairs, mask=live, other=0.0).to(ACC)
+            at = (at.to(ACC) * w[:, None]).to(a_ptr.dtype.element_ty)
         bt = tl.load(b_ptr + b_rows[:, None] * stride_br + ks[None, :] * stride_bk,
                      mask=live[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        acc = _dot(tl.trans(at), bt, acc, INTERPRET_BF16, PRECISION)
+        acc = _dot(tl.trans(at), bt, acc, INTERPRET, PRECISION)
         if HAS_BIAS:
-            bias += tl.sum(at.to(tl.float32), axis=0)
+            bias += tl.sum(at.to(ACC), axis=0)
     e64 = e.to(tl.int64)
     tl.store(dw_ptr + e64 * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
              acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
@@ -282,6 +282,16 @@ def config_space(kind: str, E: int, N: int, K_dim: int, dtype: torch.dtype) -> l
     return [base] + [c for c in space if c != base]
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulators' dtype: float32, float64 for float64 inputs (the interpreter's gradcheck;
+    its tl.dot of float64 operands into a float32 accumulator gives garbage)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def _config(kind, config, E, N, K_dim, dtype) -> dict:
     cfg = dict(default_config(kind, E, N, K_dim, dtype), **(config or {}))
     for name in ("BLOCK_N", "BLOCK_K"):
@@ -304,7 +314,7 @@ def down_backward(dout: Tensor, x: Tensor, sorted_pairs: Tensor, tile_expert: Te
                   act_limit: float, w_up: Tensor | None = None, bias_up: Tensor | None = None,
                   pre: Tensor | None = None, config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """GEMM 2's backward with GEMM 1's activation backward fused: -> dh (P, 2I or I), a (P, I) in
-    x's dtype, dw_rows (P,) float32 (the top-k weight's gradient per sorted row).
+    x's dtype, dw_rows (P,) in acc_dtype (the top-k weight's gradient per sorted row).
 
     Weights as for gemm_gate_up and gemm_down; topk_w (T, K) float; pre (P, 2I) or (P, I), the
     forward's pre-activations [hg | hu] in concat order, read instead of recomputing GEMM 1.
@@ -328,7 +338,7 @@ def down_backward(dout: Tensor, x: Tensor, sorted_pairs: Tensor, tile_expert: Te
     E = wg.shape[0]
     cfg = _config(what, config, E, I, H, x.dtype)
     n_tiles = triton.cdiv(I, cfg["BLOCK_N"])
-    dwp = torch.zeros(P, n_tiles, dtype=torch.float32, device=x.device)
+    dwp = torch.zeros(P, n_tiles, dtype=acc_dtype(x.dtype), device=x.device)
     if T == 0 or P == 0:
         return dh.zero_(), a.zero_(), dwp.sum(1)
     num_m_tiles = P // tile_m
@@ -343,7 +353,7 @@ def down_backward(dout: Tensor, x: Tensor, sorted_pairs: Tensor, tile_expert: Te
         *wd.stride(), *(bias_down.stride() if bias_down is not None else (0, 0)),
         pre.stride(0) if pre is not None else 0, dh.stride(0), a.stride(0), dwp.stride(0),
         ACT=_ACT_CODES[activation], GATED=gated, HAS_BIAS=bias is not None, HAS_DOWN_BIAS=bias_down is not None,
-        HAS_PRE=pre is not None, INTERPRET_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16,
+        HAS_PRE=pre is not None, ACC=_acc(x.dtype), INTERPRET=x.device.type == "cpu",
         PRECISION=_precision(x.dtype), BLOCK_M=tile_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -353,7 +363,7 @@ def down_backward(dout: Tensor, x: Tensor, sorted_pairs: Tensor, tile_expert: Te
 def dx_rows(dh: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w: Tensor, *, hidden: int, tile_m: int,
             gated: bool, layout: str, transposed: bool, activation: str, w_up: Tensor | None = None,
             config: dict | None = None) -> Tensor:
-    """GEMM 1's input gradient per sorted row: dh (P, 2I or I) -> (P, H) float32, padding rows 0."""
+    """GEMM 1's input gradient per sorted row: dh (P, 2I or I) -> (P, H) in acc_dtype, padding rows 0."""
     what = "dx_rows"
     _check_dtype(what, dh)
     probe = dh.new_empty(0, hidden)  # _gate_up_views reads H and the dtype off x
@@ -363,7 +373,7 @@ def dx_rows(dh: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w: Tensor, *,
     _check_like(what, "dh", dh, (P, 2 * I if gated else I), dh)
     if dh.stride(-1) != 1:
         raise ValueError(f"{what}: dh must have unit column stride")
-    out = dh.new_empty(P, hidden, dtype=torch.float32)
+    out = dh.new_empty(P, hidden, dtype=acc_dtype(dh.dtype))
     if P == 0:
         return out
     cfg = _config(what, config, wg.shape[0], hidden, I, dh.dtype)
@@ -372,7 +382,7 @@ def dx_rows(dh: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w: Tensor, *,
     _dx_rows_kernel[(num_m_tiles * triton.cdiv(hidden, cfg["BLOCK_N"]),)](
         dh, sorted_pairs.contiguous(), tile_expert.contiguous(), wg, wu_, out, hidden, I, num_m_tiles,
         dh.stride(0), *wg.stride(), *wu_.stride(), out.stride(0),
-        GATED=gated, INTERPRET_BF16=dh.device.type == "cpu" and dh.dtype == torch.bfloat16,
+        GATED=gated, ACC=_acc(dh.dtype), INTERPRET=dh.device.type == "cpu",
         PRECISION=_precision(dh.dtype), BLOCK_M=tile_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -415,7 +425,8 @@ def weight_grad(a: Tensor, b: Tensor, sorted_pairs: Tensor, tile_start: Tensor, 
         N, K_dim, top_k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *out.stride(),
         *(bias_out.stride() if bias_out is not None else (0, 0)),
         A_GATHER=a_gather, A_SCALE=topk_w is not None, B_GATHER=b_gather, HAS_BIAS=bias_out is not None,
-        INTERPRET_BF16=a.device.type == "cpu" and a.dtype == torch.bfloat16, PRECISION=_precision(a.dtype),
+        ACC=_acc(a.dtype),
+        INTERPRET=a.device.type == "cpu", PRECISION=_precision(a.dtype),
         BLOCK_M=tile_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ...ir import MoESpec
 from ..moe_torch import route
+from .grouped_gemm import _dot
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One program holds several (BLOCK_T, BLOCK_E) fp32 tiles in registers; past 256 experts they no
@@ -83,7 +84,7 @@ def _round_to(v, dtype: tl.constexpr):
 @triton.jit
 def _router_logits(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_xt, stride_xh,
                    stride_we, stride_wh, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   ROUND_TO_X: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                   INTERPRET: tl.constexpr, ROUND_TO_X: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_E: tl.constexpr):
     """(BLOCK_T, BLOCK_E) fp32 logits of the program's rows; padded columns are -inf."""
     # int64 row offsets: T * H passes 2^31 at 512K tokens of H = 4096
@@ -99,8 +100,8 @@ def _router_logits(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_xt
         # tf32 and their products exact in fp32, so this is the same GEMM as a 16-bit tl.dot (still
         # on tensor cores), and one the interpreter runs (it multiplies raw bf16 bit patterns in
         # tl.dot: triton-lang/triton#11584). fp32 operands take ieee: torch's fp32 F.linear does
-        # not use TF32 by default either.
-        acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        # not use TF32 by default either. INTERPRET: grouped_gemm._dot's row-invariant product.
+        acc = _dot(xt.to(tl.float32), wt.to(tl.float32), acc, INTERPRET, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if ROUND_TO_X:
@@ -178,7 +179,8 @@ def _gate_kernel(
     renorm_eps, routed_scaling, masked_score,
     K: tl.constexpr, SOFTMAX: tl.constexpr, SCORE_FIRST: tl.constexpr, GATHER: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_CB: tl.constexpr, GROUPS: tl.constexpr, TOP_GROUPS: tl.constexpr,
-    TOP2_SUM: tl.constexpr, RENORM: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TO_X: tl.constexpr,
+    TOP2_SUM: tl.constexpr, RENORM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    ROUND_TO_X: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program p owns token rows [p * BLOCK_T, (p + 1) * BLOCK_T): their K weights and ids, and adds
@@ -190,7 +192,8 @@ def _gate_kernel(
     kcols = tl.arange(0, BLOCK_K)
     k_ok = kcols < K
     logits = _router_logits(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_xt, stride_xh,
-                            stride_we, stride_wh, HAS_BIAS, DOT_PRECISION, ROUND_TO_X, BLOCK_T, BLOCK_H, BLOCK_E)
+                            stride_we, stride_wh, HAS_BIAS, DOT_PRECISION, INTERPRET, ROUND_TO_X,
+                            BLOCK_T, BLOCK_H, BLOCK_E)
     if SCORE_FIRST:
         if SOFTMAX:
             scores = _softmax_rows(logits)
@@ -303,6 +306,7 @@ def gate(x: Tensor, router_weight: Tensor, router_bias: Tensor | None, correctio
         HAS_CB=correction_bias is not None, GROUPS=spec.groups, TOP_GROUPS=spec.top_groups,
         TOP2_SUM=spec.group_score == "top2_sum", RENORM=spec.renormalize,
         DOT_PRECISION="ieee" if router_gemm_fp32 or x.dtype == torch.float32 else "tf32",
+        INTERPRET=x.device.type == "cpu",
         ROUND_TO_X=not router_gemm_fp32 and x.dtype != torch.float32,
         BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h, BLOCK_E=cfg.block_e,
         BLOCK_K=triton.next_power_of_2(K), num_warps=cfg.num_warps,

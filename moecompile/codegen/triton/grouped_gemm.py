@@ -40,7 +40,9 @@ from torch import Tensor
 
 from .. import moe_torch, reference
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 runs under the interpreter only (gradcheck of the backward kernels): the op sends float64
+# layers to the torch path (plan.TRITON_DTYPES)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _LAYOUTS = ("concat", "interleaved", "separate")
 # activation -> the ACT code the kernels branch on at compile time
 _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "clamped_swiglu": 4}
@@ -69,13 +71,17 @@ def _work_item(item, tile_expert_ptr, num_m_tiles, num_n_tiles, GROUP_M: tl.cons
 
 
 @triton.jit
-def _dot(a, b, acc, INTERPRET_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    if INTERPRET_BF16:
-        # NOTE: Triton's interpreter stores bf16 as uint16 and its tl.dot multiplies the bit
-        # patterns (triton-lang/triton#11584; its debugging guide says to cast bf16 to fp32). The
-        # launcher sets this only for CPU tensors, which only the interpreter runs; fp32 products
-        # of bf16 values are exact, so this is what a bf16 MMA computes too.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+def _dot(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. INTERPRET (the launchers set it for CPU tensors, which only Triton's interpreter
+    runs): the product as an elementwise multiply and a sum over K, in acc's dtype.
+
+    NOTE: the interpreter's tl.dot is numpy's matmul, and on some CPUs OpenBLAS gives a row other
+    bits at another position in the tile (its micro-kernels treat edge rows apart), which breaks the
+    kernels' batch invariance under the interpreter only; it also multiplies bf16 as raw uint16 bit
+    patterns (triton-lang/triton#11584). The sum over K has the same bits for a row wherever it
+    sits, and fp32 products of bf16 values are exact, so this is what a bf16 MMA computes too."""
+    if INTERPRET:
+        return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -107,7 +113,7 @@ def _gate_up_kernel(
     H, I, TOP_K, num_m_tiles, num_programs, alpha, limit,
     stride_xt, stride_xh, stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
     stride_bge, stride_bgn, stride_bue, stride_bun, stride_ap, stride_ai,
-    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -142,10 +148,10 @@ def _gate_up_kernel(
                 xt = tl.load(x_rows + ks[None, :] * stride_xh, mask=live[:, None] & k_ok[None, :], other=0.0)
                 w_ok = k_ok[:, None] & col_ok[None, :]
                 wg = tl.load(wg_cols + ks[:, None] * stride_wgk, mask=w_ok, other=0.0)  # (BLOCK_K, BLOCK_N)
-                acc_g = _dot(xt, wg, acc_g, INTERPRET_BF16, PRECISION)
+                acc_g = _dot(xt, wg, acc_g, INTERPRET, PRECISION)
                 if GATED:
                     wu = tl.load(wu_cols + ks[:, None] * stride_wuk, mask=w_ok, other=0.0)
-                    acc_u = _dot(xt, wu, acc_u, INTERPRET_BF16, PRECISION)
+                    acc_u = _dot(xt, wu, acc_u, INTERPRET, PRECISION)
             if HAS_BIAS:
                 acc_g += tl.load(bg_ptr + e64 * stride_bge + cols * stride_bgn, mask=col_ok,
                                  other=0.0).to(tl.float32)[None, :]
@@ -163,7 +169,7 @@ def _down_kernel(
     a_ptr, pairs_ptr, tile_expert_ptr, w_ptr, b_ptr, topk_w_ptr, y_ptr,
     N, K_DIM, num_m_tiles, num_programs,
     stride_ap, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_yp, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_TOPK_W: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TOPK_W: tl.constexpr, INTERPRET: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -192,7 +198,7 @@ def _down_kernel(
                 k_ok = ks < K_DIM
                 at = tl.load(a_rows + ks[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
                 wt = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _dot(at, wt, acc, INTERPRET_BF16, PRECISION)
+                acc = _dot(at, wt, acc, INTERPRET, PRECISION)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + e64 * stride_be + cols * stride_bn, mask=col_ok,
                                other=0.0).to(tl.float32)[None, :]
@@ -207,7 +213,7 @@ def _down_kernel(
 def _combine_kernel(
     y_ptr, inv_ptr, topk_w_ptr, shared_ptr, out_ptr, T, H, TOP_K,
     stride_yp, stride_yh, stride_st, stride_sh, stride_ot, stride_oh,
-    HAS_TOPK_W: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_TOPK_W: tl.constexpr, HAS_SHARED: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """out[t] = ((w[t, 0] * y[inv[t*K]] + w[t, 1] * y[inv[t*K + 1]]) + ...) (+ shared[t])
                                                                          (P, H) -> (T, H)
@@ -221,17 +227,17 @@ def _combine_kernel(
     tok_ok = toks < T
     ok = tok_ok[:, None] & (cols < H)[None, :]
     toks64 = toks.to(tl.int64)  # T*K and T*H pass 2^31 for long prefills
-    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=ACC)
     for k in range(0, TOP_K):
         rows = tl.load(inv_ptr + toks64 * TOP_K + k, mask=tok_ok, other=0).to(tl.int64)
         yk = tl.load(y_ptr + rows[:, None] * stride_yp + cols[None, :] * stride_yh, mask=ok,
-                     other=0.0).to(tl.float32)
+                     other=0.0).to(ACC)
         if HAS_TOPK_W:  # topk_w is contiguous (T, K): pair t*K + k
-            yk = yk * tl.load(topk_w_ptr + toks64 * TOP_K + k, mask=tok_ok, other=0.0).to(tl.float32)[:, None]
+            yk = yk * tl.load(topk_w_ptr + toks64 * TOP_K + k, mask=tok_ok, other=0.0).to(ACC)[:, None]
         acc += yk
     if HAS_SHARED:
         acc += tl.load(shared_ptr + toks64[:, None] * stride_st + cols[None, :] * stride_sh, mask=ok,
-                       other=0.0).to(tl.float32)
+                       other=0.0).to(ACC)
     tl.store(out_ptr + toks64[:, None] * stride_ot + cols[None, :] * stride_oh,
              acc.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -429,7 +435,7 @@ def gemm_gate_up(x: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w: Tensor
         *(bg.stride() if bg is not None else (0, 0)), *(bu.stride() if bu is not None else (0, 0)),
         a.stride(0), a.stride(1),
         ACT=_ACT_CODES[activation], GATED=gated, HAS_BIAS=bias is not None,
-        INTERPRET_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16, PRECISION=_precision(x.dtype),
+        INTERPRET=x.device.type == "cpu", PRECISION=_precision(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -483,7 +489,7 @@ def gemm_down(a: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w_down: Tens
         a.stride(0), a.stride(1), *wd.stride(), *(bias.stride() if bias is not None else (0, 0)),
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_TOPK_W=topk_w is not None,
-        INTERPRET_BF16=a.device.type == "cpu" and a.dtype == torch.bfloat16, PRECISION=_precision(a.dtype),
+        INTERPRET=a.device.type == "cpu", PRECISION=_precision(a.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -532,6 +538,7 @@ def combine(y: Tensor, inv: Tensor, *, num_tokens: int, top_k: int, out_dtype: t
         y.stride(0), y.stride(1), *(shared.stride() if shared is not None else (0, 0)),
         out.stride(0), out.stride(1),
         HAS_TOPK_W=topk_w is not None, HAS_SHARED=shared is not None, BLOCK_T=cfg["BLOCK_M"],
+        ACC=tl.float64 if torch.float64 in (y.dtype, out_dtype) else tl.float32,
         BLOCK_H=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
