@@ -363,7 +363,8 @@ def down_backward(dout: Tensor, x: Tensor, sorted_pairs: Tensor, tile_expert: Te
 def dx_rows(dh: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w: Tensor, *, hidden: int, tile_m: int,
             gated: bool, layout: str, transposed: bool, activation: str, w_up: Tensor | None = None,
             config: dict | None = None) -> Tensor:
-    """GEMM 1's input gradient per sorted row: dh (P, 2I or I) -> (P, H) in acc_dtype, padding rows 0."""
+    """GEMM 1's input gradient per sorted row: dh (P, 2I or I) -> (P, H) in acc_dtype: an
+    expert's padding rows 0, the rows of tiles no expert owns (past the last group) unwritten."""
     what = "dx_rows"
     _check_dtype(what, dh)
     probe = dh.new_empty(0, hidden)  # _gate_up_views reads H and the dtype off x
