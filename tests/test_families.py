@@ -202,13 +202,21 @@ def test_family_trains_on_triton_kernels(name):
     (got_out.float() * probe).sum().backward()
     (want_out.float() * probe).sum().backward()
     assert_close(got_out, want_out, torch.float32, what=f"{name} on triton")
-    for (pname, p), q in zip(twin.named_parameters(), model.parameters()):
-        assert (p.grad is None) == (q.grad is None), f"{name}: d{pname} only on one side"
-        if q.grad is not None:
-            assert_close(p.grad, q.grad, torch.float32, kind="grad", what=f"{name} on triton d{pname}")
+    assert _same_grads(twin, model, f"{name} on triton")
     rows = moecompile.last_report().optimized()
     assert all(r.backward == ("triton" if "gemm_gate_up" in r.kernels else "recompute") for r in rows), \
         [(r.kernels, r.backward) for r in rows]
+
+
+def _same_grads(compiled: torch.nn.Module, eager: torch.nn.Module, what: str) -> int:
+    """Every parameter's gradient, compiled twin vs eager, within fp32 tolerance; -> how many."""
+    grads = 0
+    for (pname, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None), f"{what}: d{pname} only on one side"
+        if q.grad is not None:
+            assert_close(p.grad, q.grad, torch.float32, kind="grad", what=f"{what} d{pname}")
+            grads += 1
+    return grads
 
 
 def _loss_probe(out: torch.Tensor) -> torch.Tensor:
@@ -233,10 +241,4 @@ def test_family_gradients_match_eager(name, impl):
     assert_close(got_out, want_out, torch.float32, what=f"{name} {impl} output")
     want.backward()
     got.backward()
-    grads = 0
-    for (pname, p), q in zip(twin.named_parameters(), model.parameters()):
-        assert (p.grad is None) == (q.grad is None), f"{name} {impl}: d{pname} only on one side"
-        if q.grad is not None:
-            assert_close(p.grad, q.grad, torch.float32, kind="grad", what=f"{name} {impl} d{pname}")
-            grads += 1
-    assert grads, f"{name}: no gradients"
+    assert _same_grads(twin, model, f"{name} {impl}"), f"{name}: no gradients"

@@ -101,6 +101,9 @@ def test_down_backward_reads_saved_pre_activations():
     read = bwd.down_backward(*args, **kw, pre=pre.contiguous(), config=CFG)
     for g, r in zip(read, recomputed):
         _close(g[live], r[live], KERNEL_TOL[torch.float32], "pre")
+    # and it is read, not recomputed: other pre-activations give another a
+    other = bwd.down_backward(*args, **kw, pre=(pre * 0.5).contiguous(), config=CFG)
+    assert not torch.allclose(other[1][live], recomputed[1][live])
 
 
 @DTYPES

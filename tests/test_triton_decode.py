@@ -244,7 +244,7 @@ def test_launchers_reject_bad_inputs():
     x = torch.randn(T, H, device=DEVICE)
     up = lambda x=x, ids=ids, top_k=K, **o: decode.decode_gate_up(x, ids, w1, b1, top_k=top_k, **kw, **o)  # noqa: E731
     with pytest.raises(ValueError, match="decode_gate_up: dtype"):
-        up(x=x.int())
+        up(x=x.double())
     with pytest.raises(ValueError, match="ids must be"):
         up(ids=ids.long())
     with pytest.raises(ValueError, match=r"ids must be \(2, 2\)"):

@@ -314,7 +314,7 @@ def test_launchers_reject_bad_inputs():
     w1, b1, kw = _gate_up_args(w, spec)
     x = torch.randn(5, H, device=DEVICE)
     with pytest.raises(ValueError, match="not supported"):  # the caller falls back to torch
-        gg.gemm_gate_up(x.int(), sorted_pairs, tile_expert, w1, b1, **kw)
+        gg.gemm_gate_up(x.double(), sorted_pairs, tile_expert, w1, b1, **kw)
     with pytest.raises(ValueError, match="expected"):
         gg.gemm_gate_up(torch.randn(5, H + 1, device=DEVICE), sorted_pairs, tile_expert, w1, b1, **kw)
     with pytest.raises(ValueError, match="tile_m"):

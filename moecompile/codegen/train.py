@@ -110,7 +110,7 @@ def triton_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: MoESpe
     dwg, dwu, dbg, dbu, _ = gemm_k._gate_up_views(x, grads[name], grads.get("up_proj") if w_up is not None else None,
                                                   grads.get(name + "_bias"),
                                                   grads.get("up_proj_bias") if bias_up is not None else None,
-                                                  what="backward", **shape)
+                                                  what="backward", dtypes=gemm_k._GRAD_DTYPES, **shape)
     routing = dict(top_k=K, tile_m=tm)
     bwd.weight_grad(dh[:, :I], x, rows, start, count, dwg, dbg, b_gather=True, **routing)
     if spec.gated:

@@ -32,8 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import moe_torch, reference
-from .grouped_gemm import (_ACT_CODES, _activation, _check_dtype, _check_routing, _dot, _down_checks,
-                           _gate_up_views, _precision, _work_item)
+from .grouped_gemm import (_ACT_CODES, _GRAD_DTYPES, _acc, _activation, _check_dtype, _check_routing, _dot,
+                           _down_checks, _gate_up_views, _precision, _work_item)
 
 
 @triton.jit
@@ -283,13 +283,8 @@ def config_space(kind: str, E: int, N: int, K_dim: int, dtype: torch.dtype) -> l
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulators' dtype: float32, float64 for float64 inputs (the interpreter's gradcheck;
-    its tl.dot of float64 operands into a float32 accumulator gives garbage)."""
+    """The accumulators' torch dtype (grouped_gemm._acc): float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _config(kind, config, E, N, K_dim, dtype) -> dict:
@@ -321,13 +316,15 @@ def down_backward(dout: Tensor, x: Tensor, sorted_pairs: Tensor, tile_expert: Te
     """
     what = "down_backward"
     wg, wu, bg, bu, I = _gate_up_views(x, w, w_up, bias, bias_up, activation=activation, gated=gated,
-                                       layout=layout, transposed=transposed, what=what)
+                                       layout=layout, transposed=transposed, what=what,
+                                       dtypes=_GRAD_DTYPES)
     P = _check_routing(what, sorted_pairs, tile_expert, tile_m, x.device)
     T, H = x.shape
     _check_like(what, "dout", dout, (T, H), x)
-    _check_dtype(what, dout)
+    _check_dtype(what, dout, _GRAD_DTYPES)
     dh, a = x.new_empty(P, 2 * I if gated else I), x.new_empty(P, I)
-    _, wd = _down_checks(a, sorted_pairs, tile_expert, w_down, bias_down, topk_w, top_k, tile_m, transposed)
+    _, wd = _down_checks(a, sorted_pairs, tile_expert, w_down, bias_down, topk_w, top_k, tile_m, transposed,
+                         _GRAD_DTYPES)
     if tuple(topk_w.shape) != (T, top_k):
         raise ValueError(f"{what}: topk_w must be ({T}, {top_k}), got {tuple(topk_w.shape)}")
     width = 2 * I if gated else I
@@ -366,10 +363,10 @@ def dx_rows(dh: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w: Tensor, *,
     """GEMM 1's input gradient per sorted row: dh (P, 2I or I) -> (P, H) in acc_dtype: an
     expert's padding rows 0, the rows of tiles no expert owns (past the last group) unwritten."""
     what = "dx_rows"
-    _check_dtype(what, dh)
+    _check_dtype(what, dh, _GRAD_DTYPES)
     probe = dh.new_empty(0, hidden)  # _gate_up_views reads H and the dtype off x
     wg, wu, _, _, I = _gate_up_views(probe, w, w_up, None, None, activation=activation, gated=gated,
-                                     layout=layout, transposed=transposed, what=what)
+                                     layout=layout, transposed=transposed, what=what, dtypes=_GRAD_DTYPES)
     P = _check_routing(what, sorted_pairs, tile_expert, tile_m, dh.device)
     _check_like(what, "dh", dh, (P, 2 * I if gated else I), dh)
     if dh.stride(-1) != 1:
@@ -405,7 +402,7 @@ def weight_grad(a: Tensor, b: Tensor, sorted_pairs: Tensor, tile_start: Tensor, 
     or its token's row with a_gather (likewise b); topk_w (T, K) scales A's rows. Returns out."""
     what = "weight_grad"
     for name, t in (("a", a), ("b", b), ("out", out)):
-        _check_dtype(f"{what} {name}", t)
+        _check_dtype(f"{what} {name}", t, _GRAD_DTYPES)
     if out.dim() != 3 or a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"{what}: want a (R, N), b (R, K), out (E, N, K); got {tuple(a.shape)}, "
                          f"{tuple(b.shape)}, {tuple(out.shape)}")
@@ -455,7 +452,8 @@ def down_backward_reference(dout, x, sorted_pairs, tile_expert, w, bias, w_down,
                             bias_up=None, pre=None, config=None):
     """`down_backward` in torch, one expert tile at a time. -> dh, a, dw_rows"""
     wg, wu, bg, bu, I = _gate_up_views(x, w, w_up, bias, bias_up, activation=activation, gated=gated,
-                                       layout=layout, transposed=transposed, what="down_backward")
+                                       layout=layout, transposed=transposed, what="down_backward",
+                                       dtypes=_GRAD_DTYPES)
     wd = w_down.transpose(1, 2) if transposed else w_down  # (E, H, I)
     P = sorted_pairs.shape[0]
     dh, a = x.new_zeros(P, 2 * I if gated else I), x.new_zeros(P, I)
@@ -486,7 +484,7 @@ def dx_rows_reference(dh, sorted_pairs, tile_expert, w, *, hidden, tile_m, gated
     """`dx_rows` in torch. (P, 2I or I) -> (P, H) float32"""
     probe = dh.new_empty(0, hidden)
     wg, wu, _, _, I = _gate_up_views(probe, w, w_up, None, None, activation=activation, gated=gated,
-                                     layout=layout, transposed=transposed, what="dx_rows")
+                                     layout=layout, transposed=transposed, what="dx_rows", dtypes=_GRAD_DTYPES)
     out = torch.zeros(dh.shape[0], hidden, dtype=torch.float32, device=dh.device)
     for e, rows in reference.tile_rows(sorted_pairs, tile_expert, tile_m):
         acc = dh[rows, :I].float() @ wg[e].float()

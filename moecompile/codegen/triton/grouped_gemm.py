@@ -40,9 +40,10 @@ from torch import Tensor
 
 from .. import moe_torch, reference
 
-# float64 runs under the interpreter only (gradcheck of the backward kernels): the op sends float64
-# layers to the torch path (plan.TRITON_DTYPES)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the forward GEMMs (plan.TRITON_DTYPES)
+# the backward kernels and the combine also take float64, accumulating in float64 (`_acc`): the
+# float64 gradcheck of the backward; the op sends float64 layers to the torch path
+_GRAD_DTYPES = _DTYPES + (torch.float64,)
 _LAYOUTS = ("concat", "interleaved", "separate")
 # activation -> the ACT code the kernels branch on at compile time
 _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "clamped_swiglu": 4}
@@ -334,9 +335,14 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _check_dtype(what: str, t: Tensor) -> None:
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"{what}: dtype {t.dtype} not supported (one of {_DTYPES}); use the torch path")
+def _check_dtype(what: str, t: Tensor, dtypes: tuple = _DTYPES) -> None:
+    if t.dtype not in dtypes:
+        raise ValueError(f"{what}: dtype {t.dtype} not supported (one of {dtypes}); use the torch path")
+
+
+def _acc(*dtypes: torch.dtype):
+    """The accumulators' Triton dtype: float64 where an operand is float64, else float32."""
+    return tl.float64 if torch.float64 in dtypes else tl.float32
 
 
 def _check_routing(what: str, sorted_pairs: Tensor, tile_expert: Tensor, tile_m: int, device) -> int:
@@ -363,11 +369,12 @@ def _check_weight(what: str, w: Tensor, shape: tuple, device, dtype) -> None:
                          "it in int32")
 
 
-def _gate_up_views(x, w, w_up, bias, bias_up, *, activation, gated, layout, transposed, what="gemm_gate_up"):
+def _gate_up_views(x, w, w_up, bias, bias_up, *, activation, gated, layout, transposed, what="gemm_gate_up",
+                   dtypes=_DTYPES):
     """(wg, wu, bg, bu, I): the gate and up weights as strided (E, I, H) views (out, in), biases as
     (E, I) views; no copies. Not gated: wg is up_proj and wu, bu are None. `what` names the caller
-    in the error messages."""
-    _check_dtype(what, x)
+    in the error messages; `dtypes` those x may have."""
+    _check_dtype(what, x, dtypes)
     if x.dim() != 2:
         raise ValueError(f"{what}: x must be (T, H), got {tuple(x.shape)}")
     if activation not in _ACT_CODES or layout not in _LAYOUTS:
@@ -442,9 +449,9 @@ def gemm_gate_up(x: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w: Tensor
     return a
 
 
-def _down_checks(a, sorted_pairs, tile_expert, w_down, bias, topk_w, top_k, tile_m, transposed):
+def _down_checks(a, sorted_pairs, tile_expert, w_down, bias, topk_w, top_k, tile_m, transposed, dtypes=_DTYPES):
     what = "gemm_down"
-    _check_dtype(what, a)
+    _check_dtype(what, a, dtypes)
     P = _check_routing(what, sorted_pairs, tile_expert, tile_m, a.device)
     if a.dim() != 2 or a.shape[0] != P:
         raise ValueError(f"{what}: a must be (P, I) with P = {P} routing rows, got {tuple(a.shape)}")
@@ -498,15 +505,15 @@ def gemm_down(a: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w_down: Tens
 
 def _combine_checks(y, inv, num_tokens, top_k, out_dtype, shared, topk_w):
     what = "combine"
-    _check_dtype(what, y)
-    if out_dtype not in _DTYPES:
-        raise ValueError(f"{what}: out_dtype {out_dtype} not supported (one of {_DTYPES})")
+    _check_dtype(what, y, _GRAD_DTYPES)
+    if out_dtype not in _GRAD_DTYPES:
+        raise ValueError(f"{what}: out_dtype {out_dtype} not supported (one of {_GRAD_DTYPES})")
     if y.dim() != 2 or inv.dim() != 1 or inv.dtype != torch.int32 or inv.shape[0] != num_tokens * top_k \
             or inv.device != y.device:
         raise ValueError(f"{what}: expected y (P, H) and inv ({num_tokens} * {top_k},) int32 on {y.device}, "
                          f"got {tuple(y.shape)} and {tuple(inv.shape)} {inv.dtype} on {inv.device}")
     if shared is not None:
-        _check_dtype(f"{what} shared", shared)
+        _check_dtype(f"{what} shared", shared, _GRAD_DTYPES)
         if tuple(shared.shape) != (num_tokens, y.shape[1]) or shared.device != y.device:
             raise ValueError(f"{what}: shared must be ({num_tokens}, {y.shape[1]}) on {y.device}, got "
                              f"{tuple(shared.shape)} on {shared.device}")
@@ -538,7 +545,7 @@ def combine(y: Tensor, inv: Tensor, *, num_tokens: int, top_k: int, out_dtype: t
         y.stride(0), y.stride(1), *(shared.stride() if shared is not None else (0, 0)),
         out.stride(0), out.stride(1),
         HAS_TOPK_W=topk_w is not None, HAS_SHARED=shared is not None, BLOCK_T=cfg["BLOCK_M"],
-        ACC=tl.float64 if torch.float64 in (y.dtype, out_dtype) else tl.float32,
+        ACC=_acc(y.dtype, out_dtype),
         BLOCK_H=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
