@@ -12,6 +12,6 @@ if ! "$VPY" -c 'import torch, sys; v = tuple(int(p) for p in torch.__version__.s
     # Pin the release so pip takes the CPU wheel where one is provided, not the newest CUDA build.
     "$VPY" -m pip install -q torch==2.13.0
 fi
-if ! "$VPY" -c 'import moecompile, transformers, pytest, hypothesis, matplotlib, pulp, highspy, triton' 2>/dev/null; then
+if ! "$VPY" -c 'import moecompile, transformers, pytest, xdist, hypothesis, matplotlib, pulp, highspy, triton' 2>/dev/null; then
     "$VPY" -m pip install -q -e ".[test]"
 fi

@@ -85,7 +85,7 @@ def test_smoke_one_tiny_layer_on_cpu(tmp_path):
     assert data["summary"]["rated_points"] == 2 and data["summary"]["geomean_speedup"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the benchmark over four families and both kernel choices; the default run times one tiny layer")
 def test_every_tiny_family_and_both_kernel_choices(tmp_path):
     data = _run(tmp_path, "--tokens", "1", "7", "--kernels", "torch", "triton")
     assert [L["layer"]["family"] for L in data["layers"]] == ["mixtral", "qwen3", "olmoe", "deepseek_v3"]

@@ -31,6 +31,7 @@ from conftest import assert_close, assert_grads_close
 from moecompile import detect
 from moecompile.tools import families
 from moecompile.files import write_text
+from tiers import slow
 
 FAMILIES = families.moe_families()
 # Families with expert modules the report does not list yet, and why (open work, not accepted):
@@ -39,6 +40,23 @@ FAMILIES = families.moe_families()
 # silent fails, so the list only shrinks
 KNOWN_SILENT: dict[str, str] = {}
 RESULTS = os.environ.get("MOECOMPILE_FAMILY_RESULTS")
+# The default run's families: the demo models' (optimized, switchable experts), every family whose
+# experts are its own module class (each a different traced form), and one family per kind of
+# fallback or graph split the support table shows. The other families repeat these code paths with
+# other names and sizes; they run in the slow tier (CI runs both), as does every family a new
+# transformers adds.
+DEFAULT_FAMILIES = {
+    # demo models
+    "mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "gpt_oss",
+    # experts as their own module classes
+    "dbrx", "doge", "jetmoe", "llama4", "longcat_flash", "nllb-moe", "step3p7", "switch_transformers",
+    # fallbacks, partial optimization, graph splits, shared experts, hybrid stacks
+    "cohere2_moe", "granitemoehybrid", "deepseek_v4", "laguna", "zaya", "phimoe", "ernie4_5_moe", "hy_v4",
+    "inkling2", "openai_privacy_filter", "qwen4_exp", "granitemoeshared", "jamba", "nemotron_h",
+    "vitpose_backbone",
+}
+TIERED = [name if name in DEFAULT_FAMILIES else pytest.param(
+    name, marks=slow("one of the families that repeat the default set's code paths")) for name in FAMILIES]
 SWITCHABLE = "eager/grouped_mm/batched_mm"  # families.experts_kind of @use_experts_implementation experts
 
 
@@ -105,7 +123,12 @@ def _write_result(name: str, result: dict) -> None:
                    make_dirs=True)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+def test_the_default_families_are_enumerated():
+    """A default-run family transformers no longer has (or a typo) would drop out unnoticed."""
+    assert DEFAULT_FAMILIES <= set(FAMILIES), sorted(DEFAULT_FAMILIES - set(FAMILIES))
+
+
+@pytest.mark.parametrize("name", TIERED)
 def test_family_forward_matches_eager(name, monkeypatch):
     t0 = time.perf_counter()
     model, inputs = _build(name, record=True)
@@ -143,7 +166,7 @@ def test_family_forward_matches_eager(name, monkeypatch):
     assert all(r["status"] == "optimized" or r["reason"] for r in report.regions)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", TIERED)
 def test_family_prepared_forward_matches_eager(name):
     """After moecompile.prepare (graph-breaking experts swapped for traceable forms): eager is bit for
     bit what it was, compiled matches it, and the rows are recorded for the support table."""
@@ -170,7 +193,7 @@ def test_family_prepared_forward_matches_eager(name):
     assert all(r["status"] == "optimized" or r["reason"] for r in report.regions)
 
 
-@pytest.mark.slow  # 2.5 minutes on 2 cores; the demo models run on the kernels in the default run
+@pytest.mark.slow(reason="75 families under the Triton interpreter; the default run puts the demo models on the kernels")
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_on_triton_kernels_matches_eager(name):
     """kernels="triton" (the Triton interpreter on CPU): every optimized layer of every family runs
@@ -187,7 +210,7 @@ def test_family_on_triton_kernels_matches_eager(name):
     assert all(k.startswith("triton: ") for k in kernels), (name, kernels)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="forward + backward of 75 families under the Triton interpreter; the default run trains the demo models on the kernels")
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_trains_on_triton_kernels(name):
     """kernels="triton", forward + backward: every parameter's gradient matches eager, and each
@@ -199,13 +222,34 @@ def test_family_trains_on_triton_kernels(name):
     got_out = torch.compile(twin, backend="moe", options={"inner": "aot_eager", "kernels": "triton"})(**inputs)[0]
     want_out = model(**inputs)[0]
     probe = _loss_probe(want_out)
-    (got_out.float() * probe).sum().backward()
+    with _unless_torch_fails_alone(name, inputs):
+        (got_out.float() * probe).sum().backward()
     (want_out.float() * probe).sum().backward()
     assert_close(got_out, want_out, torch.float32, what=f"{name} on triton")
     assert _same_grads(twin, model, f"{name} on triton")
     rows = moecompile.last_report().optimized()
     assert all(r.backward == ("triton" if "gemm_gate_up" in r.kernels else "recompute") for r in rows), \
         [(r.kernels, r.backward) for r in rows]
+
+
+@contextlib.contextmanager
+def _unless_torch_fails_alone(name: str, inputs: dict, impl: str | None = None):
+    """A backward that raises is a failure, unless the same family under plain
+    torch.compile(backend="aot_eager"), without moecompile, raises too: then it is PyTorch's
+    (doge in torch 2.13: a view of a non-contiguous softplus gradient), an xfail that names it."""
+    try:
+        yield
+    except RuntimeError as err:
+        torch._dynamo.reset()
+        model, _ = _build(name, experts_impl=impl)
+        try:
+            out = torch.compile(model, backend="aot_eager")(**inputs)[0]
+            (out.float() * _loss_probe(out)).sum().backward()
+        except RuntimeError as alone:
+            if str(alone).split("\n")[0] == str(err).split("\n")[0]:
+                pytest.xfail(f"{name}: PyTorch's aot_eager backward fails without moecompile: "
+                             f"{str(err).splitlines()[0][:120]}")
+        raise
 
 
 def _same_grads(compiled: torch.nn.Module, eager: torch.nn.Module, what: str) -> int:
@@ -222,7 +266,7 @@ def _loss_probe(out: torch.Tensor) -> torch.Tensor:
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="forward + backward of 75 families x 3 experts implementations through AOTAutograd; the default run trains the demo models")
 @pytest.mark.parametrize("impl", [None, "batched_mm", "eager"], ids=["default", "batched_mm", "eager"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_gradients_match_eager(name, impl):
@@ -239,5 +283,6 @@ def test_family_gradients_match_eager(name, impl):
     want, got = (want_out.float() * probe).sum(), (got_out.float() * probe).sum()
     assert_close(got_out, want_out, torch.float32, what=f"{name} {impl} output")
     want.backward()
-    got.backward()
+    with _unless_torch_fails_alone(name, inputs, impl):
+        got.backward()
     assert _same_grads(twin, model, f"{name} {impl}"), f"{name}: no gradients"

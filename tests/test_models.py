@@ -16,6 +16,7 @@ import torch
 import moecompile
 from conftest import assert_close
 from moecompile import models
+from tiers import cover, slow
 
 MODELS = list(models.MOE_MODELS)
 IMPLS = ["grouped_mm", "batched_mm"]
@@ -64,9 +65,12 @@ def _check_report(name, layers=2):
     return report
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", MODELS)
+# Each model once per test in the default run, every (experts implementation, dtype) pair among them,
+# forward and training on other pairs (salt); the whole product runs in the slow tier.
+PRODUCT = dict(name=MODELS, impl=IMPLS, dtype=list(DTYPES), pairs=[("impl", "dtype")])
+
+
+@pytest.mark.parametrize("name,impl,dtype", cover(**PRODUCT))
 def test_forward_matches_eager(name, impl, dtype):
     dt = DTYPES[dtype]
     model, _ = models.build(name, dtype=dt, experts_impl=impl)
@@ -79,10 +83,10 @@ def test_forward_matches_eager(name, impl, dtype):
     _check_report(name)
 
 
-def _train_and_compare(name, impl, dt, inner, shapes) -> None:
+def _train_and_compare(name, impl, dt, inner, shapes, layers=2) -> None:
     """One loss.backward() per (batch, tokens) through eager and compiled twins; every gradient
     (router and expert weights of every layer among them) and the loss must match."""
-    model, _ = models.build(name, dtype=dt, experts_impl=impl)
+    model, _ = models.build(name, dtype=dt, experts_impl=impl, layers=layers)
     model.train()
     twin = copy.deepcopy(model)
     compiled = _compile(twin, inner=inner)
@@ -98,20 +102,24 @@ def _train_and_compare(name, impl, dt, inner, shapes) -> None:
             assert p.grad is not None and q.grad is not None, pname
             assert_close(p.grad, q.grad, dt, kind="grad", what=f"{name} {impl} d{pname}")
             moe_grads += ".mlp." in pname
-        assert moe_grads >= 6  # router + expert weights of both layers
+        assert moe_grads >= 3 * layers  # router + expert weights of every layer
         model.zero_grad()
         twin.zero_grad()
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name,impl,dtype", cover(**PRODUCT, salt="train"))
 def test_training_gradients_match_eager(name, impl, dtype):
     _train_and_compare(name, impl, DTYPES[dtype], "aot_eager", shapes=((2, 7), (1, 64)))
     _check_report(name)
 
 
-@pytest.mark.parametrize("name", MODELS)
+# Inductor's compile is the slow part: the default run takes the simplest model and the two with the
+# most routing and expert options; the others in the slow tier.
+INDUCTOR_DEFAULT = ("mixtral", "deepseek_v3", "gpt_oss")
+
+
+@pytest.mark.parametrize("name", [n if n in INDUCTOR_DEFAULT else pytest.param(
+    n, marks=slow("an Inductor compile per model; the default run compiles three")) for n in MODELS])
 def test_inductor_forward(name):
     model, _ = models.build(name, experts_impl="grouped_mm")
     compiled = _compile(model, inner="inductor")
@@ -124,12 +132,13 @@ def test_inductor_forward(name):
 
 def test_inductor_training_and_dynamic_tokens():
     """Inductor end to end with backward; new token counts reuse one dynamic graph."""
-    _train_and_compare("qwen2_moe", "grouped_mm", torch.float32, "inductor", shapes=((2, 5), (2, 9), (2, 33)))
+    _train_and_compare("qwen2_moe", "grouped_mm", torch.float32, "inductor", shapes=((2, 5), (2, 9), (2, 33)),
+                       layers=1)  # one layer: half the graph for Inductor to compile, twice
     # 5 -> static graph; 9 -> one dynamic recompile; 33 -> reuses it
     assert len(moecompile.last_report().graphs) == 2
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="Inductor compiles forward + backward of every model x experts implementation x dtype, about a minute each")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", MODELS)

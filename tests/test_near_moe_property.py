@@ -88,7 +88,7 @@ def test_compiled_near_moe_matches_eager_on_unseen_inputs(layer):
     _check(layer)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="300 random near-MoE layers, each compiled; the default run tries 30")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(near_moe_layers())
 def test_compiled_near_moe_matches_eager_on_unseen_inputs_long(layer):

@@ -204,7 +204,7 @@ def test_synthetic_affinity_concentrates_flow():
     assert top_share(0.9) > 2 * top_share(0.0)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the ILP at DeepSeek-V3 size (58 layers x 256 experts) runs to its time limit")
 def test_deepseek_v3_scale_within_time_limit():
     trace = synthetic_trace(58, 256, top_k=8, num_tokens=8192, skew=0.5, affinity=0.9, seed=0)
     greedy = place(trace, 64, 8, 64)

@@ -114,7 +114,7 @@ def test_random_moe_modules_match_eager(case):
     _check(case)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="300 random modules, each compiled; the default run tries 12")
 @settings(max_examples=300, **_SETTINGS)
 @given(moe_modules())
 def test_random_moe_modules_match_eager_long(case):

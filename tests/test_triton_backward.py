@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 
 from conftest import assert_grads_close  # noqa: E402
 from helpers_moe import GATE_UP_CASES, SPECS  # noqa: E402
+from tiers import cover, slow  # noqa: E402
 from moecompile import models, report  # noqa: E402
 from moecompile.codegen import moe_torch, train  # noqa: E402
 from moecompile.codegen.triton import backward as bwd  # noqa: E402
@@ -179,9 +180,8 @@ def _in(spec, dtype):
     return dataclasses.replace(spec, dtype=str(dtype).removeprefix("torch."))
 
 
-@DTYPES
-@pytest.mark.parametrize("T", [1, 37])
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name,T,dtype", cover(name=list(SPECS), T=[1, 37], dtype=[torch.float32, torch.bfloat16],
+                                               pairs=[("T", "dtype")]))
 def test_triton_backward_matches_autograd_of_the_reference(name, T, dtype):
     """bf16: GPT-OSS's clamp limit is the model's 7.0 rather than the spec's 0.5. The clamp's
     derivative jumps from 1 to 0 at the limit, and for a pre-activation within a bf16 ulp of it the
@@ -257,7 +257,7 @@ GRADCHECK = ["mixtral", "odd_tails", "k_equals_e", "sigmoid_interleaved_transpos
 
 
 @pytest.mark.parametrize("name", [n if n in ("mixtral", "gpt_oss", "deepseek_v3") else
-                                  pytest.param(n, marks=pytest.mark.slow) for n in GRADCHECK])
+                                  pytest.param(n, marks=slow("float64 gradcheck of the remaining specs, seconds each")) for n in GRADCHECK])
 def test_gradcheck_in_float64(name):
     """torch.autograd.gradcheck of (reference forward, Triton backward) on 6 tokens: the kernels'
     gradients are the forward's derivatives (finite differences of the reference loop in fp64)."""

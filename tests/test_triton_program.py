@@ -15,6 +15,7 @@ import torch
 
 from conftest import assert_close, assert_grads_close
 from helpers_moe import SPECS
+from tiers import cover
 from moecompile import config, models, report
 from moecompile.codegen import moe_torch, plan
 from moecompile.ir import MoESpec, build
@@ -45,9 +46,9 @@ def _spec_in(name: str, dtype) -> MoESpec:
     return dataclasses.replace(SPECS[name], dtype=str(dtype).removeprefix("torch."))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("T", [0, 1, 4, 37])  # 1 and 4: the decode kernels (T*K <= max(E, 16))
-@pytest.mark.parametrize("name", list(SPECS))
+# every spec, every T (1 and 4: the decode kernels, T*K <= max(E, 16)) with both dtypes
+@pytest.mark.parametrize("name,T,dtype", cover(name=list(SPECS), T=[0, 1, 4, 37], dtype=[torch.float32, torch.bfloat16],
+                                               pairs=[("T", "dtype")]))
 def test_fused_program_on_triton_matches_eager(name, T, dtype):
     spec = _spec_in(name, dtype)
     program = _fused(spec)
@@ -156,8 +157,10 @@ def test_a_token_gets_the_same_bits_in_any_batch(name):
 # -- end to end ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "gpt_oss"])
+# every demo model once, both dtypes among them; gpt_oss in both (its bf16 gate runs in torch)
+@pytest.mark.parametrize("name,dtype", cover(
+    name=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "gpt_oss"],
+    dtype=["float32", "bfloat16"], keep=["gpt_oss-float32", "gpt_oss-bfloat16"]))
 def test_models_compiled_with_triton_kernels_match_eager(name, dtype):
     model, (ids,) = models.build(name, layers=1, dtype=dtype)
     with torch.no_grad():
