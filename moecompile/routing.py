@@ -32,13 +32,17 @@ class RoutingRecorder:
         self.load: list[np.ndarray] = []  # per layer (E,) float64
         self.flow: dict[int, np.ndarray] = {}  # l -> (E, E) float64
         self._previous: tuple[int, torch.Tensor] | None = None  # (layer, (T, E) counts)
+        self.sizes: set = set()  # (hidden, dtype) of the layers seen
         self._lock = threading.Lock()
 
-    def __call__(self, layer: str, topk_ids: torch.Tensor, num_experts: int) -> None:
+    def __call__(self, layer: str, topk_ids: torch.Tensor, num_experts: int, hidden: int | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         ids = topk_ids.detach().to("cpu", torch.int64)
         per_token = torch.zeros(ids.shape[0], num_experts, dtype=torch.float64)
         per_token.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float64))  # (T, E)
         with self._lock:
+            if hidden is not None and dtype is not None:
+                self.sizes.add((int(hidden), str(dtype).removeprefix("torch.")))
             index = self.layers.setdefault(layer, len(self.layers))
             if index == len(self.load):
                 self.load.append(np.zeros(num_experts))
@@ -65,7 +69,9 @@ class RoutingRecorder:
             flow = None
             if L > 1 and all(l in self.flow for l in range(L - 1)):
                 flow = np.stack([self.flow[l] for l in range(L - 1)])
-            return RoutingTrace(load=load, flow=flow)
+            # the layers' H and dtype where they agree (they do in every model we know)
+            hidden, dtype = next(iter(self.sizes)) if len(self.sizes) == 1 else (None, None)
+            return RoutingTrace(load=load, flow=flow, hidden=hidden, dtype=dtype)
 
     def __enter__(self) -> "RoutingRecorder":
         ops.routing_observers.append(self)

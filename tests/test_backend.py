@@ -199,6 +199,7 @@ def test_cli_trace_writes_a_trace(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     data = json.loads(out.read_text())
     assert np.array(data["load"]).shape == (2, 8) and np.array(data["flow"]).shape == (1, 8, 8)
+    assert (data["hidden"], data["dtype"]) == (64, "float32")  # what the layer-time model reads
     bad = subprocess.run([sys.executable, "-m", "moecompile.tools.cli", "trace", "--tokens", "missing.npy",
                           "--out", str(tmp_path / "x.npz")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cannot read token ids" in bad.stderr
@@ -212,3 +213,4 @@ def test_routing_is_recorded_with_reference_kernels_too():
     with routing.RoutingRecorder() as rec, torch.no_grad():
         compiled(ids)
     assert rec.trace().load.sum() == 2 * 4 * 2  # layers x tokens x K
+    assert (rec.trace().hidden, rec.trace().dtype) == (64, "float32")

@@ -48,13 +48,15 @@ def test_round_trip_trace_plan_evaluate(tmp_path, capsys, ext):
     rows = {line.split()[0]: line.split() for line in solved.out.splitlines()[2:4]}
     assert set(rows) == {"greedy", "ilp"}
     plan = load_plan(out)
+    predicted = plan.metrics.pop("predicted")  # the layer-time model's (test_placement_cost.py)
     assert plan.metrics == evaluate(plan, trace) and plan.solver["name"] == "ilp"
+    assert rows["ilp"][6] == f"{predicted['layer_ms']:.3f}"
     assert rows["ilp"][3] == f"{plan.metrics['cross_gpu_fraction']:.2%}"
     assert run_cli(["place", "--evaluate", str(out), str(trace_path)]) == 0
     evaluated = capsys.readouterr().out.splitlines()
     plan_row = next(line.split() for line in evaluated if line.startswith("plan"))
     assert plan_row[1] == f"{plan.metrics['imbalance_mean']:.4f}"
-    assert plan_row[3] == rows["ilp"][3] and plan_row[5] == rows["ilp"][5]
+    assert plan_row[3] == rows["ilp"][3] and plan_row[5] == rows["ilp"][5] and plan_row[6] == rows["ilp"][6]
     greedy_row = next(line.split() for line in evaluated if line.startswith("greedy"))
     assert greedy_row[1:6] == rows["greedy"][1:6]
 

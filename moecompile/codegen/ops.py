@@ -47,11 +47,11 @@ def moe(x: Tensor, weights: list[Tensor], program: str, kernels: str, layer: str
     parsed = MoEProgram.parse(program)
     on_route = None
     if routing_observers:
-        num_experts = parsed.dims.E
+        num_experts, hidden = parsed.dims.E, parsed.dims.H
 
         def on_route(topk_ids):
             for observe in routing_observers:
-                observe(layer, topk_ids, num_experts)
+                observe(layer, topk_ids, num_experts, hidden=hidden, dtype=x.dtype)
     return run_forward(x, weights, parsed, kernels, on_route)
 
 

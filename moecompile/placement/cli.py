@@ -2,10 +2,11 @@
 
     moecompile place TRACE --gpus G [--nodes N] [--redundant R] [--solver greedy|ilp] [--time-limit S]
                      [--previous PLAN [--max-moves M] [--move-cost C]] [--memory-cap SLOTS]
-                     [--groups K] [--out PLAN] [--plot PNG]
-    moecompile place --evaluate PLAN TRACE [--plot PNG]
+                     [--groups K] [--out PLAN] [--plot PNG] [hardware options]
+    moecompile place --evaluate PLAN TRACE [--plot PNG] [hardware options]
 
-Prints a table comparing the plan with greedy. Bad input raises UserInputError, which the top-level
+Prints a table comparing the plan with greedy, with the layer time the cost model (cost.py) predicts
+on the hardware profile (--hardware preset, --hardware-profile JSON, single fields as flags). Bad input raises UserInputError, which the top-level
 CLI prints as one line and turns into exit code 2; outputs are written only after a successful
 solve, each atomically.
 """
@@ -17,6 +18,7 @@ import sys
 
 from ..errors import UserInputError
 from ..files import check_output
+from . import cost
 from .metrics import evaluate
 from .plan import Plan, load_plan, save_plan
 from .solve import SOLVERS, place
@@ -53,7 +55,30 @@ def register(subparsers) -> None:
     p.add_argument("--out", metavar="PLAN", help="write the plan as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw per-GPU load per layer and the GPU traffic matrix")
     p.add_argument("--evaluate", metavar="PLAN", help="score an existing plan on TRACE instead of solving")
+    hw = p.add_argument_group("hardware (the layer-time model; H and dtype come from the trace where it recorded them)")
+    hw.add_argument("--hardware", choices=sorted(cost.PRESETS), default="h100",
+                    help="preset: 8 GPUs a node, NVLink inside, one NIC per GPU (default h100)")
+    hw.add_argument("--hardware-profile", metavar="JSON", help="a JSON object of profile fields over the preset")
+    hw.add_argument("--hidden", type=int, metavar="H", help="hidden size (bytes per token moved = H x dtype bytes)")
+    hw.add_argument("--intermediate", type=int, metavar="I", help="expert intermediate size (6 H I FLOPs a routing)")
+    hw.add_argument("--dtype-bytes", type=int, metavar="B", help="bytes per activation element on the wire")
+    hw.add_argument("--routings-per-gpu", type=float, metavar="T",
+                    help="tokens per GPU per step x top-k (default 65536: 8192 tokens x 8)")
+    hw.add_argument("--tflops", type=float, metavar="F", help="achieved expert GEMM TFLOP/s per GPU")
+    hw.add_argument("--nvlink-gbps", type=float, metavar="B", help="NVLink GB/s per GPU, one direction")
+    hw.add_argument("--network-gbps", type=float, metavar="B", help="network GB/s per GPU, one direction")
+    hw.add_argument("--overlap", action="store_true", default=None,
+                    help="all-to-all overlapped with compute: a layer takes the larger of the two")
     p.set_defaults(func=run_place)
+
+
+def _hardware(args: argparse.Namespace, trace) -> cost.Hardware:
+    """Preset, then the trace's H and dtype, then the profile file, then single-field flags."""
+    scaled = {"flops": (args.tflops, 1e12), "nvlink_bw": (args.nvlink_gbps, 1e9), "network_bw": (args.network_gbps, 1e9)}
+    flags = {"hidden": args.hidden, "intermediate": args.intermediate, "dtype_bytes": args.dtype_bytes,
+             "routings_per_gpu": args.routings_per_gpu, "overlap": args.overlap,
+             **{k: None if v is None else v * unit for k, (v, unit) in scaled.items()}}
+    return cost.hardware(args.hardware, args.hardware_profile, trace, **flags)
 
 
 def run_place(args: argparse.Namespace) -> int:
@@ -65,6 +90,7 @@ def run_place(args: argparse.Namespace) -> int:
     if args.plot:
         _require_matplotlib()
     trace = load_trace(args.trace)
+    hw = _hardware(args, trace)  # a bad profile is refused before any solve
     # 2. evaluate an existing plan, or solve
     if args.evaluate:
         plan = load_plan(args.evaluate)
@@ -84,6 +110,8 @@ def run_place(args: argparse.Namespace) -> int:
         plan = place(trace, args.gpus, args.nodes, args.redundant, solver=args.solver, time_limit=args.time_limit,
                      previous=previous, memory_cap=args.memory_cap, progress=_progress, num_groups=args.groups,
                      max_moves=args.max_moves, move_cost=args.move_cost)
+    plan = _with_prediction(plan, trace, hw)
+    greedy = _with_prediction(greedy, trace, hw) if greedy is not None else None
     # 3. outputs, each written atomically
     if args.out:
         save_plan(plan, args.out)
@@ -92,7 +120,22 @@ def run_place(args: argparse.Namespace) -> int:
 
         plot_plan(plan, trace, args.plot)
     print(format_table(plan, greedy, evaluated=bool(args.evaluate)))
+    print(f"layer ms: the cost model's mean MoE layer time (compute + all-to-all of the busiest GPU"
+          f"{', overlapped' if hw.overlap else ''}) on {_profile_text(hw)}")
     return 0
+
+
+def _with_prediction(plan: Plan, trace, hw: cost.Hardware) -> Plan:
+    from .trace import normalized
+    t = normalized(trace)
+    predicted = cost.predict(plan.phy2log, t.load, t.flow, plan.num_gpus, plan.num_nodes, hw)
+    return Plan(plan.num_gpus, plan.num_nodes, plan.num_experts, plan.slots_per_gpu, plan.phy2log,
+                metrics={**plan.metrics, "predicted": predicted}, solver=plan.solver)
+
+
+def _profile_text(hw: cost.Hardware) -> str:
+    return (f"H {hw.hidden}, I {hw.intermediate}, {hw.dtype_bytes} B/elem, {hw.routings_per_gpu:g} routings/GPU, "
+            f"{hw.flops / 1e12:g} TFLOP/s, NVLink {hw.nvlink_bw / 1e9:g} GB/s, network {hw.network_bw / 1e9:g} GB/s")
 
 
 def format_table(plan: Plan, greedy: Plan | None, evaluated: bool = False) -> str:
@@ -100,14 +143,16 @@ def format_table(plan: Plan, greedy: Plan | None, evaluated: bool = False) -> st
     name = "plan" if evaluated else f"{plan.solver.get('name', 'plan')}"
     rows = [("greedy", greedy)] if greedy is not None else []
     rows += [] if plan.solver.get("name") == "greedy" and not evaluated else [(name, plan)]
-    head = f"{'':8} {'imb mean':>9} {'imb max':>8} {'cross-GPU':>10} {'cross-node':>11} {'objective':>10} {'seconds':>8}"
+    head = (f"{'':8} {'imb mean':>9} {'imb max':>8} {'cross-GPU':>10} {'cross-node':>11} {'objective':>10} "
+            f"{'layer ms':>9} {'seconds':>8}")
     lines = [f"{plan.num_layers} layers, {plan.num_experts} experts, {plan.num_gpus} GPUs on {plan.num_nodes} "
              f"node(s), {plan.slots_per_gpu} slots per GPU", head]
     for label, p in rows:
         m = p.metrics
         seconds = "" if evaluated and p is plan else f"{p.solver.get('seconds', 0.0):.2f}"
+        layer_ms = f"{m['predicted']['layer_ms']:.3f}" if "predicted" in m else "n/a"
         lines.append(f"{label:8} {m['imbalance_mean']:9.4f} {m['imbalance_max']:8.4f} {_frac(m['cross_gpu_fraction']):>10} "
-                     f"{_frac(m['cross_node_fraction']):>11} {m['objective']:10.4f} {seconds:>8}")
+                     f"{_frac(m['cross_node_fraction']):>11} {m['objective']:10.4f} {layer_ms:>9} {seconds:>8}")
     notes = [] if greedy is not None else ["greedy: no plan of this shape (it never puts two replicas "
                                            "of an expert on one GPU)"]
     if not evaluated and plan.solver.get("name") == "ilp":

@@ -1,9 +1,13 @@
 """Routing traces: how many tokens each expert of each layer received, and where they went next.
 
-File formats (both hold the same two arrays):
+File formats (both hold the same two arrays, and optionally the layers' sizes):
 
-    .npz   arrays `load` (L, E) and optionally `flow` (L-1, E, E); other arrays are ignored
-    .json  {"load": [[...], ...], "flow": [[[...]]] | null}
+    .npz   arrays `load` (L, E) and optionally `flow` (L-1, E, E), `hidden` and `dtype` (0-d);
+           other arrays are ignored
+    .json  {"load": [[...], ...], "flow": [[[...]]] | null, "hidden": H | null, "dtype": "bfloat16" | null}
+
+`hidden` (the layers' H) and `dtype` (their activations' dtype) are what a token costs on the wire;
+`moecompile trace` and option routing_trace record them, and the layer-time model (cost.py) reads them.
 
 `load[l, e]` counts the tokens routed to expert e in MoE layer l. `flow[l, e, e2]` counts the
 (token, k, k2) routings that went to expert e in layer l and to expert e2 in layer l+1, so with top-k
@@ -26,6 +30,8 @@ from ..files import atomic_write, read_json, write_json
 # Token counts far beyond any run (1e15 tokens through one expert); sums of counts then stay far
 # from float64's 1.8e308.
 MAX_COUNT = 1e15
+# bytes per element of the activations' dtypes a trace may name
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,16 @@ class RoutingTrace:
 
     load: np.ndarray  # (L, E) float64
     flow: np.ndarray | None = None  # (L-1, E, E) float64
+    hidden: int | None = None  # H of the layers, where recorded
+    dtype: str | None = None  # their activations' dtype (a DTYPE_BYTES key), where recorded
 
     def __post_init__(self) -> None:
+        if self.hidden is not None:
+            if isinstance(self.hidden, bool) or not isinstance(self.hidden, (int, np.integer)) or self.hidden < 1:
+                raise UserInputError(f"trace hidden must be a positive whole number, got {self.hidden!r}")
+            object.__setattr__(self, "hidden", int(self.hidden))
+        if self.dtype is not None and self.dtype not in DTYPE_BYTES:
+            raise UserInputError(f"trace dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         load = _as_counts(self.load, "load", ndim=2)
         num_layers, num_experts = load.shape
         if num_layers < 1 or num_experts < 1:
@@ -68,7 +82,7 @@ def normalized(trace: RoutingTrace) -> RoutingTrace:
             return arr
         return np.ldexp(arr, -np.frexp(arr.max())[1])
 
-    return RoutingTrace(load=scaled(trace.load), flow=scaled(trace.flow))
+    return RoutingTrace(load=scaled(trace.load), flow=scaled(trace.flow), hidden=trace.hidden, dtype=trace.dtype)
 
 
 def load_trace(path: str | os.PathLike) -> RoutingTrace:
@@ -80,13 +94,14 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         obj = read_json(path, "trace")
         if not isinstance(obj, dict):
             raise UserInputError(f"trace {path} must be a JSON object with a 'load' field")
-        arrays = {k: obj[k] for k in ("load", "flow") if obj.get(k) is not None}
+        arrays = {k: obj[k] for k in _FIELDS if obj.get(k) is not None}
     else:
         raise UserInputError(f"trace {path} must end in .npz or .json")
     if "load" not in arrays:
         raise UserInputError(f"trace {path} has no 'load' array")
     try:
-        return RoutingTrace(load=arrays["load"], flow=arrays.get("flow"))
+        return RoutingTrace(load=arrays["load"], flow=arrays.get("flow"), hidden=_scalar(arrays.get("hidden")),
+                            dtype=_scalar(arrays.get("dtype")))
     except UserInputError as err:
         raise UserInputError(f"trace {path}: {err}") from None
 
@@ -96,12 +111,13 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     if path.endswith(".npz"):
         arrays = {"load": trace.load}
-        if trace.flow is not None:
-            arrays["flow"] = trace.flow
+        for name in ("flow", "hidden", "dtype"):
+            if getattr(trace, name) is not None:
+                arrays[name] = np.asarray(getattr(trace, name))
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     elif path.endswith(".json"):
         flow = None if trace.flow is None else trace.flow.tolist()
-        write_json(path, {"load": trace.load.tolist(), "flow": flow})
+        write_json(path, {"load": trace.load.tolist(), "flow": flow, "hidden": trace.hidden, "dtype": trace.dtype})
     else:
         raise UserInputError(f"trace file {path} must end in .npz or .json")
 
@@ -112,13 +128,25 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array under a .npz name
             raise UserInputError(f"trace {path} is a single .npy array, not a .npz archive with 'load'")
         with data:
-            return {k: data[k] for k in ("load", "flow") if k in data.files}
+            return {k: data[k] for k in _FIELDS if k in data.files}
     except OSError as err:
         raise UserInputError(f"cannot read trace {path}: {err.strerror or err}") from None
     except (ValueError, zipfile.BadZipFile, EOFError) as err:
         raise UserInputError(f"trace {path} is not a valid .npz file ({_first_line(err)})") from None
     except MemoryError:
         raise UserInputError(f"trace {path} declares arrays too large to load") from None
+
+
+_FIELDS = ("load", "flow", "hidden", "dtype")
+
+
+def _scalar(value):
+    """A 0-d array (from .npz) or a JSON value -> a Python scalar; other shapes pass through to be refused."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _as_counts(values: object, name: str, ndim: int) -> np.ndarray:
