@@ -165,3 +165,62 @@ def test_place_refuses_a_bad_profile_before_solving_and_writes_nothing(tmp_path,
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_prices_of_the_h100_preset():
+    hop, node = cost.prices(cost.PRESETS["h100"])
+    assert hop == pytest.approx(0.253, abs=0.002) and node == pytest.approx(2.28 - 0.253, abs=0.02)
+    # a network faster than NVLink would make a node hop no dearer than a GPU hop, never a gain
+    assert cost.prices(cost.Hardware(network_bw=900e9))[1] == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_time_objective_is_never_slower_than_greedy_and_keeps_the_caps(seed):
+    from moecompile.placement import place
+    from moecompile.placement.metrics import gpu_loads
+    from moecompile.placement.synthetic import synthetic_trace
+    trace = synthetic_trace(4, 16, top_k=2, num_tokens=800, skew=0.5, affinity=0.5 + 0.2 * seed, seed=seed)
+    greedy = place(trace, 8, 2, 8)
+    plan = place(trace, 8, 2, 8, solver="ilp", time_limit=1.5)
+    assert plan.solver["objective_kind"] == "time"
+    assert plan.solver["layer_ms"] <= plan.solver["greedy_layer_ms"]
+    hw = cost.hardware("h100", trace=trace)
+    want = cost.predict(plan.phy2log, trace.load, trace.flow, 8, 2, hw)["layer_ms"]
+    assert plan.solver["layer_ms"] == pytest.approx(want)  # the exact model, not the search's prices
+    caps = gpu_loads(greedy.phy2log, trace.load, 8).max(axis=1)
+    assert np.all(gpu_loads(plan.phy2log, trace.load, 8).max(axis=1) <= caps * (1 + 1e-9))
+
+
+def test_max_imbalance_trades_balance_for_traffic_within_the_bound():
+    from moecompile.placement import place
+    from moecompile.placement.synthetic import synthetic_trace
+    trace = synthetic_trace(4, 32, top_k=4, num_tokens=2000, skew=0.3, affinity=0.9, seed=4)
+    tight = place(trace, 8, 2, 8, solver="ilp", time_limit=1.5, objective="hops")
+    loose = place(trace, 8, 2, 8, solver="ilp", time_limit=1.5, objective="hops", max_imbalance=1.25)
+    assert max(loose.metrics["imbalance"]) <= 1.25 + 1e-9
+    assert max(loose.metrics["imbalance"]) > max(tight.metrics["imbalance"])  # the room was used
+    assert loose.metrics["cross_gpu_fraction"] < tight.metrics["cross_gpu_fraction"]
+    for bad in (0.9, float("nan"), True):
+        with pytest.raises(UserInputError, match="max imbalance must be a number >= 1"):
+            place(trace, 8, 2, 8, max_imbalance=bad)
+    with pytest.raises(UserInputError, match="unknown objective 'latency'"):
+        place(trace, 8, 2, 8, objective="latency")
+
+
+def test_a_search_result_slower_than_greedy_is_not_returned(monkeypatch):
+    """The search's prices are an average; the exact model has the last word. With caps loose
+    enough for any plan (max_imbalance 2), a start that is fast (a solved plan posing as greedy's)
+    and a search that returns a slower plan (the real greedy's), the start comes back."""
+    from moecompile.placement import place, solve
+    from moecompile.placement.synthetic import synthetic_trace
+    trace = synthetic_trace(4, 16, top_k=2, num_tokens=800, skew=0.5, affinity=0.7, seed=0)
+    slow_plan = place(trace, 8, 2, 8).phy2log
+    fast_plan = place(trace, 8, 2, 8, solver="ilp", time_limit=1.5).phy2log
+    hw = cost.hardware("h100", trace=trace)
+    ms = [cost.predict(p, trace.load, trace.flow, 8, 2, hw)["layer_ms"] for p in (slow_plan, fast_plan)]
+    assert ms[1] < ms[0]
+    monkeypatch.setattr(solve, "greedy_phy2log", lambda *a: fast_plan.copy())
+    monkeypatch.setattr(solve, "solve_ilp", lambda problem, start, deadline, progress: (slow_plan.copy(), {}))
+    monkeypatch.setattr(solve, "block_start", lambda *a: None)
+    plan = place(trace, 8, 2, 8, solver="ilp", time_limit=1.0, max_imbalance=2.0)
+    assert plan.solver["source"] == "greedy" and np.array_equal(plan.phy2log, fast_plan)

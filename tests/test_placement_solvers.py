@@ -9,10 +9,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moecompile.errors import UserInputError
-from moecompile.placement import Plan, RoutingTrace, evaluate, place
+from moecompile.placement import Plan, RoutingTrace, evaluate
+from moecompile.placement import solve as _solve
 from moecompile.placement.metrics import gpu_loads
 from moecompile.placement.plan import presence
 from moecompile.placement.synthetic import synthetic_trace
+
+
+def place(*args, **kwargs):
+    """The solvers on the hop objective, which these tests check (test_placement_cost.py: time)."""
+    return _solve.place(*args, **{"objective": "hops", **kwargs})
 
 
 def assert_valid(plan, trace, num_gpus, num_nodes, redundant):

@@ -21,7 +21,7 @@ from ..files import check_output
 from . import cost
 from .metrics import evaluate
 from .plan import Plan, load_plan, save_plan
-from .solve import SOLVERS, place
+from .solve import OBJECTIVES, SOLVERS, place
 from .trace import load_trace
 
 _PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -52,6 +52,12 @@ def register(subparsers) -> None:
     p.add_argument("--memory-cap", type=int, metavar="SLOTS", help="most expert slots a GPU holds per layer")
     p.add_argument("--groups", type=int, metavar="K",
                    help="expert groups of a group-limited router; greedy then packs groups by node")
+    p.add_argument("--objective", choices=OBJECTIVES, default="time",
+                   help="what the ilp solver minimizes: time, the layer-time model on the hardware profile "
+                        "(default), or hops, (imbalance - 1) + cross-GPU + cross-node hop fractions")
+    p.add_argument("--max-imbalance", type=float, metavar="X",
+                   help="let each layer's largest GPU load reach X times the mean (default: greedy's "
+                        "balance) to trade balance for traffic")
     p.add_argument("--out", metavar="PLAN", help="write the plan as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw per-GPU load per layer and the GPU traffic matrix")
     p.add_argument("--evaluate", metavar="PLAN", help="score an existing plan on TRACE instead of solving")
@@ -109,7 +115,8 @@ def run_place(args: argparse.Namespace) -> int:
                        num_groups=args.groups)
         plan = place(trace, args.gpus, args.nodes, args.redundant, solver=args.solver, time_limit=args.time_limit,
                      previous=previous, memory_cap=args.memory_cap, progress=_progress, num_groups=args.groups,
-                     max_moves=args.max_moves, move_cost=args.move_cost)
+                     max_moves=args.max_moves, move_cost=args.move_cost, objective=args.objective, hardware=hw,
+                     max_imbalance=args.max_imbalance)
     plan = _with_prediction(plan, trace, hw)
     greedy = _with_prediction(greedy, trace, hw) if greedy is not None else None
     # 3. outputs, each written atomically
@@ -158,6 +165,10 @@ def format_table(plan: Plan, greedy: Plan | None, evaluated: bool = False) -> st
     if not evaluated and plan.solver.get("name") == "ilp":
         gap = plan.solver.get("gap")
         gap_text = "unknown" if gap is None else (f"{gap:.1%}" if gap < 10 else "over 1000%")
+        prices = plan.solver.get("prices", {})
+        notes.append(f"objective {plan.solver.get('objective_kind', 'hops')}: the search prices a point of cross-GPU "
+                     f"hops at {prices.get('hop', 1.0):.3g} and of cross-node hops at {prices.get('node', 1.0):.3g} more, "
+                     f"a point of imbalance at 1" + ("; the layer-time model picks the plan" if plan.solver.get("objective_kind") == "time" else ""))
         notes.append(f"ilp: {plan.solver.get('method')}, gap {gap_text}"
                      + ("; kept the greedy plan (no better one found)" if plan.solver.get("source") == "greedy" else "")
                      + ("; kept the previous plan" if plan.solver.get("source") == "previous" else ""))

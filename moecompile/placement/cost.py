@@ -116,6 +116,18 @@ def _read_profile(path: str) -> dict:
     return data
 
 
+def prices(hw: Hardware) -> tuple[float, float]:
+    """(hop_cost, node_cost) of the solvers' linear objective that prices hops as this model does on
+    average: a layer's time is about C * imbalance + A * (cross_gpu - cross_node) + B * cross_node,
+    with C the mean GPU's compute, A (B) the time for all its routings to cross NVLink (the network);
+    divided by C, (imbalance - 1) + A / C * cross_gpu + (B - A) / C * cross_node plus a constant.
+    The busiest GPU's traffic is left to the exact model, which picks the plan at the end."""
+    compute = hw.flops_per_routing / hw.flops
+    nvlink = hw.bytes_per_routing / hw.nvlink_bw
+    network = hw.bytes_per_routing / hw.network_bw
+    return nvlink / compute, max(network - nvlink, 0.0) / compute
+
+
 def layer_times(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_gpus: int,
                 num_nodes: int, hw: Hardware) -> dict:
     """(L,) seconds per layer: {"compute", "comm", "time"} float64 arrays (see the module docstring)."""

@@ -67,15 +67,20 @@ class Problem:
     previous: np.ndarray | None = None  # (L, S) int64 phy2log of the plan in service
     move_cost: float = 0.0  # objective per moved slot share (moves / (L * S))
     max_moves: int | None = None  # per layer
+    # objective = (imbalance_mean - 1) + hop_cost * cross_gpu_fraction + node_cost * cross_node_fraction:
+    # 1 and NODE_WEIGHT for --objective hops, the layer-time model's prices for --objective time
+    hop_cost: float = 1.0
+    node_cost: float = NODE_WEIGHT
 
     @property
     def hop_weight(self) -> float:
         total = 0.0 if self.flow is None else float(self.flow.sum())
-        return 1.0 / total if total > 0 else 0.0
+        return self.hop_cost / total if total > 0 else 0.0
 
     @property
     def node_weight(self) -> float:
-        return NODE_WEIGHT if self.num_nodes > 1 else 0.0
+        """Weight of a hop that stays on its node, relative to one that stays on its GPU."""
+        return self.node_cost / self.hop_cost if self.num_nodes > 1 else 0.0
 
 
 def within_caps(problem: Problem, phy2log: np.ndarray) -> bool:
@@ -87,7 +92,8 @@ def total_objective(problem: Problem, phy2log: np.ndarray) -> tuple[float, dict,
     """(objective incl. move cost, metrics, moves) of a full (L, S) phy2log."""
     metrics = score(phy2log, problem.load, problem.flow, problem.num_gpus, problem.num_nodes)
     moves = count_moves(problem, phy2log)
-    return metrics["objective"] + problem.move_cost * moves / phy2log.size, metrics, moves
+    hops = problem.hop_cost * (metrics["cross_gpu_fraction"] or 0.0) + problem.node_cost * (metrics["cross_node_fraction"] or 0.0)
+    return metrics["imbalance_mean"] - 1.0 + hops + problem.move_cost * moves / phy2log.size, metrics, moves
 
 
 def count_moves(problem: Problem, phy2log: np.ndarray) -> int:

@@ -9,20 +9,23 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserInputError
+from . import cost
 from .blocks import block_start
 from .decompose import Problem, monolithic, solve_ilp, total_objective, within_caps
 from .greedy import greedy_phy2log
-from .metrics import gpu_loads
+from .metrics import NODE_WEIGHT, gpu_loads
 from .plan import MAX_SLOTS, Plan, check_topology, presence
 from .trace import RoutingTrace, normalized
 
 SOLVERS = ("greedy", "ilp")
+OBJECTIVES = ("time", "hops")
 
 
 def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int = 0, solver: str = "greedy",
           time_limit: float = 60.0, previous: Plan | None = None, memory_cap: int | None = None,
           progress: Callable[[str], None] | None = None, *, num_groups: int | None = None,
-          max_moves: int | None = None, move_cost: float = 0.0) -> Plan:
+          max_moves: int | None = None, move_cost: float = 0.0, objective: str = "time",
+          hardware: cost.Hardware | None = None, max_imbalance: float | None = None) -> Plan:
     """Place E experts plus `redundant` replicas on `num_gpus` GPUs for every layer of `trace`.
 
     solver      "greedy" (balanced packing, fast) or "ilp" (greedy, then the ILP within `time_limit`
@@ -32,12 +35,25 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
     memory_cap  most expert slots one GPU can hold per layer
     num_groups  contiguous expert groups of a group-limited router: greedy packs groups by node
     progress    called with one line of text as a long solve advances
+    objective   "time": the layer time of cost.py on `hardware` (default: the h100 preset with the
+                trace's H and dtype); the search prices hops by cost.prices and the exact model
+                picks between the found plan and the start. "hops": (imbalance_mean - 1) +
+                cross_gpu_fraction + NODE_WEIGHT * cross_node_fraction, as metrics.objective
+    max_imbalance  each layer's largest GPU load may reach this times the layer's mean GPU load
+                (default: greedy's largest, the tightest balance it reaches; never below it)
     Raises UserInputError for inconsistent or impossible inputs.
     """
     t0 = time.perf_counter()
     # 1. check the request
     spg = _check_request(trace, num_gpus, num_nodes, redundant, solver, time_limit, memory_cap, num_groups)
     _check_previous(trace, num_gpus, spg, solver, previous, max_moves, move_cost)
+    if objective not in OBJECTIVES:
+        raise UserInputError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if max_imbalance is not None and (isinstance(max_imbalance, bool) or not isinstance(max_imbalance, (int, float))
+                                      or not math.isfinite(max_imbalance) or max_imbalance < 1.0):
+        raise UserInputError(f"max imbalance must be a number >= 1 (largest GPU load / mean), got {max_imbalance!r}")
+    hw = hardware if hardware is not None else cost.hardware("h100", trace=trace)
+    hop_cost, node_cost = cost.prices(hw) if objective == "time" else (1.0, NODE_WEIGHT)
     trace = normalized(trace)  # counts near 1 whatever the trace's scale; every metric is unchanged
     # 2. greedy: the baseline, the warm start, and the balance every layer must keep
     greedy = greedy_phy2log(trace.load, num_gpus, spg, num_nodes, num_groups)  # (L, S)
@@ -45,10 +61,25 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
     prev = None if previous is None else previous.phy2log
     if prev is not None:  # the plan in service must stay a feasible start
         cap = np.maximum(cap, gpu_loads(prev, trace.load, num_gpus).max(axis=1))
+    if max_imbalance is not None:  # balance traded for traffic, explicitly
+        cap = np.maximum(cap, max_imbalance * trace.load.sum(axis=1) / num_gpus)
     problem = Problem(load=trace.load, flow=trace.flow, num_gpus=num_gpus, num_nodes=num_nodes,
-                      cap=cap * (1 + 1e-12), previous=prev, move_cost=move_cost, max_moves=max_moves)
+                      cap=cap * (1 + 1e-12), previous=prev, move_cost=move_cost, max_moves=max_moves,
+                      hop_cost=hop_cost, node_cost=node_cost)
+
+    def layer_ms(phy2log: np.ndarray) -> float:
+        return cost.predict(phy2log, trace.load, trace.flow, num_gpus, num_nodes, hw)["layer_ms"]
+
+    def better(found: np.ndarray, than: np.ndarray) -> bool:
+        """Strictly better on the objective: the exact layer time for "time" (the search's linear
+        prices are its average), the search's objective for "hops"."""
+        if objective == "time":
+            return layer_ms(found) < layer_ms(than) * (1 - 1e-9)
+        return total_objective(problem, found)[0] < total_objective(problem, than)[0]
+
     greedy_obj = total_objective(problem, greedy)[0]
-    info = {"name": solver, "greedy_objective": greedy_obj, "gap": None}
+    info = {"name": solver, "objective_kind": objective, "greedy_objective": greedy_obj, "gap": None,
+            "prices": {"hop": hop_cost, "node": node_cost}, "greedy_layer_ms": layer_ms(greedy)}
     best, source = greedy, "greedy"
     # 3. the ILP, from the better feasible start
     if solver == "ilp":
@@ -57,7 +88,7 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
             starts.append((greedy_obj, greedy, "greedy"))
         if prev is not None:
             starts.append((total_objective(problem, prev)[0], prev, "previous"))
-        _, start, source = min(starts, key=lambda c: c[0])
+        _, start, source = min(starts, key=lambda c: layer_ms(c[1]) if objective == "time" else c[0])
         deadline = t0 + time_limit - min(2.0, 0.1 * time_limit)  # room to score and write the plan
         search_from, origin = start, source
         if prev is None and trace.flow is not None and not monolithic(problem, greedy):
@@ -70,13 +101,13 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
                      f"{max(deadline - time.perf_counter(), 0):.0f} s")
         found, solve_info = solve_ilp(problem, search_from, deadline, progress)
         info.update(solve_info, start=origin)
-        if within_caps(problem, found) and total_objective(problem, found)[0] < total_objective(problem, start)[0]:
+        if within_caps(problem, found) and better(found, start):
             best, source = found, "ilp"
         else:
             best = start
     # 4. the plan, scored the same way for every solver
-    objective, metrics, moves = total_objective(problem, best)
-    info.update(source=source, objective=objective, seconds=round(time.perf_counter() - t0, 3))
+    value, metrics, moves = total_objective(problem, best)
+    info.update(source=source, objective=value, layer_ms=layer_ms(best), seconds=round(time.perf_counter() - t0, 3))
     if prev is not None:
         info["moved"] = moves
     return Plan(num_gpus=num_gpus, num_nodes=num_nodes, num_experts=trace.num_experts, slots_per_gpu=spg,
