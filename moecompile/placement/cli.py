@@ -172,6 +172,11 @@ def format_table(plan: Plan, greedy: Plan | None, evaluated: bool = False) -> st
         notes.append(f"ilp: {plan.solver.get('method')}, gap {gap_text}"
                      + ("; kept the greedy plan (no better one found)" if plan.solver.get("source") == "greedy" else "")
                      + ("; kept the previous plan" if plan.solver.get("source") == "previous" else ""))
+    starts = plan.solver.get("starts") if not evaluated else None
+    if starts:
+        notes.append("searched from: " + ", ".join(
+            f"{origin} {s['layer_ms']:.3f} ms" + ("" if s["within_caps"] else " (over the caps)")
+            for origin, s in starts.items()) + f"; kept: {plan.solver.get('start', 'none') if plan.solver.get('source') == 'ilp' else plan.solver.get('source')}")
     if "moved" in plan.solver and not evaluated:
         notes.append(f"moved replicas vs previous plan: {plan.solver['moved']}")
     return "\n".join(lines + notes)

@@ -19,6 +19,9 @@ from .trace import RoutingTrace, normalized
 
 SOLVERS = ("greedy", "ilp")
 OBJECTIVES = ("time", "hops")
+# Starts are searched in parallel processes (one per start, up to the cores) when at least this much
+# time is left: a spawned process needs ~3 s to import what the search needs.
+PARALLEL_MIN_SECONDS = 10.0
 
 
 def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int = 0, solver: str = "greedy",
@@ -90,17 +93,24 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
             starts.append((total_objective(problem, prev)[0], prev, "previous"))
         _, start, source = min(starts, key=lambda c: layer_ms(c[1]) if objective == "time" else c[0])
         deadline = t0 + time_limit - min(2.0, 0.1 * time_limit)  # room to score and write the plan
-        search_from, origin = start, source
+        searches = {source: start}  # the best feasible start, and where the search may also begin
         if prev is None and trace.flow is not None and not monolithic(problem, greedy):
-            # co-routed experts gathered from the start; the search brings it under the caps
+            # co-routed experts gathered from the start (not balanced: the search brings it under
+            # the caps, or fails to, which is why it is not the only start)
             blocks = block_start(trace.load, trace.flow, num_gpus, spg)
             if blocks is not None:
-                search_from, origin = blocks, "block"
-        if progress:
-            progress(f"ilp from the {origin} plan (objective {total_objective(problem, search_from)[0]:.4f}), "
-                     f"{max(deadline - time.perf_counter(), 0):.0f} s")
-        found, solve_info = solve_ilp(problem, search_from, deadline, progress)
-        info.update(solve_info, start=origin)
+                searches = {"block": blocks, **searches}
+        results = _search_all(problem, searches, deadline, progress)
+        info["starts"] = {origin: {"within_caps": within_caps(problem, found), "layer_ms": layer_ms(found),
+                                   "objective": total_objective(problem, found)[0]}
+                          for origin, (found, _) in results.items()}
+        winner = next(iter(results))  # the search whose plan within every cap is best
+        for origin, (found, _) in results.items():
+            if within_caps(problem, found) and (not within_caps(problem, results[winner][0])
+                                                or better(found, results[winner][0])):
+                winner = origin
+        found, solve_info = results[winner]
+        info.update(solve_info, start=winner)
         if within_caps(problem, found) and better(found, start):
             best, source = found, "ilp"
         else:
@@ -112,6 +122,44 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
         info["moved"] = moves
     return Plan(num_gpus=num_gpus, num_nodes=num_nodes, num_experts=trace.num_experts, slots_per_gpu=spg,
                 phy2log=best, metrics=metrics, solver=info)
+
+
+def _search_all(problem: Problem, searches: dict, deadline: float,
+                progress: Callable[[str], None] | None) -> dict:
+    """{origin: (plan, solver info)} of the ILP search from each start: in parallel processes while
+    there is time for them and a core for each, else one after the other on shares of the time."""
+    import os
+
+    remaining = deadline - time.perf_counter()
+    say = progress or (lambda _msg: None)
+    for origin, begin in searches.items():
+        say(f"ilp from the {origin} plan (objective {total_objective(problem, begin)[0]:.4f})")
+    if len(searches) > 1 and remaining >= PARALLEL_MIN_SECONDS and (os.cpu_count() or 1) >= 2:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        say(f"{len(searches)} starts in parallel processes, {remaining:.0f} s")
+        wall_deadline = time.time() + remaining
+        workers = min(len(searches), os.cpu_count() or 1)
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {origin: pool.submit(_search_until, problem, begin, wall_deadline)
+                           for origin, begin in searches.items()}
+                return {origin: f.result() for origin, f in futures.items()}
+        except (OSError, RuntimeError) as err:  # no processes here (a sandbox): one after the other
+            say(f"parallel starts unavailable ({err}); searching them in turn")
+            remaining = deadline - time.perf_counter()
+    results = {}
+    for i, (origin, begin) in enumerate(searches.items()):
+        share = (deadline - time.perf_counter()) / (len(searches) - i)
+        say(f"searching from the {origin} plan, {max(share, 0):.0f} s")
+        results[origin] = solve_ilp(problem, begin, time.perf_counter() + share, progress)
+    return results
+
+
+def _search_until(problem: Problem, begin: np.ndarray, wall_deadline: float) -> tuple[np.ndarray, dict]:
+    """solve_ilp in a worker process, to a deadline given in wall-clock time."""
+    return solve_ilp(problem, begin, time.perf_counter() + (wall_deadline - time.time()), None)
 
 
 def _check_request(trace: RoutingTrace, num_gpus: int, num_nodes: int, redundant: int, solver: str,
