@@ -252,3 +252,43 @@ def test_starts_run_in_parallel_processes_with_enough_time(monkeypatch):
 def _small(seed, affinity):
     from moecompile.placement.synthetic import synthetic_trace
     return synthetic_trace(4, 16, top_k=2, num_tokens=800, skew=0.5, affinity=affinity, seed=seed)
+
+
+def test_chain_traces_count_every_pair_and_follow_chains_per_slot():
+    from moecompile.placement.synthetic import chain_trace
+    trace = chain_trace(5, 16, top_k=4, num_tokens=600, skew=0.8, affinity=0.6, seed=2)
+    np.testing.assert_allclose(trace.load.sum(axis=1), 600 * 4)  # K distinct picks a token
+    np.testing.assert_allclose(trace.flow.sum(axis=2), 4 * trace.load[:-1])  # all K*K pairs
+    np.testing.assert_allclose(trace.flow.sum(axis=1), 4 * trace.load[1:])
+    chained = chain_trace(3, 16, top_k=4, num_tokens=600, affinity=1.0, vary=0.0, seed=2)
+    # every pick follows its slot's chain: an expert's tokens all go on to its successor
+    np.testing.assert_allclose(chained.flow.max(axis=2), chained.load[:-1])
+    # at affinity 0 (uniform popularity) an expert's tokens spread over the next layer's experts
+    loose = chain_trace(3, 16, top_k=4, num_tokens=600, skew=0.0, affinity=0.0, vary=0.0, seed=2)
+    assert loose.flow.max(axis=2).sum() < 0.5 * loose.load[:-1].sum()
+
+
+def test_bounds_by_hand_and_below_every_plan():
+    """E = 2 on 2 GPUs, one slot each: of each expert's flow at most its largest entry stays, 6 of 8."""
+    flow = np.array([[[3.0, 1.0], [1.0, 3.0]]])
+    load = np.array([[4.0, 4.0], [4.0, 4.0]])
+    b = cost.bounds(load, flow, 2, 1, 1, UNIT)
+    assert b["cross_gpu"] == pytest.approx(0.25) and b["cross_node"] == pytest.approx(0.0)
+    # identity placement reaches it: its traffic is the bound's (compute 2 s a layer; layer 0: half
+    # of each GPU's 2 routings come from the other GPU, layer 1: a quarter)
+    t = cost.layer_times(np.array([[0, 1], [0, 1]]), load, flow, 2, 1, UNIT)
+    assert b["layer_ms"] == pytest.approx(t["time"].mean() * 1e3)
+    from moecompile.placement import place
+    from moecompile.placement.synthetic import chain_trace
+    trace = chain_trace(4, 32, top_k=4, num_tokens=1500, skew=0.5, affinity=0.7, seed=5)
+    hw = cost.hardware("h100", trace=trace)
+    bound = cost.bounds(trace.load, trace.flow, 8, 2, 5, hw)
+    rng = np.random.default_rng(1)
+    plans = [place(trace, 8, 2, 8).phy2log, place(trace, 8, 2, 8, solver="ilp", time_limit=1.0).phy2log]
+    plans += [np.stack([rng.permutation(40) % 32 for _ in range(4)]) for _ in range(5)]
+    from moecompile.placement.metrics import score
+    for phy2log in plans:
+        m = score(phy2log, trace.load, trace.flow, 8, 2)
+        assert m["cross_gpu_fraction"] >= bound["cross_gpu"] - 1e-12
+        assert m["cross_node_fraction"] >= bound["cross_node"] - 1e-12
+        assert cost.predict(phy2log, trace.load, trace.flow, 8, 2, hw)["layer_ms"] >= bound["layer_ms"] - 1e-9

@@ -179,3 +179,42 @@ def predict(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_
     t = layer_times(phy2log, load, flow, num_gpus, num_nodes, hw)
     return {"layer_ms": float(t["time"].mean() * 1e3), "compute_ms": float(t["compute"].mean() * 1e3),
             "comm_ms": float(t["comm"].mean() * 1e3), "overlap": hw.overlap}
+
+
+def bounds(load: np.ndarray, flow: np.ndarray | None, num_gpus: int, num_nodes: int, slots_per_gpu: int,
+           hw: Hardware) -> dict:
+    """Lower bounds that hold for every plan, cheap to compute:
+
+        cross_gpu   a GPU holds at most slots_per_gpu experts of layer l+1, so of the flow out of
+                    expert e at most its slots_per_gpu largest entries stay on e's GPU(s)
+                    (a replica's share of them, summed over the replicas): cross >= 1 - sum_e
+                    top_spg(flow[l, e]) / total
+        cross_node  the same with slots_per_gpu x GPUs per node
+        layer_ms    the mean GPU's compute (imbalance 1) plus, per layer, the mean GPU's traffic at
+                    those hop bounds (the first layer's tokens start spread evenly, so (G/N - 1) / G
+                    of its routings cross NVLink and (N - 1) / N the network, whatever the plan);
+                    with overlap, the larger of the two
+    """
+    per_node = num_gpus // num_nodes
+    out = {"cross_gpu": None, "cross_node": None}
+    nvlink, network = hw.bytes_per_routing / hw.nvlink_bw, hw.bytes_per_routing / hw.network_bw
+    compute = hw.routings_per_gpu * hw.flops_per_routing / hw.flops
+    comm = [hw.routings_per_gpu * (nvlink * (per_node - 1) / num_gpus + network * (num_nodes - 1) / num_nodes)]
+    if flow is not None and flow.size:
+        total = flow.sum(axis=(1, 2))  # (L-1,)
+        kept = {}
+        for name, size in (("cross_gpu", slots_per_gpu), ("cross_node", slots_per_gpu * per_node)):
+            size = min(size, flow.shape[2])
+            top = -np.partition(-flow, size - 1, axis=2)[:, :, :size]  # (L-1, E, size)
+            kept[name] = top.sum(axis=(1, 2))  # (L-1,) at most this much stays
+            out[name] = 1.0 - float(kept[name].sum()) / float(total.sum()) if total.sum() > 0 else 0.0
+        safe = np.where(total > 0, total, 1.0)
+        x_gpu = np.where(total > 0, 1.0 - kept["cross_gpu"] / safe, 0.0)
+        x_node = np.where(total > 0, 1.0 - kept["cross_node"] / safe, 0.0)
+        comm += list(hw.routings_per_gpu * (nvlink * (x_gpu - x_node) + network * x_node))
+    else:
+        comm += [0.0] * (load.shape[0] - 1)
+    comm = np.asarray(comm)
+    time = np.maximum(compute, comm) if hw.overlap else compute + comm
+    out["layer_ms"] = float(time.mean() * 1e3)
+    return out

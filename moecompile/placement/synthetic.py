@@ -73,3 +73,58 @@ def _top_k_sorted(score: np.ndarray, k: int) -> np.ndarray:
     top = np.argpartition(-score, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(score, top, axis=1), axis=1)
     return np.take_along_axis(top, order, axis=1)
+
+
+def chain_trace(num_layers: int, num_experts: int, top_k: int = 8, num_tokens: int = 8192, skew: float = 1.0,
+                affinity: float = 0.8, seed: int = 0, vary: float = 0.2) -> RoutingTrace:
+    """A trace of another kind than `synthetic_trace`: per-slot affinity chains.
+
+        - Expert popularity is Zipf (p ~ 1 / rank^skew) over a fresh random order in every layer.
+        - Between layers l and l+1 every expert e has one successor succ_l(e) (a random permutation).
+        - In layer 0 a token picks K distinct experts by popularity. In layer l+1 its pick in slot k
+          is, with probability a_l, the successor of its slot-k pick in layer l; otherwise (or if
+          that expert is already taken) an expert drawn by popularity.
+        - a_l varies by layer: affinity + vary * u_l with u_l uniform in [-1, 1], clipped to [0, 1].
+
+    The flow counts all K*K (pick in l, pick in l+1) pairs of each token, and only the K same-slot
+    pairs carry affinity: most of the flow is unstructured, as in the traces of real routers where a
+    token's k-th expert in one layer predicts its k-th (not its k2-th) in the next.
+    """
+    assert num_layers >= 1 and 1 <= top_k <= num_experts, (num_experts, top_k)
+    assert num_tokens >= 1 and skew >= 0 and 0.0 <= affinity <= 1.0 and vary >= 0, (num_tokens, skew, affinity, vary)
+    rng = np.random.default_rng(seed)
+    load = np.zeros((num_layers, num_experts))
+    flow = np.zeros((max(num_layers - 1, 0), num_experts, num_experts))
+    rank_p = 1.0 / np.arange(1, num_experts + 1) ** skew
+    prev = None
+    for layer in range(num_layers):
+        log_pop = np.log(rank_p[rng.permutation(num_experts)] / rank_p.sum())  # (E,)
+        score = log_pop[None, :] + rng.gumbel(size=(num_tokens, num_experts))  # (T, E)
+        by_popularity = _top_k_sorted(score, top_k)  # (T, K) distinct
+        if prev is None:
+            chosen = by_popularity
+        else:
+            succ = rng.permutation(num_experts)
+            a = float(np.clip(affinity + vary * rng.uniform(-1.0, 1.0), 0.0, 1.0))
+            follow = rng.random((num_tokens, top_k)) < a
+            chosen = _fill_distinct(np.where(follow, succ[prev], -1), score, top_k)
+        load[layer] = np.bincount(chosen.ravel(), minlength=num_experts)
+        if prev is not None:
+            pairs = prev[:, :, None] * num_experts + chosen[:, None, :]  # (T, K, K)
+            flow[layer - 1] = np.bincount(pairs.ravel(), minlength=num_experts**2).reshape(num_experts, num_experts)
+        prev = chosen
+    return RoutingTrace(load=load, flow=flow if num_layers > 1 else None)
+
+
+def _fill_distinct(wanted: np.ndarray, score: np.ndarray, top_k: int) -> np.ndarray:
+    """(T, K) experts wanted per slot (-1: none) -> (T, K) distinct experts: the wanted ones (the
+    successors are a permutation of distinct picks, so they never collide), the free slots filled
+    by the best-scored experts not yet taken, in slot order."""
+    num_tokens, num_experts = score.shape
+    taken = np.zeros((num_tokens, num_experts), dtype=bool)
+    rows, cols = np.nonzero(wanted >= 0)
+    taken[rows, wanted[rows, cols]] = True
+    fill = _top_k_sorted(np.where(taken, -np.inf, score), top_k)  # (T, K) best free experts
+    free = wanted < 0  # (T, K)
+    order = np.cumsum(free, axis=1) - 1  # the i-th free slot takes the i-th best free expert
+    return np.where(free, np.take_along_axis(fill, np.clip(order, 0, top_k - 1), axis=1), wanted)
