@@ -4,6 +4,17 @@ and on any recorded traces.
     python benchmarks/bench_placement.py                      # synthetic suite, 60 s per ILP solve
     python benchmarks/bench_placement.py --quick              # smaller, for a smoke run
     python benchmarks/bench_placement.py --trace a.npz b.npz  # recorded traces (moecompile trace)
+    python benchmarks/bench_placement.py --grid --sizes DeepSeek-V3 --gpus 64 --generators topic chain \
+        --seeds 0 1 2 --affinities 0.5 0.7                    # the layer-time grid (below)
+
+--grid: greedy vs the ILP (objective time, h100 preset) on every size x GPU count x generator
+(`topic`: synthetic_trace; `chain`: chain_trace, per-slot chains with all K*K pairs counted) x
+seed x affinity; per row the predicted layer time of both and the cut, imbalance, the hop
+fractions with their lower bounds (cost.bounds) and which start the kept plan came from. Rows are
+printed and the JSON rewritten as each finishes; a plot of the time cut against affinity per
+generator goes beside the JSON. The targets it checks (DeepSeek-V3, G = 64, N = 8, R = 64): at
+affinity 0.7, predicted layer time >= 5% below greedy's, mean imbalance no worse, cross-node hops
+<= 0.90 x greedy's; at affinity 0.5, every plan strictly faster than greedy's.
 
 Synthetic traces come from `moecompile.placement.synthetic.synthetic_trace`: tokens with a
 Zipf-popular topic (exponent `skew`), per layer disjoint topic sets of K experts shuffled
@@ -29,8 +40,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from moecompile.placement import load_trace, place  # noqa: E402
-from moecompile.placement.synthetic import synthetic_trace  # noqa: E402
+from moecompile.placement import cost, load_trace, place  # noqa: E402
+from moecompile.placement.synthetic import chain_trace, synthetic_trace  # noqa: E402
 
 # (name, layers, experts, top_k, [(gpus, nodes, redundant), ...])
 SIZES = [
@@ -52,7 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the affinity sweep")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/placement_<kind>.json)")
     parser.add_argument("--date", default=datetime.date.today().isoformat(), help="date recorded in the JSON")
+    parser.add_argument("--grid", action="store_true", help="the layer-time grid (see the module docstring)")
+    parser.add_argument("--sizes", nargs="+", default=[s[0] for s in SIZES], choices=[s[0] for s in SIZES])
+    parser.add_argument("--gpus", nargs="+", type=int, default=None, help="GPU counts of --grid (default: each size's)")
+    parser.add_argument("--generators", nargs="+", default=list(GENERATORS), choices=list(GENERATORS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--affinities", nargs="+", type=float, default=[0.0, 0.5, 0.7, 0.95])
     args = parser.parse_args(argv)
+    if args.grid:
+        return _grid(args)
     time_limit = 10.0 if args.quick and args.time_limit == 60.0 else args.time_limit
     runs = []
     if args.trace:
@@ -88,6 +107,133 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(out + ".tmp", out)
     print(f"wrote {out}")
     return 0
+
+
+GENERATORS = {"topic": synthetic_trace, "chain": chain_trace}
+
+
+def _grid(args) -> int:
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"placement_time_{args.date}.json")
+    result = {"date": args.date, "machine": _machine(), "time_limit_s": args.time_limit, "hardware": "h100",
+              "generator_defaults": {"num_tokens": GENERATOR["num_tokens"], "skew": GENERATOR["skew"]}, "rows": []}
+    print(_grid_head())
+    for name, layers, experts, top_k, configs in _sizes(args.quick):
+        if not args.quick and name not in args.sizes:
+            continue
+        for gpus, nodes, redundant in configs:
+            if args.gpus and gpus not in args.gpus:
+                continue
+            for generator in args.generators:
+                for affinity in args.affinities:
+                    for seed in args.seeds:
+                        trace = GENERATORS[generator](layers, experts, top_k, num_tokens=GENERATOR["num_tokens"],
+                                                      skew=GENERATOR["skew"], affinity=affinity, seed=seed)
+                        row = _grid_row(name, trace, gpus, nodes, redundant, args.time_limit,
+                                        dict(generator=generator, affinity=affinity, seed=seed))
+                        result["rows"].append(row)
+                        print(_grid_line(row), flush=True)
+                        result["targets"] = _grid_targets(result["rows"])
+                        _write(out, result)  # as it goes: a long grid keeps what it finished
+    for line in result["targets"]["lines"]:
+        print(line)
+    _grid_plot(result["rows"], out.removesuffix(".json") + ".png")
+    print(f"wrote {out}")
+    return 0
+
+
+def _grid_row(name, trace, gpus, nodes, redundant, time_limit, source) -> dict:
+    print(f"{name} G={gpus} {source}: ilp for {time_limit:g} s ...", file=sys.stderr, flush=True)
+    hw = cost.hardware("h100", trace=trace)
+    greedy = place(trace, gpus, nodes, redundant)
+    ilp = place(trace, gpus, nodes, redundant, solver="ilp", time_limit=time_limit, hardware=hw)
+    spg = (trace.num_experts + redundant) // gpus
+    bound = cost.bounds(trace.load, trace.flow, gpus, nodes, spg, hw)
+    g_ms, i_ms = ilp.solver["greedy_layer_ms"], ilp.solver["layer_ms"]
+    return {"name": name, "layers": trace.num_layers, "experts": trace.num_experts, "gpus": gpus, "nodes": nodes,
+            "redundant": redundant, "source": source, "greedy": {**_summary(greedy.metrics), "layer_ms": g_ms},
+            "ilp": {**_summary(ilp.metrics), "layer_ms": i_ms, "seconds": ilp.solver["seconds"],
+                    "kept": ilp.solver["source"], "start": ilp.solver.get("start"), "starts": ilp.solver.get("starts")},
+            "bound": bound, "time_cut": 1.0 - i_ms / g_ms}
+
+
+def _grid_head() -> str:
+    return (f"{'trace':14} {'G':>3} {'gen':5} {'aff':>4} {'seed':>4} {'greedy ms':>9} {'ilp ms':>8} {'bound':>7} "
+            f"{'cut':>6} {'imb g':>6} {'imb i':>6} {'x-GPU g/i/bound':>20} {'x-node g/i/bound':>20} {'kept':>12}")
+
+
+def _grid_line(r: dict) -> str:
+    g, i, b, s = r["greedy"], r["ilp"], r["bound"], r["source"]
+    kept = i["kept"] if i["kept"] != "ilp" else f"ilp/{i['start']}"
+    return (f"{r['name'][:14]:14} {r['gpus']:3} {s['generator']:5} {s['affinity']:4.2f} {s['seed']:4} "
+            f"{g['layer_ms']:9.3f} {i['layer_ms']:8.3f} {b['layer_ms']:7.3f} {r['time_cut']:6.1%} "
+            f"{g['imbalance_mean']:6.3f} {i['imbalance_mean']:6.3f} "
+            f"{_trio(g['cross_gpu_fraction'], i['cross_gpu_fraction'], b['cross_gpu']):>20} "
+            f"{_trio(g['cross_node_fraction'], i['cross_node_fraction'], b['cross_node']):>20} {kept:>12}")
+
+
+def _trio(*xs) -> str:
+    return "/".join("n/a" if x is None else f"{x:.1%}" for x in xs)
+
+
+def _grid_targets(rows: list[dict]) -> dict:
+    name, gpus, nodes, redundant = TARGET
+    at = [r for r in rows if (r["name"], r["gpus"], r["nodes"], r["redundant"]) == TARGET]
+    lines, checks = [f"targets ({name}, G={gpus}, N={nodes}, R={redundant}):"], {}
+    for generator in sorted({r["source"]["generator"] for r in at}):
+        mine = [r for r in at if r["source"]["generator"] == generator]
+        hi = [r for r in mine if r["source"]["affinity"] == 0.7]
+        if hi:
+            cut = min(r["time_cut"] for r in hi)
+            balance = all(r["ilp"]["imbalance_mean"] <= r["greedy"]["imbalance_mean"] + 1e-12 for r in hi)
+            node = max(r["ilp"]["cross_node_fraction"] / r["greedy"]["cross_node_fraction"] for r in hi)
+            ok = cut >= 0.05 and balance and node <= 0.90
+            checks[f"{generator}_0.7"] = {"min_time_cut": cut, "imbalance_no_worse": balance,
+                                          "max_cross_node_ratio": node, "met": ok, "seeds": len(hi)}
+            lines.append(f"  {generator}, affinity 0.7, {len(hi)} seed(s): time cut >= 5%: min {cut:.1%}; imbalance "
+                         f"no worse: {balance}; cross-node <= 0.90 x greedy: max {node:.3f} -> {'met' if ok else 'MISSED'}")
+        mid = [r for r in mine if r["source"]["affinity"] == 0.5]
+        if mid:
+            ok = all(r["ilp"]["layer_ms"] < r["greedy"]["layer_ms"] for r in mid)
+            checks[f"{generator}_0.5"] = {"all_strictly_better": ok, "seeds": len(mid)}
+            lines.append(f"  {generator}, affinity 0.5, {len(mid)} seed(s): every plan strictly faster than greedy "
+                         f"-> {'met' if ok else 'MISSED'}")
+    return {"lines": lines, "checks": checks}
+
+
+def _grid_plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (name, gpus, generator) in sorted({(r["name"], r["gpus"], r["source"]["generator"]) for r in rows}):
+        mine = [r for r in rows if (r["name"], r["gpus"], r["source"]["generator"]) == (name, gpus, generator)]
+        affs = sorted({r["source"]["affinity"] for r in mine})
+        cuts = [100 * sum(r["time_cut"] for r in mine if r["source"]["affinity"] == a) /
+                sum(1 for r in mine if r["source"]["affinity"] == a) for a in affs]
+        bound = [100 * sum(1 - r["bound"]["layer_ms"] / r["greedy"]["layer_ms"] for r in mine
+                           if r["source"]["affinity"] == a) / sum(1 for r in mine if r["source"]["affinity"] == a)
+                 for a in affs]
+        line, = ax.plot(affs, cuts, marker="o", label=f"{name} G={gpus} {generator}")
+        ax.plot(affs, bound, linestyle=":", color=line.get_color())
+    ax.set_xlabel("affinity")
+    ax.set_ylabel("predicted layer time below greedy (%)")
+    ax.set_title("ILP (objective time) vs greedy; dotted: the bound", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _sizes(quick: bool):
