@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generators", nargs="+", default=list(GENERATORS), choices=list(GENERATORS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--affinities", nargs="+", type=float, default=[0.0, 0.5, 0.7, 0.95])
+    parser.add_argument("--compare-hops", action="store_true",
+                        help="--grid: also solve with --objective hops (the plans before the time objective)")
     args = parser.parse_args(argv)
     if args.grid:
         return _grid(args)
@@ -130,7 +132,7 @@ def _grid(args) -> int:
                         trace = GENERATORS[generator](layers, experts, top_k, num_tokens=GENERATOR["num_tokens"],
                                                       skew=GENERATOR["skew"], affinity=affinity, seed=seed)
                         row = _grid_row(name, trace, gpus, nodes, redundant, args.time_limit,
-                                        dict(generator=generator, affinity=affinity, seed=seed))
+                                        dict(generator=generator, affinity=affinity, seed=seed), args.compare_hops)
                         result["rows"].append(row)
                         print(_grid_line(row), flush=True)
                         result["targets"] = _grid_targets(result["rows"])
@@ -142,7 +144,7 @@ def _grid(args) -> int:
     return 0
 
 
-def _grid_row(name, trace, gpus, nodes, redundant, time_limit, source) -> dict:
+def _grid_row(name, trace, gpus, nodes, redundant, time_limit, source, compare_hops=False) -> dict:
     print(f"{name} G={gpus} {source}: ilp for {time_limit:g} s ...", file=sys.stderr, flush=True)
     hw = cost.hardware("h100", trace=trace)
     greedy = place(trace, gpus, nodes, redundant)
@@ -150,7 +152,11 @@ def _grid_row(name, trace, gpus, nodes, redundant, time_limit, source) -> dict:
     spg = (trace.num_experts + redundant) // gpus
     bound = cost.bounds(trace.load, trace.flow, gpus, nodes, spg, hw)
     g_ms, i_ms = ilp.solver["greedy_layer_ms"], ilp.solver["layer_ms"]
-    return {"name": name, "layers": trace.num_layers, "experts": trace.num_experts, "gpus": gpus, "nodes": nodes,
+    hops = None
+    if compare_hops:
+        plan = place(trace, gpus, nodes, redundant, solver="ilp", time_limit=time_limit, hardware=hw, objective="hops")
+        hops = {**_summary(plan.metrics), "layer_ms": plan.solver["layer_ms"]}
+    return {"hops_ilp": hops, "name": name, "layers": trace.num_layers, "experts": trace.num_experts, "gpus": gpus, "nodes": nodes,
             "redundant": redundant, "source": source, "greedy": {**_summary(greedy.metrics), "layer_ms": g_ms},
             "ilp": {**_summary(ilp.metrics), "layer_ms": i_ms, "seconds": ilp.solver["seconds"],
                     "kept": ilp.solver["source"], "start": ilp.solver.get("start"), "starts": ilp.solver.get("starts")},
@@ -159,7 +165,8 @@ def _grid_row(name, trace, gpus, nodes, redundant, time_limit, source) -> dict:
 
 def _grid_head() -> str:
     return (f"{'trace':14} {'G':>3} {'gen':5} {'aff':>4} {'seed':>4} {'greedy ms':>9} {'ilp ms':>8} {'bound':>7} "
-            f"{'cut':>6} {'imb g':>6} {'imb i':>6} {'x-GPU g/i/bound':>20} {'x-node g/i/bound':>20} {'kept':>12}")
+            f"{'cut':>6} {'imb g':>6} {'imb i':>6} {'x-GPU g/i/bound':>20} {'x-node g/i/bound':>20} {'kept':>12} "
+            f"{'hops-ILP ms/x-GPU':>17}")
 
 
 def _grid_line(r: dict) -> str:
@@ -169,7 +176,8 @@ def _grid_line(r: dict) -> str:
             f"{g['layer_ms']:9.3f} {i['layer_ms']:8.3f} {b['layer_ms']:7.3f} {r['time_cut']:6.1%} "
             f"{g['imbalance_mean']:6.3f} {i['imbalance_mean']:6.3f} "
             f"{_trio(g['cross_gpu_fraction'], i['cross_gpu_fraction'], b['cross_gpu']):>20} "
-            f"{_trio(g['cross_node_fraction'], i['cross_node_fraction'], b['cross_node']):>20} {kept:>12}")
+            f"{_trio(g['cross_node_fraction'], i['cross_node_fraction'], b['cross_node']):>20} {kept:>12} "
+            + ("" if not r.get("hops_ilp") else f"{r['hops_ilp']['layer_ms']:8.3f}/{r['hops_ilp']['cross_gpu_fraction']:.1%}"))
 
 
 def _trio(*xs) -> str:
