@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generators", nargs="+", default=list(GENERATORS), choices=list(GENERATORS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--affinities", nargs="+", type=float, default=[0.0, 0.5, 0.7, 0.95])
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="--grid: no solves; merge the rows of these grid results into --out (table, targets, plot)")
     parser.add_argument("--compare-hops", action="store_true",
                         help="--grid: also solve with --objective hops (the plans before the time objective)")
     args = parser.parse_args(argv)
@@ -118,9 +120,18 @@ def _grid(args) -> int:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"placement_time_{args.date}.json")
     result = {"date": args.date, "machine": _machine(), "time_limit_s": args.time_limit, "hardware": "h100",
-              "generator_defaults": {"num_tokens": GENERATOR["num_tokens"], "skew": GENERATOR["skew"]}, "rows": []}
+              "generator_defaults": {"num_tokens": GENERATOR["num_tokens"], "skew": GENERATOR["skew"]}, "rows": [],
+              "targets": {"lines": [], "checks": {}}}
     print(_grid_head())
-    for name, layers, experts, top_k, configs in _sizes(args.quick):
+    if args.merge:
+        for path in args.merge:
+            with open(path) as f:
+                result["rows"] += json.load(f)["rows"]
+        for row in result["rows"]:
+            print(_grid_line(row))
+        result["targets"] = _grid_targets(result["rows"])
+        _write(out, result)
+    for name, layers, experts, top_k, configs in [] if args.merge else _sizes(args.quick):
         if not args.quick and name not in args.sizes:
             continue
         for gpus, nodes, redundant in configs:
@@ -227,7 +238,7 @@ def _grid_plot(rows: list[dict], path: str) -> None:
                            if r["source"]["affinity"] == a) / sum(1 for r in mine if r["source"]["affinity"] == a)
                  for a in affs]
         line, = ax.plot(affs, cuts, marker="o", label=f"{name} G={gpus} {generator}")
-        ax.plot(affs, bound, linestyle=":", color=line.get_color())
+        ax.plot(affs, bound, linestyle=":", marker="x", color=line.get_color())
     ax.set_xlabel("affinity")
     ax.set_ylabel("predicted layer time below greedy (%)")
     ax.set_title("ILP (objective time) vs greedy; dotted: the bound", fontsize=10)
