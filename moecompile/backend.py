@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 
+import torch
 import torch.fx as fx
 
 from . import config as config_mod
@@ -21,14 +22,48 @@ from .codegen import ops  # noqa: F401  (registers torch.ops.moecompile.*)
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
     if inner == "inductor":
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        if inductor_config.post_grad_custom_pre_pass is not None:  # the user's pass: theirs to key
+            return compile_fx(gm, example_inputs)
+        with inductor_config.patch(post_grad_custom_pre_pass=_ops_in_cache_key()):
+            return compile_fx(gm, example_inputs)
     if inner == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
     return gm.forward
+
+
+def _ops_identity() -> str:
+    """The schemas of moecompile's ops: what a compiled graph calling them depends on."""
+    import hashlib
+
+    schemas = sorted(str(getattr(torch.ops.moecompile, name).default._schema) for name in torch.ops.moecompile)
+    return hashlib.sha256("\n".join(schemas).encode()).hexdigest()
+
+
+_ops_pass = None
+
+
+def _ops_in_cache_key():
+    """A post-grad pass that changes nothing; its uuid, the ops' schemas, joins Inductor's and
+    AOTAutograd's cache keys, so graphs cached by a moecompile whose ops took other arguments (a
+    backward calling moe_backward without `saved`, say) are compiled again, never reused."""
+    global _ops_pass
+    if _ops_pass is None:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+
+        class OpsInCacheKey(CustomGraphPass):
+            def __call__(self, graph) -> None:
+                return None
+
+            def uuid(self) -> str:
+                return _ops_identity()
+
+        _ops_pass = OpsInCacheKey()
+    return _ops_pass
 
 
 def moe_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
@@ -58,6 +93,8 @@ def moe_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
     if status == "rewritten":
         try:
             compiled = _inner_compile(rewritten, example_inputs, cfg.inner)
+        except torch._dynamo.exc.RestartAnalysis:
+            raise  # dynamo's control flow, not a failure: it traces again and calls us with the new graph
         except Exception as err:  # noqa: BLE001
             if not cfg.fallback_on_error:
                 raise

@@ -8,6 +8,7 @@ below, read in exactly one place (`from_env`); explicit options win over the env
     MOECOMPILE_VERIFY=0|1          verify
     MOECOMPILE_INNER=<name>        inner
     MOECOMPILE_ROUTING_TRACE=<path> routing_trace
+    MOECOMPILE_SAVE_FOR_BACKWARD=<mode> save_for_backward
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ VERIFY_RTOL = {
     "float64": {"out": (1e-8, 1e-9), "grad": (2.5e-8, 2.5e-9)},
 }
 INNER_CHOICES = ("inductor", "aot_eager", "eager")
+# codegen.train.SAVES (a test keeps them equal)
+SAVE_CHOICES = ("inputs", "routing", "activations")
 # Passes a user can switch off (option disable_passes); the pipeline runs them in this order.
 # "verify" off rewrites without probing (the structural cover still applies); "lower" off leaves
 # every layer as traced, reported.
@@ -82,6 +85,12 @@ class Config:
     """Options of the layer passes, {pass name: {option: value}}: e.g. {"fuse_epilogues":
     {"topk_weight": "combine"}} applies the top-k weights in the combine instead of GEMM 2."""
 
+    save_for_backward: str = "routing"
+    """What a layer whose backward runs on Triton keeps from forward to backward (codegen/train.py):
+    inputs (nothing more: the backward recomputes the routing and GEMM 1), routing (the expert ids,
+    4*T*K bytes) or activations (also GEMM 1's pre-activations, about T*K*2I values: the least
+    recompute, the most memory). Layers whose backward recomputes on the torch path keep inputs."""
+
     verify_rtol: dict = field(default_factory=dict)
     """Tolerance of the verification: {dtype: {"out" | "grad": (max, mean)}} of |a - b| / (|b| +
     mean|b|); what is not given keeps its default (VERIFY_RTOL)."""
@@ -91,6 +100,8 @@ class Config:
             raise UserInputError(f"option kernels={self.kernels!r} is not one of {KERNEL_CHOICES}")
         if self.inner not in INNER_CHOICES:
             raise UserInputError(f"option inner={self.inner!r} is not one of {INNER_CHOICES}")
+        if self.save_for_backward not in SAVE_CHOICES:
+            raise UserInputError(f"option save_for_backward={self.save_for_backward!r} is not one of {SAVE_CHOICES}")
 
         object.__setattr__(self, "verify_rtol", _rtol_table(self.verify_rtol))
         object.__setattr__(self, "skip_layers", _names("skip_layers", self.skip_layers))
@@ -191,6 +202,8 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
         options["routing_trace"] = env["MOECOMPILE_ROUTING_TRACE"]
     if env.get("MOECOMPILE_INNER"):
         options["inner"] = env["MOECOMPILE_INNER"]
+    if env.get("MOECOMPILE_SAVE_FOR_BACKWARD"):
+        options["save_for_backward"] = env["MOECOMPILE_SAVE_FOR_BACKWARD"]
     return options
 
 

@@ -120,7 +120,7 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
                             {"probes": probes, "training": int(training)})]
 
     device = next((v.device for v in example_inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    regions, layer_rows = _run_layer_passes(regions, records, row_of, config, dumper, graph_id, device)
+    regions, layer_rows = _run_layer_passes(regions, records, row_of, config, dumper, graph_id, device, training)
     pass_rows += layer_rows
 
     changed = False
@@ -151,10 +151,12 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
     return GraphOutcome(records, pass_rows, changed)
 
 
-def _run_layer_passes(regions, records, row_of, config: Config, dumper: Dumper, graph_id: int, device):
+def _run_layer_passes(regions, records, row_of, config: Config, dumper: Dumper, graph_id: int, device,
+                      training: bool):
     """Each region's program through the layer passes enabled for it; its record gets the passes
-    that changed it, the program's key and the kernels it will run. -> (regions with programs,
-    one PassRecord per layer pass, counters summed over the regions)."""
+    that changed it, the program's key, the kernels it will run, how its backward runs and what it
+    keeps for it (in a training graph). -> (regions with programs, one PassRecord per layer pass,
+    counters summed over the regions)."""
     totals = {cls.name: PassRecord(graph_id, cls.name, False, 0.0, {}) for cls in LAYER_PASSES}
     out = []
     for region in regions:
@@ -185,11 +187,13 @@ def _run_layer_passes(regions, records, row_of, config: Config, dumper: Dumper, 
                                                    ms=round(row.ms + ms, 3), counters=counters)
         i = row_of[region.output]
         kernels = plan.describe(program, config.op_kernels(), device)
+        saved = (train.saved_mode(program, config.op_kernels(), device, config.save_for_backward)
+                 if training else "inputs")
         records[i] = dataclasses.replace(records[i], passes=records[i].passes + tuple(done), kernels=kernels,
                                          program_key=program.key(),
-                                         backward=train.choose(program, config.op_kernels(), device))
+                                         backward=train.choose(program, config.op_kernels(), device), saved=saved)
         dumper.kernels(region.name, program, kernels)
-        out.append(dataclasses.replace(region, program=program))
+        out.append(dataclasses.replace(region, program=program, saved=saved))
     return out, list(totals.values()) if regions else []
 
 

@@ -6,7 +6,8 @@ report.json (stable; tests and users read it):
                   "intermediate": I, "status": "optimized" | "fallback", "reason": str | null,
                   "kernels": str, "passes": [str], "spec": {...}, "experts_impl": str,
                   "verify_ms": float, "serves": [str], "program_key": str,
-                  "backward": "triton" | "recompute" | ""}],
+                  "backward": "triton" | "recompute" | "",
+                  "saved": "inputs" | "routing" | "activations" | ""}],
      "passes":  [{"graph": int, "name": str, "changed": bool, "ms": float, "counters": {...}}],
      "graphs":  [{"graph": int, "status": "rewritten" | "unchanged" | "error", "reason": str | null,
                   "nodes_before": int, "nodes_after": int, "compile_ms": float}]}
@@ -70,10 +71,13 @@ class RegionRecord(_Row):
     serves: tuple[str, ...] = ()
     program_key: str = ""  # MoEProgram.key() of the program the op runs (its .moe dump)
     backward: str = ""  # how the op's backward runs (codegen.train): triton | recompute; "" when traced
+    # what the op keeps for its backward (codegen.train.SAVES): inputs | routing | activations; ""
+    # when traced. Beyond inputs only in training graphs whose backward runs on Triton.
+    saved: str = ""
 
     def fallback(self, reason: str) -> "RegionRecord":
         return dataclasses.replace(self, status="fallback", reason=reason, kernels="traced", program_key="",
-                                   passes=(), backward="")
+                                   passes=(), backward="", saved="")
 
 
 @dataclass(frozen=True)

@@ -270,7 +270,7 @@ def _grads_close(cand, module, x, sizes, weights, x_nodes, spec, spec_weights, c
     by_node = dict(zip(x_nodes, traced))
     x2d = x.reshape(-1, x.shape[-1])
     ours = ops.moe_backward(grad_out.reshape(x2d.shape).to(x2d.dtype), x2d, [weights[w] for w in spec_weights],
-                            plan.program_of(spec).text(), config.verify_kernels())
+                            plan.program_of(spec).text(), config.verify_kernels(), [])
     names = ("x",) + spec.weight_names()
     wants = [by_node[node] for node in [x_nodes[0]] + list(spec_weights)]
     # NOTE: a gradient that is zero in exact arithmetic (the router's, when K = 1 and the weights are

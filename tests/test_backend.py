@@ -57,6 +57,32 @@ def test_internal_error_falls_back_to_plain_compile(monkeypatch):
     assert "injected failure" in report.graphs[0]["reason"]
 
 
+def test_a_dynamo_restart_is_not_reported_as_an_error(monkeypatch):
+    """Inductor may ask dynamo to trace again (TensorifyScalarRestartAnalysis under dynamic=True):
+    control flow that must reach dynamo, not a failure that compiles the captured graph instead."""
+    from moecompile import backend
+    inner = backend._inner_compile
+    calls = []
+
+    def restarting(gm, example_inputs, name):
+        calls.append(name)
+        if len(calls) == 1:
+            raise torch._dynamo.exc.TensorifyScalarRestartAnalysis
+        return inner(gm, example_inputs, name)
+
+    monkeypatch.setattr(backend, "_inner_compile", restarting)
+    model, (ids,) = models.build("olmoe", layers=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = torch.compile(model, backend="moe", options={"inner": "aot_eager"})(ids).logits
+    assert_close(out, model(ids).logits, torch.float32)
+    assert not [w for w in caught if "moecompile" in str(w.message)], [str(w.message) for w in caught]
+    report = moecompile.last_report()
+    assert len(calls) == 2 and [g["status"] for g in report.graphs] == ["rewritten"]
+    assert [r["status"] for r in report.regions] == ["optimized"]
+
+
 def test_dense_model_compiles_as_with_inductor():
     model, (ids,) = models.build("dense", layers=1)
     with torch.no_grad():
@@ -214,3 +240,24 @@ def test_routing_is_recorded_with_reference_kernels_too():
         compiled(ids)
     assert rec.trace().load.sum() == 2 * 4 * 2  # layers x tokens x K
     assert (rec.trace().hidden, rec.trace().dtype) == (64, "float32")
+
+
+def test_the_ops_schemas_join_inductors_cache_key(monkeypatch):
+    """A graph Inductor cached while moecompile's ops had other signatures must not be reused: the
+    backend compiles with a no-op post-grad pass whose uuid is the ops' schemas (part of the FX
+    graph and AOTAutograd cache keys; checked by hand: another uuid misses the cache)."""
+    from moecompile import backend
+    from torch._inductor import compile_fx as compile_fx_module
+    from torch._inductor import config as inductor_config
+    seen = []
+    monkeypatch.setattr(compile_fx_module, "compile_fx",
+                        lambda gm, inputs: seen.append(inductor_config.post_grad_custom_pre_pass) or gm.forward)
+    backend._inner_compile(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], "inductor")
+    assert seen[0] is backend._ops_in_cache_key() and inductor_config.post_grad_custom_pre_pass is None
+    assert seen[0].uuid() == backend._ops_identity()
+    assert "moecompile::moe_backward(" in "".join(str(getattr(torch.ops.moecompile, n).default._schema)
+                                                  for n in torch.ops.moecompile)
+    mine = object()  # a user's own pass stays, unchanged
+    monkeypatch.setattr(inductor_config, "post_grad_custom_pre_pass", mine)
+    backend._inner_compile(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], "inductor")
+    assert seen[1] is mine

@@ -193,10 +193,11 @@ def test_opcheck_fake_and_autograd_registration(name):
                           test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
     # The backward op: its fake outputs have the real outputs' shapes and strides.
     g = torch.randn(6, spec.hidden, generator=gen)
-    real = torch.ops.moecompile.moe_backward(g, x, weights, build(spec).text(), "torch")
+    real = torch.ops.moecompile.moe_backward(g, x, weights, build(spec).text(), "torch", [])
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
         fake = torch.ops.moecompile.moe_backward(mode.from_tensor(g), mode.from_tensor(x),
-                                                 [mode.from_tensor(w) for w in weights], build(spec).text(), "torch")
+                                                 [mode.from_tensor(w) for w in weights], build(spec).text(), "torch",
+                                                 [])
     assert [(t.shape, t.stride(), t.dtype) for t in real] == [(t.shape, t.stride(), t.dtype) for t in fake]

@@ -365,12 +365,12 @@ def build(fn, types, consts, cfg, div16=()):
 bf = "*bf16"
 cfg = gg.default_config("gate_up", 8, 2048, 7168, torch.bfloat16)
 blocks = {b: cfg[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-for act in range(5):
-    ir = build(gg._gate_up_kernel, dict.fromkeys(["x_ptr", "wg_ptr", "wu_ptr", "bg_ptr", "bu_ptr", "a_ptr"], bf)
+for act, save_pre in [(act, False) for act in range(5)] + [(0, True)]:  # save_pre: pre-activations kept
+    ir = build(gg._gate_up_kernel, dict.fromkeys(["x_ptr", "wg_ptr", "wu_ptr", "bg_ptr", "bu_ptr", "a_ptr", "pre_ptr"], bf)
                | {"pairs_ptr": "*i32", "tile_expert_ptr": "*i32", "alpha": "fp32", "limit": "fp32"},
-               dict(ACT=act, GATED=True, HAS_BIAS=True, INTERPRET=False, PRECISION="ieee", stride_xh=1,
+               dict(ACT=act, GATED=True, HAS_BIAS=True, SAVE_PRE=save_pre, INTERPRET=False, PRECISION="ieee", stride_xh=1,
                     stride_wgk=1, stride_wuk=1, stride_ai=1, stride_bgn=1, stride_bun=1, **blocks), cfg,
-               ["H", "I", "stride_xt", "stride_wge", "stride_wgn", "stride_wue", "stride_wun", "stride_ap"])
+               ["H", "I", "stride_xt", "stride_wge", "stride_wgn", "stride_wue", "stride_wun", "stride_ap", "stride_pp"])
     assert "warp_group_dot" in ir and "async_copy_global_to_local" in ir, "gate_up: no wgmma / cp.async pipeline"
 cfg = gg.default_config("down", 8, 7168, 2048, torch.bfloat16)
 ir = build(gg._down_kernel, {"a_ptr": bf, "w_ptr": bf, "b_ptr": bf, "pairs_ptr": "*i32",

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from ..ir import MoESpec
 
 
-def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec):
-    """Router: (T, H) -> top-k weights (T, K) and expert ids (T, K) int64, as the traced code did."""
-    return topk_of_logits(router_logits(x, weights, spec), weights, spec)
+def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec, ids: torch.Tensor | None = None):
+    """Router: (T, H) -> top-k weights (T, K) and expert ids (T, K) int64, as the traced code did.
+    With `ids` (the forward's choice, saved for the backward) the experts are those: the weights are
+    the same function of the logits, and their gradient the same, as when top-k picks them."""
+    return topk_of_logits(router_logits(x, weights, spec), weights, spec, ids)
 
 
 def router_logits(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec) -> torch.Tensor:
@@ -41,19 +43,27 @@ def router_logits(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESp
     return F.linear(x, weights["router_weight"], weights.get("router_bias"))
 
 
-def topk_of_logits(logits: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec):
+def topk_of_logits(logits: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec,
+                   ids: torch.Tensor | None = None):
     """(T, E) logits -> top-k weights (T, K) and expert ids (T, K) int64: scoring, the choice,
-    renormalization, routed scaling, capacity."""
+    renormalization, routed scaling, capacity. `ids` given: those experts instead of top-k's (the
+    values top-k returns are the gathered ones, so weights and gradients are the same)."""
     scores_in = logits.float() if spec.router_fp32 else logits
     score = torch.softmax if spec.scoring == "softmax" else (lambda t, dim: torch.sigmoid(t))
+
+    def top(values):
+        if ids is None:
+            return torch.topk(values, spec.top_k, dim=-1)
+        return values.gather(1, ids.long()), ids.long()
+
     if spec.topk_order == "score_then_topk":
         scores = score(scores_in, dim=-1)  # (T, E)
         choice = _choice(scores, weights, spec)
-        topk_w, topk_ids = torch.topk(choice, spec.top_k, dim=-1)
+        topk_w, topk_ids = top(choice)
         if spec.weights_from == "gather":
             topk_w = scores.gather(1, topk_ids)
     else:
-        top_logits, topk_ids = torch.topk(scores_in, spec.top_k, dim=-1)
+        top_logits, topk_ids = top(scores_in)
         topk_w = score(top_logits, dim=-1)
     if spec.renormalize:
         total = topk_w.sum(dim=-1, keepdim=True)

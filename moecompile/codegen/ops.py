@@ -2,6 +2,11 @@
 
     moecompile::moe(Tensor x (T, H), Tensor[] weights, str program, str kernels, str layer) -> (T, H)
 
+    moecompile::moe_saving(x, weights, program, kernels, layer, save) -> (y, ids, pre)
+
+`moe_saving` is the op of training graphs whose backward runs on Triton: the same forward, also
+returning what `save` keeps for the backward (codegen/train.py: "routing" the gate's expert ids
+(T, K) int32, "activations" also GEMM 1's pre-activations); the graph reads y only.
 `program` is the layer's `MoEProgram.text()` after the layer passes; `weights` follow its
 `spec().weight_names()`; `kernels` picks what runs it (codegen.plan: "auto" is Triton on CUDA and
 the torch path elsewhere); `layer` names the region for routing traces. The op is opaque to
@@ -45,14 +50,7 @@ def run_forward(x: Tensor, weights: list[Tensor], program: MoEProgram | MoESpec,
 @torch.library.custom_op("moecompile::moe", mutates_args=())
 def moe(x: Tensor, weights: list[Tensor], program: str, kernels: str, layer: str) -> Tensor:
     parsed = MoEProgram.parse(program)
-    on_route = None
-    if routing_observers:
-        num_experts, hidden = parsed.dims.E, parsed.dims.H
-
-        def on_route(topk_ids):
-            for observe in routing_observers:
-                observe(layer, topk_ids, num_experts, hidden=hidden, dtype=x.dtype)
-    return run_forward(x, weights, parsed, kernels, on_route)
+    return run_forward(x, weights, parsed, kernels, _on_route(layer, parsed, x.dtype))
 
 
 # NOTE: outputs are contiguous in the real and the fake implementation alike; Inductor checks that
@@ -62,16 +60,46 @@ def _moe_fake(x, weights, program, kernels, layer):
     return x.new_empty(x.shape)
 
 
+def _on_route(layer: str, program: MoEProgram, dtype: torch.dtype):
+    """The routing observers' callback for one call, or None when nobody records; observers also
+    get the layer's H and dtype (what a routing trace records for the layer-time model)."""
+    if not routing_observers:
+        return None
+    num_experts, hidden = program.dims.E, program.dims.H
+
+    def on_route(topk_ids):
+        for observe in routing_observers:
+            observe(layer, topk_ids, num_experts, hidden=hidden, dtype=dtype)
+    return on_route
+
+
+@torch.library.custom_op("moecompile::moe_saving", mutates_args=())
+def moe_saving(x: Tensor, weights: list[Tensor], program: str, kernels: str, layer: str,
+               save: str) -> tuple[Tensor, Tensor, Tensor]:
+    parsed = MoEProgram.parse(program)
+    check_inputs(x, weights, parsed.spec())
+    y, ids, pre = plan.forward_saving(parsed, x, weights, kernels, save, _on_route(layer, parsed, x.dtype))
+    return y.contiguous(), ids, pre
+
+
+@moe_saving.register_fake
+def _moe_saving_fake(x, weights, program, kernels, layer, save):
+    ids, pre = train.saved_shapes(MoEProgram.parse(program).spec(), x.shape[0], save)
+    return x.new_empty(x.shape), x.new_empty(ids, dtype=torch.int32), x.new_empty(pre)
+
+
 @torch.library.custom_op("moecompile::moe_backward", mutates_args=())
-def moe_backward(grad: Tensor, x: Tensor, weights: list[Tensor], program: str, kernels: str) -> list[Tensor]:
+def moe_backward(grad: Tensor, x: Tensor, weights: list[Tensor], program: str, kernels: str,
+                 saved: list[Tensor]) -> list[Tensor]:
     """Gradients of `moe` for (x, *weights): codegen.train picks the Triton backward kernels where
-    the forward runs Triton, else recomputes the torch path's forward under torch.func.vjp."""
-    grads = train.backward(grad, x, weights, MoEProgram.parse(program), kernels)
+    the forward runs Triton, else recomputes the torch path's forward under torch.func.vjp.
+    saved: moe_saving's (ids, pre), [] after `moe`."""
+    grads = train.backward(grad, x, weights, MoEProgram.parse(program), kernels, saved)
     return [g.contiguous() for g in grads]
 
 
 @moe_backward.register_fake
-def _moe_backward_fake(grad, x, weights, program, kernels):
+def _moe_backward_fake(grad, x, weights, program, kernels, saved):
     return [x.new_empty(x.shape)] + [w.new_empty(w.shape) for w in weights]
 
 
@@ -83,11 +111,28 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, *weights = ctx.saved_tensors
-    grads = moe_backward(grad, x, weights, ctx.program, ctx.kernels)
+    grads = moe_backward(grad, x, weights, ctx.program, ctx.kernels, [])
     return grads[0], grads[1:], None, None, None
 
 
 moe.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_saving(ctx, inputs, output):
+    x, weights, program, kernels, _layer, _save = inputs
+    _, ids, pre = output
+    ctx.save_for_backward(x, ids, pre, *weights)
+    ctx.program, ctx.kernels = program, kernels
+    ctx.mark_non_differentiable(ids, pre)
+
+
+def _backward_saving(ctx, grad, _grad_ids, _grad_pre):
+    x, ids, pre, *weights = ctx.saved_tensors
+    grads = moe_backward(grad, x, weights, ctx.program, ctx.kernels, [ids, pre])
+    return grads[0], grads[1:], None, None, None, None
+
+
+moe_saving.register_autograd(_backward_saving, setup_context=_setup_saving)
 
 
 def _no_double_backward(ctx, grads):

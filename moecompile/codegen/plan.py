@@ -84,17 +84,43 @@ def forward(program: MoEProgram, x: Tensor, weights: list[Tensor], kernels: str,
     try:
         out = launch.run(program, x, weights, on_route=routed.append if on_route else None)
     except ValueError as err:  # a launcher's input check: never a crash, the torch path instead
-        _warn_once(program, str(err))
+        warn_once(program, str(err))
         return moe_torch.moe_forward(x, weights, spec, on_route=on_route, inplace=True)
     for ids in routed:
         on_route(ids)
     return out
 
 
+def forward_saving(program: MoEProgram, x: Tensor, weights: list[Tensor], kernels: str, save: str,
+                   on_route=None) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (y, ids (T, K) int32, pre): the forward keeping what `save` names for the Triton backward
+    (codegen/train.py): the gate's expert ids, and for "activations" GEMM 1's pre-activations
+    (P, 2I or I) in the tiles' row order, else an empty (0,). Where Triton does not run the
+    forward (a launcher declined it), the interpreter computes the same values, slowly: the
+    backward needs them in the tiled layout whichever path ran."""
+    spec = program.spec()
+    keep = ("ids", "pre") if save == "activations" else ("ids",)
+    if choose(program, kernels, x.device)[0] == "triton":
+        from .triton import launch
+        routed: list = []
+        try:
+            y, ids, pre = launch.run_saving(program, x, weights, save,
+                                            on_route=routed.append if on_route else None)
+        except ValueError as err:
+            warn_once(program, str(err))
+        else:
+            for r in routed:
+                on_route(r)
+            return y, ids, pre if pre is not None else x.new_empty(0)
+    from .triton.launch import tile_m  # moe_saving is only emitted where triton imports
+    y, ids, *pre = reference.run(program, x, weights, tile_m=tile_m(spec), on_route=on_route, keep=keep)
+    return y, ids.to(torch.int32).contiguous(), pre[0] if pre else x.new_empty(0)
+
+
 _warned: set = set()
 
 
-def _warn_once(program: MoEProgram, reason: str) -> None:
+def warn_once(program: MoEProgram, reason: str) -> None:
     launcher = reason.split(":")[0]  # the message's shapes vary with T; one warning per launcher
     if (program.key(), launcher) not in _warned:
         _warned.add((program.key(), launcher))

@@ -25,23 +25,28 @@ TILE_M = 16
 
 
 class Context:
-    """What stage functions share: the layer, the tile size, the named weights and T."""
+    """What stage functions share: the layer, the tile size, the named weights and T; `keep`, the
+    values run returns beside y, and `kept`, where a stage function leaves those that are not
+    program values (GEMM 1's pre-activations, "pre")."""
 
-    def __init__(self, program: MoEProgram, weights: dict[str, Tensor], num_tokens: int, tile_m: int):
+    def __init__(self, program: MoEProgram, weights: dict[str, Tensor], num_tokens: int, tile_m: int,
+                 keep: tuple[str, ...] = ()):
         self.program, self.spec, self.weights = program, program.spec(), weights
         self.T, self.tile_m = num_tokens, tile_m
+        self.keep, self.kept = keep, {}
 
 
 StageFn = Callable[..., tuple]
 
 
 def run(program: MoEProgram, x: Tensor, weights: list[Tensor], *, tile_m: int = TILE_M,
-        stage_fns: dict[str, StageFn] | None = None, on_route=None) -> Tensor:
+        stage_fns: dict[str, StageFn] | None = None, on_route=None, keep: tuple[str, ...] = ()):
     """y (T, H) of `program` on x (T, H). `stage_fns` (op -> function) overrides the torch function
-    of some stages (codegen's Triton launches); the rest run here."""
+    of some stages (codegen's Triton launches); the rest run here. With `keep` (value names, or
+    names a stage function fills in ctx.kept): (y, *kept values) instead."""
     spec = program.spec()
     named = moe_torch.named_weights(weights, spec)
-    ctx = Context(program, named, x.shape[0], tile_m)
+    ctx = Context(program, named, x.shape[0], tile_m, keep)
     env: dict[str, Tensor] = {"x": x, **named}
     fns = {**STAGE_FNS, **(stage_fns or {})}
     for stage in program.stages:
@@ -49,7 +54,12 @@ def run(program: MoEProgram, x: Tensor, weights: list[Tensor], *, tile_m: int = 
         env.update(zip(stage.outs, outs))
         if on_route is not None and "ids" in stage.outs:
             on_route(env["ids"].long())
-    return env["y"]
+    if not keep:
+        return env["y"]
+    missing = [k for k in keep if k not in env and k not in ctx.kept]
+    if missing:
+        raise ValueError(f"program run: no stage computed {missing} (asked to keep {keep})")
+    return (env["y"], *(ctx.kept[k] if k in ctx.kept else env[k] for k in keep))
 
 
 # -- routing ------------------------------------------------------------------------------------
@@ -173,9 +183,15 @@ def grouped_gemm(ctx: Context, stage, first, rows, tiles, *rest):
     width = w.shape[1] // 2 if stage.epilogue == "activation" and stage.gated else w.shape[1]
     out_dtype = torch.float32 if stage.epilogue == "topk_weight" else first.dtype
     out = torch.zeros(rows.shape[0], width, dtype=out_dtype, device=first.device)
+    if "pre" in ctx.keep and stage.epilogue == "activation":
+        ctx.kept["pre"] = first.new_zeros(rows.shape[0], w.shape[1])
     for e, r in tile_rows(rows, tiles, ctx.tile_m):
         acc = inp[r].float() @ w[e].float().T + (bias[e].float() if bias is not None else 0)
         if stage.epilogue == "activation":
+            if "pre" in ctx.keep:  # GEMM 1's pre-activations, concat order, as the Triton kernel keeps them
+                pre = ctx.kept["pre"]
+                concat = stage.gated and stage.layout == "interleaved"
+                pre[r] = (torch.cat([acc[:, ::2], acc[:, 1::2]], dim=1) if concat else acc).to(pre.dtype)
             acc = activate(acc, stage.activation, stage.gated, stage.layout, stage.act_alpha, stage.act_limit)
         elif stage.epilogue == "topk_weight":
             acc = acc * extra[0].reshape(-1)[rows[r].long()].float().unsqueeze(-1)

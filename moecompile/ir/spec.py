@@ -196,6 +196,7 @@ class MoERegion:
     nodes: tuple[Any, ...] = ()
     experts_impl: str = ""  # how the traced code ran its experts (grouped_mm, batched_mm, loop, ...)
     program: Any = None  # the layer's MoEProgram once the layer passes ran (lower calls the op with it)
+    saved: str = "inputs"  # what the op keeps for the backward (codegen.train.SAVES); lower picks the op by it
 
 
 @dataclass

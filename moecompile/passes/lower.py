@@ -3,6 +3,8 @@
     Matches:     x (..., H) -> [router, top-k, dispatch, expert GEMMs, combine, shared expert] -> y
     Rewrites to: y = torch.ops.moecompile.moe(x2d (T, H), [weights...], program_text, kernels, name)
                  (then `.reshape_as(x)` when y had x's shape rather than (T, H))
+                 or, in a training graph keeping more than the inputs for a Triton backward,
+                 y = torch.ops.moecompile.moe_saving(..., name, saved)[0]
 
 Nodes of the region that nothing else reads are erased, in-place writes included; nodes the rest of
 the graph still reads (router logits returned for an aux loss, say) stay and are computed as before.
@@ -10,6 +12,7 @@ the graph still reads (router logits returned for an aux loss, say) stay and are
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +72,14 @@ def _cannot_lower(region: MoERegion) -> str | None:
 def _rewrite(graph: fx.Graph, region: MoERegion, kernels: str) -> None:
     x2d = _op_input(region)
     # Right after its input: the op reads x where the traced router read it, before any later write.
+    args = (x2d, list(region.weights), (region.program or build(region.spec)).text(), kernels, region.name)
     with graph.inserting_after(x2d):
-        out = graph.call_function(
-            torch.ops.moecompile.moe.default,
-            (x2d, list(region.weights), (region.program or build(region.spec)).text(), kernels, region.name))
+        if region.saved == "inputs":
+            out = graph.call_function(torch.ops.moecompile.moe.default, args)
+        else:  # (y, ids, pre): autograd keeps ids and pre for the backward; the graph reads y
+            outs = graph.call_function(torch.ops.moecompile.moe_saving.default, args + (region.saved,))
+            with graph.inserting_after(outs):
+                out = graph.call_function(operator.getitem, (outs, 0))
     if shape_of(region.output) != shape_of(x2d):
         with graph.inserting_after(out):
             out = graph.call_method("reshape_as", (out, region.x))

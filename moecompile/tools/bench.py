@@ -56,6 +56,27 @@ def time_call(fn, args, device, warmup: int, iters: int) -> float:
     return statistics.median(samples)
 
 
+def saved_bytes(fn, args, exclude=()) -> int:
+    """Bytes autograd keeps from fn(*args)'s forward for its backward: every tensor saved for
+    backward (by eager autograd, a custom op's autograd or a compiled graph's), each storage counted
+    once, leaving out the storages of `exclude` (the parameters and inputs, kept anyway). Call a
+    compiled fn once before: compiling inside would count the compiler's own probes."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip and ptr:
+                seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    del out
+    return sum(seen.values())
+
+
 def _output(value):
     return value.logits if hasattr(value, "logits") else value
 

@@ -110,11 +110,11 @@ def _activation(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, pairs_ptr, tile_expert_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, a_ptr,
+    x_ptr, pairs_ptr, tile_expert_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, a_ptr, pre_ptr,
     H, I, TOP_K, num_m_tiles, num_programs, alpha, limit,
     stride_xt, stride_xh, stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
-    stride_bge, stride_bgn, stride_bue, stride_bun, stride_ap, stride_ai,
-    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+    stride_bge, stride_bgn, stride_bue, stride_bun, stride_ap, stride_ai, stride_pp,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr, INTERPRET: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -123,6 +123,7 @@ def _gate_up_kernel(
     Each work item owns a BLOCK_M tile of sorted rows (one expert) times BLOCK_N of the I outputs:
     it gathers the tile's token rows of x, runs the gate and the up accumulators over the same N
     columns side by side, and stores the activated tile once. Not gated: Wg is the one projection.
+    SAVE_PRE: the pre-activations [hg | hu] of live rows go to pre (P, 2I or I) too, for the backward.
     Program pid walks items pid, pid + num_programs, ...; tiles of expert -1 are skipped.
     """
     pid = tl.program_id(0)
@@ -159,6 +160,12 @@ def _gate_up_kernel(
                 if GATED:
                     acc_u += tl.load(bu_ptr + e64 * stride_bue + cols * stride_bun, mask=col_ok,
                                      other=0.0).to(tl.float32)[None, :]
+            if SAVE_PRE:  # concat order whatever the weight layout; padding rows are not written
+                pre_rows = pre_ptr + rows.to(tl.int64)[:, None] * stride_pp
+                pre_ok = live[:, None] & col_ok[None, :]
+                tl.store(pre_rows + cols[None, :], acc_g.to(pre_ptr.dtype.element_ty), mask=pre_ok)
+                if GATED:
+                    tl.store(pre_rows + (I + cols)[None, :], acc_u.to(pre_ptr.dtype.element_ty), mask=pre_ok)
             h = _activation(acc_g, acc_u, alpha, limit, ACT, GATED)
             h = tl.where(live[:, None], h, 0.0)  # padding rows: zeros, not act(bias)
             a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_ap + cols[None, :] * stride_ai
@@ -413,18 +420,23 @@ def _gate_up_views(x, w, w_up, bias, bias_up, *, activation, gated, layout, tran
 def gemm_gate_up(x: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w: Tensor, bias: Tensor | None, *,
                  top_k: int, tile_m: int, activation: str, gated: bool, layout: str, transposed: bool,
                  act_alpha: float, act_limit: float, w_up: Tensor | None = None,
-                 bias_up: Tensor | None = None, config: dict | None = None) -> Tensor:
+                 bias_up: Tensor | None = None, pre: Tensor | None = None, config: dict | None = None) -> Tensor:
     """First GEMM with the token gather and the activation fused: x (T, H) -> a (P, I) in x's dtype.
 
     w: the fused gate_up weight (E, 2I, H) (transposed (E, H, 2I)) for concat / interleaved; gate_proj
     (E, I, H) with w_up = up_proj for separate; up_proj (E, I, H) when not gated. bias (E, 2I) or
     (E, I), bias_up (E, I) for separate. Padding rows of live tiles hold zeros; tiles of expert -1 are
-    not written.
+    not written. `pre` (P, 2I) (not gated: (P, I)) in x's dtype, if given, receives the live rows'
+    pre-activations [hg | hu] in concat order (what down_backward reads instead of recomputing).
     """
     wg, wu, bg, bu, I = _gate_up_views(x, w, w_up, bias, bias_up, activation=activation, gated=gated,
                                        layout=layout, transposed=transposed)
     P = _check_routing("gemm_gate_up", sorted_pairs, tile_expert, tile_m, x.device)
     T, H = x.shape
+    if pre is not None and (tuple(pre.shape) != (P, 2 * I if gated else I) or pre.dtype != x.dtype
+                            or pre.device != x.device or pre.stride(-1) != 1):
+        raise ValueError(f"gemm_gate_up: pre must be ({P}, {2 * I if gated else I}) {x.dtype} on {x.device} "
+                         f"with unit column stride, got {tuple(pre.shape)} {pre.dtype} on {pre.device}")
     a = x.new_empty(P, I)
     if T == 0 or P == 0:  # no pairs: every tile is -1
         return a
@@ -436,12 +448,12 @@ def gemm_gate_up(x: Tensor, sorted_pairs: Tensor, tile_expert: Tensor, w: Tensor
     bg_ = bg if bg is not None else x  # no bias: a dummy pointer, never read
     bu_ = bu if bu is not None else bg_
     _gate_up_kernel[grid](
-        x, sorted_pairs.contiguous(), tile_expert.contiguous(), wg, wu, bg_, bu_, a,
+        x, sorted_pairs.contiguous(), tile_expert.contiguous(), wg, wu, bg_, bu_, a, pre if pre is not None else a,
         H, I, top_k, num_m_tiles, grid[0], float(act_alpha), float(act_limit),
         x.stride(0), x.stride(1), *wg.stride(), *wu.stride(),
         *(bg.stride() if bg is not None else (0, 0)), *(bu.stride() if bu is not None else (0, 0)),
-        a.stride(0), a.stride(1),
-        ACT=_ACT_CODES[activation], GATED=gated, HAS_BIAS=bias is not None,
+        a.stride(0), a.stride(1), pre.stride(0) if pre is not None else 0,
+        ACT=_ACT_CODES[activation], GATED=gated, HAS_BIAS=bias is not None, SAVE_PRE=pre is not None,
         INTERPRET=x.device.type == "cpu", PRECISION=_precision(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -556,18 +568,23 @@ def combine(y: Tensor, inv: Tensor, *, num_tokens: int, top_k: int, out_dtype: t
 
 
 def gemm_gate_up_reference(x, sorted_pairs, tile_expert, w, bias, *, top_k, tile_m, activation, gated, layout,
-                           transposed, act_alpha, act_limit, w_up=None, bias_up=None, config=None) -> Tensor:
-    """`gemm_gate_up` in torch, zeros in every row it does not compute. (P, I)"""
+                           transposed, act_alpha, act_limit, w_up=None, bias_up=None, pre=None,
+                           config=None) -> Tensor:
+    """`gemm_gate_up` in torch, zeros in every row it does not compute. (P, I); `pre` as the kernel's."""
     wg, wu, bg, bu, I = _gate_up_views(x, w, w_up, bias, bias_up, activation=activation, gated=gated,
                                        layout=layout, transposed=transposed)
     a = x.new_zeros(sorted_pairs.shape[0], I)
     for e, rows in reference.tile_rows(sorted_pairs, tile_expert, tile_m):
         xs = x[sorted_pairs[rows].long() // top_k].float()
         g = xs @ wg[e].float().T + (bg[e].float() if bg is not None else 0)
+        if pre is not None:
+            pre[rows, :I] = g.to(pre.dtype)
         if not gated:
             h = moe_torch._ACTIVATIONS[activation](g)
         else:
             u = xs @ wu[e].float().T + (bu[e].float() if bu is not None else 0)
+            if pre is not None:
+                pre[rows, I:] = u.to(pre.dtype)
             h = (moe_torch.clamped_swiglu(g, u, act_alpha, act_limit) if activation == "clamped_swiglu"
                  else moe_torch._ACTIVATIONS[activation](g) * u)
         a[rows] = h.to(x.dtype)

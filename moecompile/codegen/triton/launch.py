@@ -56,6 +56,18 @@ def run(program: MoEProgram, x: Tensor, weights: list[Tensor], on_route=None) ->
                          on_route=on_route)
 
 
+def run_saving(program: MoEProgram, x: Tensor, weights: list[Tensor], save: str,
+               on_route=None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """-> (y, ids (T, K) int32, pre (P, 2I or I) or None): the tiled path (never the decode kernels:
+    the backward walks the forward's tiles) keeping what `save` names for the backward: "routing"
+    the gate's expert ids, "activations" also GEMM 1's pre-activations (codegen/train.py)."""
+    spec = program.spec()
+    keep = ("ids", "pre") if save == "activations" else ("ids",)
+    y, ids, *pre = reference.run(program, x, weights, tile_m=tile_m(spec), stage_fns=STAGE_FNS,
+                                 on_route=on_route, keep=keep)
+    return y, ids.to(torch.int32).contiguous(), (pre[0] if pre else None)
+
+
 def describe(program: MoEProgram) -> str:
     """One name per stage in order: the kernel, or "<op>(torch)" where a stage runs in torch; then
     the decode variant where the program has one."""
@@ -145,11 +157,15 @@ def _grouped_gemm(ctx, stage, first, rows, tiles, *rest):
     n = 2 if separate else 1
     ws, biases, extra = rest[:n], rest[n:n + n * stage.expert_bias], rest[n + n * stage.expert_bias:]
     if stage.proj == "gate_up":
+        pre = None
+        if "pre" in ctx.keep:  # for the backward: (P, 2I or I), the live rows written by the kernel
+            pre = first.new_empty(rows.shape[0], 2 * s.intermediate if stage.gated else s.intermediate)
+            ctx.kept["pre"] = pre
         return _launch(ctx, stage, "gate_up", s.intermediate, s.hidden, first, lambda cfg: gemm_k.gemm_gate_up(
             first, rows, tiles, ws[0], biases[0] if biases else None, top_k=s.top_k, tile_m=ctx.tile_m,
             activation=stage.activation, gated=stage.gated, layout=stage.layout, transposed=stage.transposed,
             act_alpha=stage.act_alpha, act_limit=stage.act_limit, w_up=ws[1] if separate else None,
-            bias_up=biases[1] if separate and biases else None, config=cfg))
+            bias_up=biases[1] if separate and biases else None, pre=pre, config=cfg))
     topk_w = extra[0] if stage.epilogue == "topk_weight" else None
     return _launch(ctx, stage, "down", s.hidden, s.intermediate, first, lambda cfg: gemm_k.gemm_down(
         first, rows, tiles, ws[0], biases[0] if biases else None, topk_w, top_k=s.top_k, tile_m=ctx.tile_m,
