@@ -41,12 +41,19 @@ def synthetic_trace(num_layers: int, num_experts: int, top_k: int = 8, num_token
         log_pop = rng.normal(0.0, skew, size=num_experts)  # (E,)
         chosen = _route_layer(rng, topic_sets[topic], log_pop, top_k, affinity)  # (T, K)
         # 3. counts: load per expert, and all K*K (e, e2) pairs of each token between layers
-        load[layer] = np.bincount(chosen.ravel(), minlength=num_experts)
-        if prev is not None:
-            pairs = prev[:, :, None] * num_experts + chosen[:, None, :]  # (T, K, K)
-            flow[layer - 1] = np.bincount(pairs.ravel(), minlength=num_experts**2).reshape(num_experts, num_experts)
+        _count(chosen, prev, layer, load, flow)
         prev = chosen
     return RoutingTrace(load=load, flow=flow if num_layers > 1 else None)
+
+
+def _count(chosen: np.ndarray, prev: np.ndarray | None, layer: int, load: np.ndarray, flow: np.ndarray) -> None:
+    """Into load[layer] the (T, K) picks' counts per expert; into flow[layer - 1] all K*K (pick in
+    the layer before, pick here) pairs of each token."""
+    num_experts = load.shape[1]
+    load[layer] = np.bincount(chosen.ravel(), minlength=num_experts)
+    if prev is not None:
+        pairs = prev[:, :, None] * num_experts + chosen[:, None, :]  # (T, K, K)
+        flow[layer - 1] = np.bincount(pairs.ravel(), minlength=num_experts**2).reshape(num_experts, num_experts)
 
 
 def _route_layer(rng: np.random.Generator, own_set: np.ndarray, log_pop: np.ndarray, top_k: int,
@@ -108,10 +115,7 @@ def chain_trace(num_layers: int, num_experts: int, top_k: int = 8, num_tokens: i
             a = float(np.clip(affinity + vary * rng.uniform(-1.0, 1.0), 0.0, 1.0))
             follow = rng.random((num_tokens, top_k)) < a
             chosen = _fill_distinct(np.where(follow, succ[prev], -1), score, top_k)
-        load[layer] = np.bincount(chosen.ravel(), minlength=num_experts)
-        if prev is not None:
-            pairs = prev[:, :, None] * num_experts + chosen[:, None, :]  # (T, K, K)
-            flow[layer - 1] = np.bincount(pairs.ravel(), minlength=num_experts**2).reshape(num_experts, num_experts)
+        _count(chosen, prev, layer, load, flow)
         prev = chosen
     return RoutingTrace(load=load, flow=flow if num_layers > 1 else None)
 
