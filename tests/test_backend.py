@@ -257,7 +257,7 @@ def test_the_ops_schemas_join_inductors_cache_key(monkeypatch):
     assert seen[0].uuid() == backend._ops_identity()
     assert "moecompile::moe_backward(" in "".join(str(getattr(torch.ops.moecompile, n).default._schema)
                                                   for n in torch.ops.moecompile)
-    mine = object()  # a user's own pass stays, unchanged
-    monkeypatch.setattr(inductor_config, "post_grad_custom_pre_pass", mine)
-    backend._inner_compile(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], "inductor")
-    assert seen[1] is mine
+    mine = object()  # a user's own pass stays, unchanged (config.patch: monkeypatch would break the config module)
+    with inductor_config.patch(post_grad_custom_pre_pass=mine):
+        backend._inner_compile(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], "inductor")
+    assert seen[1] is mine and inductor_config.post_grad_custom_pre_pass is None
