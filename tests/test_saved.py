@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
 from unittest import mock
 
 import pytest
@@ -32,6 +31,7 @@ from moecompile.errors import UserInputError  # noqa: E402
 from moecompile.ir import build  # noqa: E402
 from moecompile.passes.layer import LAYER_PASSES  # noqa: E402
 from moecompile.tools.bench import saved_bytes  # noqa: E402
+from test_triton_backward import _inputs  # noqa: E402
 from tiers import cover  # noqa: E402
 from test_triton_grouped_gemm import (CFG, DEVICE, KERNEL_TOL, TILE_M, _align, _close, _gate_up_args,  # noqa: E402
                                       _live, _routing, _spec, _weights)
@@ -110,14 +110,6 @@ def _fused(spec):
     for cls in LAYER_PASSES:
         program, _ = cls()(program)
     return program
-
-
-def _inputs(spec, T, dtype, seed):
-    gen = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
-    x = torch.randn(T, spec.hidden, generator=gen).to(dtype)
-    ws = [(torch.randn(s, generator=gen) / s[-1] ** 0.5).to(dtype) for s in spec.weight_shapes().values()]
-    grad = torch.randn(T, spec.hidden, generator=gen).to(dtype)
-    return x, ws, grad
 
 
 def _in(spec, dtype):
