@@ -222,6 +222,7 @@ def test_a_search_result_slower_than_greedy_is_not_returned(monkeypatch):
     monkeypatch.setattr(solve, "greedy_phy2log", lambda *a: fast_plan.copy())
     monkeypatch.setattr(solve, "solve_ilp", lambda problem, start, deadline, progress: (slow_plan.copy(), {}))
     monkeypatch.setattr(solve, "block_start", lambda *a: None)
+    monkeypatch.setattr(solve, "polish", lambda found, *a: (found, {}))  # the search's plan as it came
     plan = place(trace, 8, 2, 8, solver="ilp", time_limit=1.0, max_imbalance=2.0)
     assert plan.solver["source"] == "greedy" and np.array_equal(plan.phy2log, fast_plan)
 

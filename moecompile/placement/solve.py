@@ -15,10 +15,14 @@ from .decompose import Problem, monolithic, solve_ilp, total_objective, within_c
 from .greedy import greedy_phy2log
 from .metrics import NODE_WEIGHT, gpu_loads
 from .plan import MAX_SLOTS, Plan, check_topology, presence
+from .polish import polish
 from .trace import RoutingTrace, normalized
 
 SOLVERS = ("greedy", "ilp")
 OBJECTIVES = ("time", "hops")
+# With the time objective, this share of a search's time polishes its plan on the exact layer time
+# (polish.py); the ILP before it prices hops as the mean GPU sees them.
+POLISH_SHARE = 0.4
 # Starts are searched in parallel processes (one per start, up to the cores) when at least this much
 # time is left: a spawned process needs ~3 s to import what the search needs.
 PARALLEL_MIN_SECONDS = 10.0
@@ -100,7 +104,10 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
             blocks = block_start(trace.load, trace.flow, num_gpus, spg)
             if blocks is not None:
                 searches = {"block": blocks, **searches}
-        results = _search_all(problem, searches, deadline, progress)
+        # polishing on the layer time knows no moves: not when a previous plan bounds or charges them
+        moves_count = max_moves is not None or bool(move_cost)
+        exact = (hw, problem.cap) if objective == "time" and not moves_count else None
+        results = _search_all(problem, searches, deadline, progress, exact)
         info["starts"] = {origin: {"within_caps": within_caps(problem, found), "layer_ms": layer_ms(found),
                                    "objective": total_objective(problem, found)[0]}
                           for origin, (found, _) in results.items()}
@@ -125,9 +132,10 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
 
 
 def _search_all(problem: Problem, searches: dict, deadline: float,
-                progress: Callable[[str], None] | None) -> dict:
-    """{origin: (plan, solver info)} of the ILP search from each start: in parallel processes while
-    there is time for them and a core for each, else one after the other on shares of the time."""
+                progress: Callable[[str], None] | None, exact: tuple | None = None) -> dict:
+    """{origin: (plan, solver info)} of the search from each start: in parallel processes while
+    there is time for them and a core for each, else one after the other on shares of the time.
+    With `exact` (hardware, (L,) caps) each search ends polishing its plan on the layer time."""
     import os
 
     remaining = deadline - time.perf_counter()
@@ -143,7 +151,7 @@ def _search_all(problem: Problem, searches: dict, deadline: float,
         workers = min(len(searches), os.cpu_count() or 1)
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {origin: pool.submit(_search_until, problem, begin, wall_deadline)
+                futures = {origin: pool.submit(_search_until, problem, begin, wall_deadline, exact)
                            for origin, begin in searches.items()}
                 return {origin: f.result() for origin, f in futures.items()}
         except (OSError, RuntimeError) as err:  # no processes here (a sandbox): one after the other
@@ -153,13 +161,33 @@ def _search_all(problem: Problem, searches: dict, deadline: float,
     for i, (origin, begin) in enumerate(searches.items()):
         share = (deadline - time.perf_counter()) / (len(searches) - i)
         say(f"searching from the {origin} plan, {max(share, 0):.0f} s")
-        results[origin] = solve_ilp(problem, begin, time.perf_counter() + share, progress)
+        results[origin] = _search(problem, begin, time.perf_counter() + share, progress, exact)
     return results
 
 
-def _search_until(problem: Problem, begin: np.ndarray, wall_deadline: float) -> tuple[np.ndarray, dict]:
-    """solve_ilp in a worker process, to a deadline given in wall-clock time."""
-    return solve_ilp(problem, begin, time.perf_counter() + (wall_deadline - time.time()), None)
+def _search_until(problem: Problem, begin: np.ndarray, wall_deadline: float, exact: tuple | None
+                  ) -> tuple[np.ndarray, dict]:
+    """_search in a worker process, to a deadline given in wall-clock time."""
+    return _search(problem, begin, time.perf_counter() + (wall_deadline - time.time()), None, exact)
+
+
+def _search(problem: Problem, begin: np.ndarray, deadline: float, progress: Callable[[str], None] | None,
+            exact: tuple | None) -> tuple[np.ndarray, dict]:
+    """The ILP from `begin`; with `exact`, its last POLISH_SHARE of the time polishes the plan it
+    found (when that plan is within every cap) on the exact layer time."""
+    if exact is None:
+        return solve_ilp(problem, begin, deadline, progress)
+    now = time.perf_counter()
+    found, info = solve_ilp(problem, begin, deadline - POLISH_SHARE * max(deadline - now, 0.0), progress)
+    if within_caps(problem, found):
+        hw, cap = exact
+        found, info["polish"] = polish(found, problem.load, problem.flow, problem.num_gpus, problem.num_nodes,
+                                       hw, cap, deadline)
+        if progress:
+            p = info["polish"]
+            progress(f"polished on layer time: {p['layer_ms_before']:.3f} -> {p['layer_ms']:.3f} ms, "
+                     f"{p['swaps']} swaps")
+    return found, info
 
 
 def _check_request(trace: RoutingTrace, num_gpus: int, num_nodes: int, redundant: int, solver: str,
