@@ -33,6 +33,10 @@ from . import cost
 from .metrics import gpu_loads
 from .plan import presence
 
+# temperature of the smoothed max the search descends, as a share of the all-to-all time: the exact
+# max is flat wherever several GPUs tie near it, the smoothed one lowers all of them
+SOFT = (0.01, 0.003, 0.001)
+_TRACE = False
 _WALK = 256  # improving swaps of a round re-scored and made while they still gain
 _CHUNK = 8192  # candidate swaps evaluated per array pass: (chunk, G) float64 arrays of 4 MB at G = 64
 
@@ -41,29 +45,31 @@ def polish(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_g
            hw: cost.Hardware, cap: np.ndarray, deadline: float) -> tuple[np.ndarray, dict]:
     """(L, S) plan within `cap` ((L,) largest GPU load per layer, in `load`'s units) -> an improved
     copy and {"swaps", "sweeps", "layer_ms_before", "layer_ms"}. Stops at `deadline` (perf_counter)."""
+    global _T0; _T0 = time.perf_counter()
     plan = phy2log.copy()
     num_layers = plan.shape[0]
     ctx = _Context(load, flow, num_gpus, num_nodes, hw, cap)
     before = cost.layer_times(plan, load, flow, num_gpus, num_nodes, hw)["time"]
     times = before.copy()
-    swaps, sweeps = 0, 0
-    while time.perf_counter() < deadline and num_gpus > 1:
+    swaps, sweeps, temperatures = 0, 0, list(SOFT)
+    while time.perf_counter() < deadline and num_gpus > 1 and temperatures:
         sweeps += 1
+        ctx.soft = temperatures[0]
         pair = times + np.append(times[1:], 0.0)  # (L,) the two layer times a move of layer l changes
         gained = 0
         for layer in np.argsort(-pair, kind="stable"):
             if time.perf_counter() >= deadline:
                 break
             done = _polish_layer(plan, int(layer), ctx, deadline)
-            if done:
-                gained += done
-                lo, hi = int(layer), min(int(layer) + 2, num_layers)
-                times[lo:hi] = cost.layer_times(plan[max(lo - 1, 0):hi], load[max(lo - 1, 0):hi],
-                                                None if flow is None else flow[max(lo - 1, 0):hi - 1],
-                                                num_gpus, num_nodes, hw)["time"][lo - max(lo - 1, 0):]
+            if done is not None:
+                gained += done[0]
+                times[layer] = done[1][0]
+                if done[1][1] is not None:
+                    times[layer + 1] = done[1][1]
         swaps += gained
-        if not gained:
-            break
+        if _TRACE: print(f"sweep {sweeps} soft {ctx.soft} {times.mean()*1e3:.4f} t={time.perf_counter()-_T0:.1f}", flush=True)
+        if not gained:  # a local optimum of this smoothing: on to the next, closer to the exact max
+            temperatures.pop(0)
     return plan, {"swaps": swaps, "sweeps": sweeps, "layer_ms_before": float(before.mean() * 1e3),
                   "layer_ms": float(times.mean() * 1e3)}
 
@@ -77,6 +83,7 @@ class _Context:
         totals = load.sum(axis=1)  # (L,)
         self.scale = np.divide(hw.routings_per_gpu * num_gpus, totals, out=np.zeros_like(totals), where=totals > 0)
         self.cap = cap * self.scale  # (L,) routings
+        self.soft = SOFT[0]  # the smoothing of the sweep under way
         if flow is not None and flow.shape[0]:
             pair_total = flow.sum(axis=(1, 2))  # (L-1,)
             self.per_routing = np.divide(load[1:].sum(axis=1), pair_total, out=np.zeros_like(pair_total),
@@ -92,31 +99,40 @@ class _Context:
     def layer_time(self, compute, comm):
         return np.maximum(compute, comm) if self.hw.overlap else compute + comm
 
-    def comm(self, snv, rnv, snet, rnet):
-        """(..., G) four sums -> (...) seconds: the busiest GPU's all-to-all."""
-        return (np.maximum(snv, rnv) * self.nv + np.maximum(snet, rnet) * self.net).max(axis=-1)
+    def comm(self, snv, rnv, snet, rnet, soft: float = 0.0):
+        """(..., G) four sums -> (...) seconds: the busiest GPU's all-to-all; with `soft` > 0 the
+        max is smoothed (soft * log sum exp(per GPU / soft), at most soft * log G above it)."""
+        per_gpu = np.maximum(snv, rnv) * self.nv + np.maximum(snet, rnet) * self.net
+        top = per_gpu.max(axis=-1)
+        if not soft:
+            return top
+        return top + soft * np.log(np.exp((per_gpu - top[..., None]) / soft).sum(axis=-1))
 
 
-def _polish_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float, rounds: int = 2) -> int:
-    """Swaps of one layer that lower time[layer] + time[layer + 1]; returns how many were made.
+def _polish_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float,
+                  rounds: int = 2) -> tuple[int, tuple[float, float | None]] | None:
+    """Swaps of one layer down the smoothed time[layer] + time[layer + 1]; the layer keeps the
+    arrangement met on the way with the lowest exact time. Returns (swaps kept, the two exact
+    times) if that is below the start, else None (the layer unchanged).
 
     A round scores every swap of the layer at once, keeps the best improving ones, then makes the
     best of those as the layer now stands, scores the rest again, and so on while one gains: one
     pass over all swaps yields many (each swap changes the busiest GPU, so every step re-scores)."""
     search = _LayerSearch(plan, layer, ctx)
     if search.skip:
-        return 0
-    made = 0
+        return None
+    start = search.now()
+    best, best_row, best_times, kept, made = start, plan[layer].copy(), None, 0, 0
+    tol = 1e-9 * start
     for _ in range(rounds):
         if time.perf_counter() >= deadline:
             break
-        now = search.now()
-        tol = 1e-9 * now
+        now = search.now(soft=True)
         found_i, found_j, found_d = [], [], []
         for lo in range(0, search.i_all.shape[0], _CHUNK):
             i, j = search.valid(search.i_all[lo:lo + _CHUNK], search.j_all[lo:lo + _CHUNK])
             if i.size:
-                delta = search.score(i, j) - now
+                delta = search.score(i, j, soft=True) - now
                 gain = delta < -tol
                 found_i.append(i[gain]), found_j.append(j[gain]), found_d.append(delta[gain])
         delta = np.concatenate(found_d) if found_d else np.zeros(0)
@@ -128,19 +144,22 @@ def _polish_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float, 
             cand_i, cand_j = search.valid(cand_i, cand_j)
             if cand_i.size == 0:
                 break
-            delta = search.score(cand_i, cand_j) - search.now()
+            delta = search.score(cand_i, cand_j, soft=True) - search.now(soft=True)
             k = int(delta.argmin())
             if delta[k] >= -tol:
                 break
             search.apply(int(cand_i[k]), int(cand_j[k]))
             made += 1
+            exact = search.now()
+            if exact < best - tol:
+                best, best_row, best_times, kept = exact, plan[layer].copy(), search.times(), made
             gain = delta < -tol
             gain[k] = False
             cand_i, cand_j = cand_i[gain], cand_j[gain]
-    if made:  # keep each GPU's slots in increasing expert order, as every solver writes them
-        spg = plan.shape[1] // ctx.num_gpus
-        plan[layer] = np.sort(plan[layer].reshape(ctx.num_gpus, spg), axis=1).ravel()
-    return made
+    # the best arrangement met, each GPU's slots in increasing expert order as every solver writes them
+    spg = plan.shape[1] // ctx.num_gpus
+    plan[layer] = np.sort(best_row.reshape(ctx.num_gpus, spg), axis=1).ravel()
+    return None if best_times is None else (kept, best_times)
 
 
 class _LayerSearch:
@@ -173,10 +192,12 @@ class _LayerSearch:
         if self.has_out:
             nxt = presence(plan[layer + 1:layer + 2], num_experts, num_gpus)[0]  # (E2, G)
             nxt_share = nxt / np.maximum(nxt.sum(axis=1, keepdims=True), 1.0)
-            away = (nxt == 0).astype(np.float64)  # (E2, G): a piece from g to e2 leaves g
             routed = ctx.flow[layer] * (ctx.per_routing[layer] * ctx.scale[layer + 1])  # (E, E2)
-            table = (routed @ (away[:, :, None] * nxt_share[:, None, :]).reshape(num_experts, -1)).reshape(
-                num_experts, num_gpus, num_gpus)  # (E, G, G)
+            # all of e's routings by destination GPU, less the pieces that stay on g (e2 held on g)
+            held = plan[layer + 1].reshape(num_gpus, spg)  # (G, spg) experts of layer l+1 on each GPU
+            first = ~np.triu(held[:, :, None] == held[:, None, :], 1).any(axis=1)  # (G, spg) once per GPU
+            stays = np.matmul((routed[:, held] * first).transpose(1, 0, 2), nxt_share[held])  # (G, E, G)
+            table = (routed @ nxt_share)[:, None, :] - stays.transpose(1, 0, 2)
             self.r_nv, self.r_net = table * ctx.same_node, table * ~ctx.same_node  # (E, G, G) each
             self.s_nv, self.s_net = self.r_nv.sum(axis=2), self.r_net.sum(axis=2)  # (E, G)
             per_slot = 1.0 / reps[plan[layer]]  # (S,)
@@ -193,14 +214,23 @@ class _LayerSearch:
         i_all, j_all = np.triu_indices(num_slots, 1)
         keep = (i_all // spg) != (j_all // spg)
         self.i_all, self.j_all = i_all[keep], j_all[keep]
+        # temperatures of the smoothed max, a fixed share of each side's all-to-all time
+        self.soft = (ctx.soft * float(ctx.comm(*self.inn)), ctx.soft * float(ctx.comm(*self.out)) if self.has_out else 0.0)
 
-    def now(self) -> float:
-        """time[layer] + time[layer + 1] as the layer stands."""
+    def times(self, soft: bool = False) -> tuple[float, float | None]:
+        """(time[layer], time[layer + 1]) as the layer stands; with `soft`, the smoothed times the
+        search descends. The second is None where this layer does not change it (the last layer, or
+        no flow into the next)."""
         ctx = self.ctx
-        total = ctx.layer_time(self.gpu_load.max() * ctx.compute, ctx.comm(*self.inn))
+        first = ctx.layer_time(self.gpu_load.max() * ctx.compute, ctx.comm(*self.inn, soft=soft and self.soft[0]))
+        second = None
         if self.has_out:
-            total = total + ctx.layer_time(self.next_compute, ctx.comm(*self.out))
-        return float(total)
+            second = ctx.layer_time(self.next_compute, ctx.comm(*self.out, soft=soft and self.soft[1]))
+        return float(first), None if second is None else float(second)
+
+    def now(self, soft: bool = False) -> float:
+        first, second = self.times(soft)
+        return first + (second or 0.0)
 
     def valid(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The swaps among (i, j) that keep one replica per GPU and every load within the cap."""
@@ -212,8 +242,8 @@ class _LayerSearch:
         ok &= (self.gpu_load[a] + moved <= cap) & (self.gpu_load[b] - moved <= cap)
         return i[ok], j[ok]
 
-    def score(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """(C,) time[layer] + time[layer + 1] after each swap (i[c], j[c]) alone."""
+    def score(self, i: np.ndarray, j: np.ndarray, soft: bool = False) -> np.ndarray:
+        """(C,) time[layer] + time[layer + 1] after each swap (i[c], j[c]) alone (smoothed with `soft`)."""
         ctx, num_gpus = self.ctx, self.ctx.num_gpus
         e, f = self.plan[self.layer, i], self.plan[self.layer, j]
         a, b = i // self.spg, j // self.spg
@@ -227,9 +257,10 @@ class _LayerSearch:
             p = self.present[x].copy()  # (C, G)
             p[rows, frm], p[rows, to] = 0.0, 1.0
             new += _incoming(self.src[x], p, self.reps[x][:, None], self.spread, ctx)
-        total = ctx.layer_time(loads.max(axis=1) * ctx.compute, ctx.comm(*new))
+        total = ctx.layer_time(loads.max(axis=1) * ctx.compute, ctx.comm(*new, soft=soft and self.soft[0]))
         if self.has_out:
-            total = total + ctx.layer_time(self.next_compute, ctx.comm(*self._out_after(e, f, a, b, rows)))
+            moved = self._out_after(e, f, a, b, rows)
+            total = total + ctx.layer_time(self.next_compute, ctx.comm(*moved, soft=soft and self.soft[1]))
         return total
 
     def _out_after(self, e, f, a, b, rows) -> np.ndarray:
