@@ -41,21 +41,23 @@ def test_every_swap_is_scored_as_the_model_scores_the_plan_after_it(seed, overla
     plan = np.stack([_no_doubles(row, 6) for row in plan])
     cap = np.full(trace.load.shape[0], np.inf)
     ctx = _Context(trace.load, trace.flow, 6, 3, hw, cap)
-    checked = 0
+    checked = {1: 0, 2: 0}
     for layer in range(plan.shape[0]):
         search = _LayerSearch(plan, layer, ctx)
         assert not search.skip
         base = cost.layer_times(plan, trace.load, trace.flow, 6, 3, hw)["time"]
         assert search.now() == pytest.approx(base[layer:layer + 2].sum(), rel=1e-12)
-        i, j = search.valid(search.i_all, search.j_all)
-        scores = search.score(i, j)
-        for k in range(0, i.size, 7):  # a spread of them: every 7th
-            swapped = plan.copy()
-            swapped[layer, [i[k], j[k]]] = swapped[layer, [j[k], i[k]]]
-            want = cost.layer_times(swapped, trace.load, trace.flow, 6, 3, hw)["time"]
-            assert scores[k] == pytest.approx(want[layer:layer + 2].sum(), rel=1e-12)
-            checked += 1
-    assert checked > 50
+        assert [c[0].shape[1] for c in search.classes] == [1, 2]  # swaps, 2-for-2 inside a node
+        for i_all, j_all in search.classes:
+            i, j = search.valid(i_all, j_all)
+            scores = search.score(i, j)
+            for k in range(0, len(i), 7 if i.shape[1] == 1 else 2):  # a spread of them
+                swapped = plan.copy()
+                swapped[layer, i[k]], swapped[layer, j[k]] = plan[layer, j[k]], plan[layer, i[k]]
+                want = cost.layer_times(swapped, trace.load, trace.flow, 6, 3, hw)["time"]
+                assert scores[k] == pytest.approx(want[layer:layer + 2].sum(), rel=1e-12)
+                checked[i.shape[1]] += 1
+    assert checked[1] > 50 and checked[2] > 10
 
 
 def test_applied_swaps_keep_the_sums_exact():
@@ -63,10 +65,10 @@ def test_applied_swaps_keep_the_sums_exact():
     ctx = _Context(trace.load, trace.flow, 6, 3, HW, np.full(4, np.inf))
     search = _LayerSearch(plan, 1, ctx)
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        i, j = search.valid(search.i_all, search.j_all)
-        k = int(rng.integers(i.size))
-        search.apply(int(i[k]), int(j[k]))
+    for step in range(20):
+        i, j = search.valid(*search.classes[step % 2])
+        k = int(rng.integers(len(i)))
+        search.apply(i[k], j[k])
         want = cost.layer_times(plan, trace.load, trace.flow, 6, 3, HW)["time"]
         assert search.now() == pytest.approx(want[1:3].sum(), rel=1e-10)
 

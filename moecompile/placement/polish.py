@@ -25,6 +25,7 @@ than the plan it starts from.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -36,7 +37,6 @@ from .plan import presence
 # temperature of the smoothed max the search descends, as a share of the all-to-all time: the exact
 # max is flat wherever several GPUs tie near it, the smoothed one lowers all of them
 SOFT = (0.01, 0.003, 0.001)
-_TRACE = False
 _WALK = 256  # improving swaps of a round re-scored and made while they still gain
 _CHUNK = 8192  # candidate swaps evaluated per array pass: (chunk, G) float64 arrays of 4 MB at G = 64
 
@@ -45,13 +45,13 @@ def polish(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_g
            hw: cost.Hardware, cap: np.ndarray, deadline: float) -> tuple[np.ndarray, dict]:
     """(L, S) plan within `cap` ((L,) largest GPU load per layer, in `load`'s units) -> an improved
     copy and {"swaps", "sweeps", "layer_ms_before", "layer_ms"}. Stops at `deadline` (perf_counter)."""
-    global _T0; _T0 = time.perf_counter()
     plan = phy2log.copy()
     num_layers = plan.shape[0]
     ctx = _Context(load, flow, num_gpus, num_nodes, hw, cap)
     before = cost.layer_times(plan, load, flow, num_gpus, num_nodes, hw)["time"]
     times = before.copy()
     swaps, sweeps, temperatures = 0, 0, list(SOFT)
+    settled = np.zeros(num_layers, dtype=bool)  # found nothing, and neither it nor a neighbour changed since
     while time.perf_counter() < deadline and num_gpus > 1 and temperatures:
         sweeps += 1
         ctx.soft = temperatures[0]
@@ -60,16 +60,21 @@ def polish(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_g
         for layer in np.argsort(-pair, kind="stable"):
             if time.perf_counter() >= deadline:
                 break
+            if settled[layer]:
+                continue
             done = _polish_layer(plan, int(layer), ctx, deadline)
-            if done is not None:
-                gained += done[0]
-                times[layer] = done[1][0]
-                if done[1][1] is not None:
-                    times[layer + 1] = done[1][1]
+            if done is None:
+                settled[layer] = True
+                continue
+            gained += done[0]
+            settled[max(layer - 1, 0):layer + 2] = False  # a layer's search sees the layers beside it
+            times[layer] = done[1][0]
+            if done[1][1] is not None:
+                times[layer + 1] = done[1][1]
         swaps += gained
-        if _TRACE: print(f"sweep {sweeps} soft {ctx.soft} {times.mean()*1e3:.4f} t={time.perf_counter()-_T0:.1f}", flush=True)
         if not gained:  # a local optimum of this smoothing: on to the next, closer to the exact max
             temperatures.pop(0)
+            settled[:] = False
     return plan, {"swaps": swaps, "sweeps": sweeps, "layer_ms_before": float(before.mean() * 1e3),
                   "layer_ms": float(times.mean() * 1e3)}
 
@@ -128,34 +133,43 @@ def _polish_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float,
         if time.perf_counter() >= deadline:
             break
         now = search.now(soft=True)
-        found_i, found_j, found_d = [], [], []
-        for lo in range(0, search.i_all.shape[0], _CHUNK):
-            i, j = search.valid(search.i_all[lo:lo + _CHUNK], search.j_all[lo:lo + _CHUNK])
-            if i.size:
-                delta = search.score(i, j, soft=True) - now
-                gain = delta < -tol
-                found_i.append(i[gain]), found_j.append(j[gain]), found_d.append(delta[gain])
-        delta = np.concatenate(found_d) if found_d else np.zeros(0)
-        if delta.size == 0:
+        walks = []  # per class of exchanges: its best improving ones
+        for i_all, j_all in search.classes:
+            found_i, found_j, found_d = [], [], []
+            for lo in range(0, i_all.shape[0], _CHUNK):
+                i, j = search.valid(i_all[lo:lo + _CHUNK], j_all[lo:lo + _CHUNK])
+                if i.size:
+                    delta = search.score(i, j, soft=True) - now
+                    gain = delta < -tol
+                    found_i.append(i[gain]), found_j.append(j[gain]), found_d.append(delta[gain])
+            if found_d and sum(d.size for d in found_d):
+                order = np.argsort(np.concatenate(found_d), kind="stable")[:_WALK]
+                walks.append((np.concatenate(found_i)[order], np.concatenate(found_j)[order]))
+        if not walks:
             break
-        order = np.argsort(delta, kind="stable")[:_WALK]
-        cand_i, cand_j = np.concatenate(found_i)[order], np.concatenate(found_j)[order]
-        while cand_i.size and time.perf_counter() < deadline:
-            cand_i, cand_j = search.valid(cand_i, cand_j)
-            if cand_i.size == 0:
+        while walks and time.perf_counter() < deadline:
+            now = search.now(soft=True)
+            best_step = None  # (delta, class, index) of the best exchange over the classes
+            for w, (cand_i, cand_j) in enumerate(walks):
+                cand_i, cand_j = search.valid(cand_i, cand_j)
+                delta = search.score(cand_i, cand_j, soft=True) - now if cand_i.size else np.zeros(0)
+                gain = delta < -tol
+                walks[w] = (cand_i[gain], cand_j[gain])
+                if gain.any():
+                    k = int(np.flatnonzero(gain)[delta[gain].argmin()])
+                    if best_step is None or delta[k] < best_step[0]:
+                        best_step = (float(delta[k]), w, int(gain[:k].sum()))
+            if best_step is None:
                 break
-            delta = search.score(cand_i, cand_j, soft=True) - search.now(soft=True)
-            k = int(delta.argmin())
-            if delta[k] >= -tol:
-                break
-            search.apply(int(cand_i[k]), int(cand_j[k]))
+            _, w, k = best_step
+            cand_i, cand_j = walks[w]
+            search.apply(cand_i[k], cand_j[k])
+            walks[w] = (np.delete(cand_i, k, axis=0), np.delete(cand_j, k, axis=0))
+            walks = [x for x in walks if x[0].size]
             made += 1
             exact = search.now()
             if exact < best - tol:
                 best, best_row, best_times, kept = exact, plan[layer].copy(), search.times(), made
-            gain = delta < -tol
-            gain[k] = False
-            cand_i, cand_j = cand_i[gain], cand_j[gain]
     # the best arrangement met, each GPU's slots in increasing expert order as every solver writes them
     spg = plan.shape[1] // ctx.num_gpus
     plan[layer] = np.sort(best_row.reshape(ctx.num_gpus, spg), axis=1).ravel()
@@ -210,10 +224,11 @@ class _LayerSearch:
             self.out = out
             served = ctx.load[layer + 1] * ctx.scale[layer + 1] / np.maximum(nxt.sum(axis=1), 1.0)  # (E2,)
             self.next_compute = (served[:, None] * nxt).sum(axis=0).max() * ctx.compute
-        # every swap of two slots on different GPUs (i < j)
-        i_all, j_all = np.triu_indices(num_slots, 1)
-        keep = (i_all // spg) != (j_all // spg)
-        self.i_all, self.j_all = i_all[keep], j_all[keep]
+        # the exchanges tried: every swap of two slots on different GPUs, and every 2-for-2 exchange
+        # between two GPUs of one node (the mean network traffic stays; loads and the busiest GPU move)
+        self.classes = [_exchanges(num_gpus, spg, ctx.num_nodes, 1, same_node=False)]
+        if spg >= 2 and num_gpus > ctx.num_nodes:
+            self.classes.append(_exchanges(num_gpus, spg, ctx.num_nodes, 2, same_node=True))
         # temperatures of the smoothed max, a fixed share of each side's all-to-all time
         self.soft = (ctx.soft * float(ctx.comm(*self.inn)), ctx.soft * float(ctx.comm(*self.out)) if self.has_out else 0.0)
 
@@ -233,30 +248,35 @@ class _LayerSearch:
         return first + (second or 0.0)
 
     def valid(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The swaps among (i, j) that keep one replica per GPU and every load within the cap."""
-        e, f = self.plan[self.layer, i], self.plan[self.layer, j]
-        a, b = i // self.spg, j // self.spg
-        ok = (e != f) & (self.present[e, b] == 0) & (self.present[f, a] == 0)
-        moved = self.weight[f] - self.weight[e]  # load a gains, b loses
+        """The exchanges among (i, j) ((C, k) slots on one GPU, (C, k) on another) that keep one
+        replica per GPU and every load within the cap."""
+        e, f = self.plan[self.layer, i], self.plan[self.layer, j]  # (C, k) each
+        a, b = i[:, 0] // self.spg, j[:, 0] // self.spg  # (C,)
+        ok = (self.present[e, b[:, None]] == 0).all(axis=1) & (self.present[f, a[:, None]] == 0).all(axis=1)
+        ok &= ~(e[:, :, None] == f[:, None, :]).any(axis=(1, 2))
+        moved = self.weight[f].sum(axis=1) - self.weight[e].sum(axis=1)  # load a gains, b loses
         cap = self.ctx.cap[self.layer]
         ok &= (self.gpu_load[a] + moved <= cap) & (self.gpu_load[b] - moved <= cap)
         return i[ok], j[ok]
 
     def score(self, i: np.ndarray, j: np.ndarray, soft: bool = False) -> np.ndarray:
-        """(C,) time[layer] + time[layer + 1] after each swap (i[c], j[c]) alone (smoothed with `soft`)."""
+        """(C,) time[layer] + time[layer + 1] after each exchange (i[c], j[c]) alone (smoothed with
+        `soft`): the experts in slots i[c] go to j[c]'s GPU and those in j[c] to i[c]'s."""
         ctx, num_gpus = self.ctx, self.ctx.num_gpus
-        e, f = self.plan[self.layer, i], self.plan[self.layer, j]
-        a, b = i // self.spg, j // self.spg
+        e, f = self.plan[self.layer, i], self.plan[self.layer, j]  # (C, k)
+        a, b = i[:, 0] // self.spg, j[:, 0] // self.spg
         rows = np.arange(i.shape[0])
         loads = np.broadcast_to(self.gpu_load, (i.shape[0], num_gpus)).copy()
-        moved = self.weight[f] - self.weight[e]
+        moved = self.weight[f].sum(axis=1) - self.weight[e].sum(axis=1)
         loads[rows, a] += moved
         loads[rows, b] -= moved
-        new = self.inn[:, None, :] - self.incoming[:, e] - self.incoming[:, f]  # (4, C, G)
+        new = np.broadcast_to(self.inn[:, None, :], (4, i.shape[0], num_gpus)).copy()  # (4, C, G)
         for x, frm, to in ((e, a, b), (f, b, a)):
-            p = self.present[x].copy()  # (C, G)
-            p[rows, frm], p[rows, to] = 0.0, 1.0
-            new += _incoming(self.src[x], p, self.reps[x][:, None], self.spread, ctx)
+            for m in range(x.shape[1]):  # distinct experts: each one's part changes on its own
+                p = self.present[x[:, m]].copy()  # (C, G)
+                p[rows, frm], p[rows, to] = 0.0, 1.0
+                new += _incoming(self.src[x[:, m]], p, self.reps[x[:, m]][:, None], self.spread, ctx)
+                new -= self.incoming[:, x[:, m]]
         total = ctx.layer_time(loads.max(axis=1) * ctx.compute, ctx.comm(*new, soft=soft and self.soft[0]))
         if self.has_out:
             moved = self._out_after(e, f, a, b, rows)
@@ -264,30 +284,35 @@ class _LayerSearch:
         return total
 
     def _out_after(self, e, f, a, b, rows) -> np.ndarray:
-        """(4, C, G) outgoing sums after each swap: e leaves from b instead of a, f from a instead of b."""
-        ce, cf = (1.0 / self.reps[e])[:, None], (1.0 / self.reps[f])[:, None]
-        moved = np.empty((4, rows.shape[0], self.ctx.num_gpus))
-        for k, table in ((1, self.r_nv), (3, self.r_net)):
-            moved[k] = self.out[k] + (table[e, b] - table[e, a]) * ce + (table[f, a] - table[f, b]) * cf
-        for k, sent in ((0, self.s_nv), (2, self.s_net)):
-            moved[k] = self.out[k]
-            moved[k][rows, a] += sent[f, a] * cf[:, 0] - sent[e, a] * ce[:, 0]
-            moved[k][rows, b] += sent[e, b] * ce[:, 0] - sent[f, b] * cf[:, 0]
+        """(4, C, G) outgoing sums after each exchange: e's leave from b instead of a, f's from a
+        instead of b."""
+        moved = np.broadcast_to(self.out[:, None, :], (4, rows.shape[0], self.ctx.num_gpus)).copy()
+        for x, frm, to in ((e, a, b), (f, b, a)):
+            for m in range(x.shape[1]):
+                y = x[:, m]
+                per = 1.0 / self.reps[y]  # (C,) a replica's share of the expert's routings
+                for k, table in ((1, self.r_nv), (3, self.r_net)):
+                    moved[k] += (table[y, to] - table[y, frm]) * per[:, None]
+                for k, sent in ((0, self.s_nv), (2, self.s_net)):
+                    moved[k][rows, frm] -= sent[y, frm] * per
+                    moved[k][rows, to] += sent[y, to] * per
         return moved
 
-    def apply(self, i: int, j: int) -> None:
-        """Make swap (i, j) and update the sums by its exact change."""
+    def apply(self, i: np.ndarray, j: np.ndarray) -> None:
+        """Make exchange (i, j) ((k,) slots each) and update the sums by its exact change."""
         plan, layer = self.plan, self.layer
-        e, f, a, b = int(plan[layer, i]), int(plan[layer, j]), i // self.spg, j // self.spg
+        e, f = plan[layer, i].copy(), plan[layer, j].copy()
+        a, b = int(i[0]) // self.spg, int(j[0]) // self.spg
         if self.has_out:
-            self.out = self._out_after(np.array([e]), np.array([f]), np.array([a]), np.array([b]), np.arange(1))[:, 0]
-        self.inn -= self.incoming[:, e] + self.incoming[:, f]
+            self.out = self._out_after(e[None], f[None], np.array([a]), np.array([b]), np.arange(1))[:, 0]
         for x, frm, to in ((e, a, b), (f, b, a)):
-            self.present[x, frm], self.present[x, to] = 0.0, 1.0
-            self.incoming[:, x] = _incoming(self.src[x:x + 1], self.present[x:x + 1], self.reps[x:x + 1, None],
-                                            self.spread, self.ctx)[:, 0]
-        self.inn += self.incoming[:, e] + self.incoming[:, f]
-        moved = self.weight[f] - self.weight[e]
+            for y in x:
+                self.inn -= self.incoming[:, y]
+                self.present[y, frm], self.present[y, to] = 0.0, 1.0
+                self.incoming[:, y] = _incoming(self.src[y:y + 1], self.present[y:y + 1], self.reps[y:y + 1, None],
+                                                self.spread, self.ctx)[:, 0]
+                self.inn += self.incoming[:, y]
+        moved = self.weight[f].sum() - self.weight[e].sum()
         self.gpu_load[a] += moved
         self.gpu_load[b] -= moved
         plan[layer, i], plan[layer, j] = f, e
@@ -311,3 +336,18 @@ def _incoming(src: np.ndarray, present: np.ndarray, reps: np.ndarray, spread: bo
     received_near = in_node - leaving if spread else in_node
     return np.stack([leaving * near / reps, present / reps * received_near,
                      leaving * (reps - here) / reps, present / reps * (everywhere - in_node)])
+
+
+def _exchanges(num_gpus: int, spg: int, num_nodes: int, size: int, same_node: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(C, size) slots on GPU a and (C, size) on GPU b > a for every size-for-size exchange between
+    two GPUs (of one node only, with `same_node`)."""
+    a, b = np.triu_indices(num_gpus, 1)
+    if same_node:
+        keep = a // (num_gpus // num_nodes) == b // (num_gpus // num_nodes)
+        a, b = a[keep], b[keep]
+    members = np.array(list(itertools.combinations(range(spg), size)), dtype=np.int64)  # (Q, size)
+    q, r = np.meshgrid(np.arange(len(members)), np.arange(len(members)), indexing="ij")
+    q, r = q.ravel(), r.ravel()
+    i = a[:, None, None] * spg + members[q][None, :, :]  # (P, Q*Q, size)
+    j = b[:, None, None] * spg + members[r][None, :, :]
+    return i.reshape(-1, size), j.reshape(-1, size)

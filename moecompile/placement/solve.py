@@ -24,7 +24,7 @@ SOLVERS = ("greedy", "ilp")
 OBJECTIVES = ("time", "hops")
 # With the time objective, this share of a search's time polishes its plan on the exact layer time
 # (polish.py); the ILP before it prices hops as the mean GPU sees them.
-POLISH_SHARE = 0.7
+POLISH_SHARE = 0.8
 # Starts are searched in parallel processes (one per start, up to the cores) when at least this much
 # time is left: a spawned process needs ~3 s to import what the search needs.
 PARALLEL_MIN_SECONDS = 10.0
