@@ -86,7 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
 
     add_bench_parser(subparsers)
+    _add_train_demo(subparsers)
     return parser
+
+
+def _add_train_demo(subparsers) -> None:
+    from . import train_demo
+
+    p = subparsers.add_parser("train-demo", help="train a small MoE language model with backend='moe' beside eager",
+                              description=train_demo.__doc__.splitlines()[0])
+    train_demo.add_arguments(p)
+    p.set_defaults(func=train_demo.run)
 
 
 def main(argv: list[str] | None = None) -> int:
