@@ -29,21 +29,21 @@ def test_corpus_is_a_fixed_grammar_with_the_stated_entropy():
 
 
 def test_short_run_tracks_eager_and_learns(tmp_path, capsys):
-    """20 steps on the torch path: the losses of eager's (fp32: the first step's within 1e-5, the
-    first 10 steps' within 1e-4), both falling; JSON and plot written. Later steps drift apart by
-    design of MoE: once a near-tie between two experts' scores resolves differently (rounding), the
-    two copies train on different routings; measured: within 4e-5 up to step 23, 2e-3 at step 30."""
+    """20 steps on the torch path at the demo's learning rate: every loss within 1e-4 of eager's
+    (fp32; measured: within 3e-6), both falling; JSON and plot written. At a learning rate 3x higher
+    (1e-2) the two copies drift apart from step 4 (to 5e-2 by step 17): Adam's first steps move
+    every weight by about the learning rate whatever its gradient's size, so rounding-level
+    differences in tiny gradients become weight differences, and a top-k near-tie that then resolves
+    differently sends tokens to other experts."""
     out, png = tmp_path / "run.json", tmp_path / "run.png"
-    assert main(["train-demo", "--steps", "20", "--batch", "4", "--tokens", "24", "--lr", "1e-2", "--every", "10",
+    assert main(["train-demo", "--steps", "20", "--batch", "4", "--tokens", "24", "--every", "10",
                  "--kernels", "torch", "--json", str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert "2 MoE layer(s) found, 2 optimized" in text and "final loss" in text
     record = json.loads(out.read_text())
     steps = record["steps"]
     assert [r["step"] for r in steps] == list(range(1, 21))
-    assert abs(steps[0]["eager_loss"] - steps[0]["moe_loss"]) < 1e-5
-    assert max(abs(r["eager_loss"] - r["moe_loss"]) for r in steps[:10]) < 1e-4
-    assert steps[-1]["moe_loss"] == pytest.approx(steps[-1]["eager_loss"], rel=0.02)
+    assert record["summary"]["max_abs_diff"] < 1e-4
     for name in ("eager", "moe"):
         assert steps[-1][f"{name}_loss"] < steps[0][f"{name}_loss"] - 0.5  # it learns the grammar
     assert all(layer["status"] == "optimized" for layer in record["layers"])
