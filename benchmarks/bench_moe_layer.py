@@ -28,6 +28,15 @@ shapes (DeepSeek's router computes in fp32, so its time share at large T is larg
 Targets (per point, of the best moe kernel): within 2x of the floor at T=1, 1.15x at T=16 and 128,
 1.35x at T>=1024; over inductor: geomean speedup >= 1.6x and no point below 0.95x.
 Results: a table, JSON (default benchmarks/results/moe_layer_<device>_<date>.json) and a PNG plot.
+
+--backward times a training step's part of the layer instead: forward, then the gradients of the
+input and of every parameter for a fixed random output gradient (torch.autograd.grad, nothing
+accumulated), at T = 4096 and 16384 on the GPU shapes (128 and 1024 on the CPU ones). Beside each
+column's time: its peak memory over one step (bench.peak_memory: CUDA's max allocated; on a CPU the
+profiler's memory events, a lower bound) and the bytes its forward keeps for the backward
+(bench.saved_bytes). The floor counts 3x the forward's FLOPs and the expert weights read twice and
+their gradients written once; no floor targets. Targets: over inductor, geomean >= 1.5x; the best
+moe column's peak memory no more than inductor's at every point. JSON: moe_layer_bwd_<device>_<date>.json.
 """
 
 from __future__ import annotations
@@ -82,8 +91,10 @@ TINY_LAYERS = [Layer("mixtral-tiny", "mixtral", 4, 2, 32, 64),
                Layer("deepseek-v3-tiny", "deepseek_v3", 16, 4, 32, 16, shared_I=16, groups=4, top_groups=2)]
 SHAPES = {"gpu": GPU_LAYERS, "cpu": CPU_LAYERS, "tiny": TINY_LAYERS}
 TOKENS = {"gpu": [1, 16, 128, 1024, 4096, 16384], "cpu": [1, 16, 128, 1024], "tiny": [1, 5]}
+BACKWARD_TOKENS = {"gpu": [4096, 16384], "cpu": [128, 1024], "tiny": [5]}
 KERNELS = ("torch", "triton")
 SPEEDUP_GEOMEAN, SPEEDUP_MIN = 1.6, 0.95  # the issue's targets over inductor
+BACKWARD_SPEEDUP_GEOMEAN = 1.5  # forward + backward over inductor's
 LEGEND = ("hit: distinct experts routed to; <k> spd: inductor ms / moe ms; <k> /fl: moe ms / floor ms; "
           "fl target: best moe / floor allowed at this T")
 
@@ -157,10 +168,13 @@ def experts_hit(block: torch.nn.Module, x: torch.Tensor) -> int:
     return int(torch.unique(ids).numel())
 
 
-def roofline(layer: Layer, T: int, hit: int, w_itemsize: int, x_itemsize: int, peak: float, bandwidth: float) -> dict:
+def roofline(layer: Layer, T: int, hit: int, w_itemsize: int, x_itemsize: int, peak: float, bandwidth: float,
+             backward: bool = False) -> dict:
     L = layer
     flops = 2 * T * L.K * 3 * L.H * L.I + 2 * T * 3 * L.H * L.shared_I
     nbytes = (hit * 3 * L.H * L.I + 3 * L.H * L.shared_I) * w_itemsize + 2 * T * L.H * x_itemsize
+    if backward:  # dX and dW GEMMs: 2x the forward's FLOPs; weights read again, their grads written
+        flops, nbytes = 3 * flops, 3 * (nbytes - 2 * T * L.H * x_itemsize) + 4 * T * L.H * x_itemsize
     compute_ms, memory_ms = flops / peak * 1e3, nbytes / bandwidth * 1e3
     return {"flops": flops, "bytes": nbytes, "floor_ms": max(compute_ms, memory_ms),
             "bound": "compute" if compute_ms >= memory_ms else "memory"}
@@ -217,7 +231,8 @@ class _Column:
     """One column of one layer: what it calls and what its first calls found."""
 
     name: str  # eager | inductor | moe:<kernels>
-    fn: Callable
+    fn: Callable  # the (compiled) block
+    call: Callable | None = None  # what is timed: the block, or with --backward a step through it
     compiles: int = 0  # graphs Dynamo compiled for it, over all T
     compile_s: float = 0.0  # wall time of the calls that compiled
     kernels_ran: list | None = None  # moe: the report's kernels of its regions
@@ -230,7 +245,7 @@ def _first_call(col: _Column, x, reference, device, point: dict) -> str | None:
     error into `point`. Returns why the column is not to be timed, None if it is."""
     regions_before, graphs_before, t0 = len(moecompile.last_report().regions), _graphs(), time.perf_counter()
     try:
-        out = col.fn(x)
+        out = col.call(*x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as err:  # noqa: BLE001 -- a failing column never stops the run
@@ -251,38 +266,57 @@ def _first_call(col: _Column, x, reference, device, point: dict) -> str | None:
     return None
 
 
-def bench_layer(layer: Layer, tokens, kernels, dtype, device, probe, warmup, iters, log) -> dict:
+def _step(fn: Callable, params: list) -> Callable:
+    """A training step's part of a layer: forward, then the gradients of the input and of every
+    parameter for the output gradient `grad` (returned, not accumulated)."""
+    def step(x, grad):
+        out = fn(x)
+        torch.autograd.grad(out, (x, *params), grad)
+        return out.detach()
+    return step
+
+
+def bench_layer(layer: Layer, tokens, kernels, dtype, device, probe, warmup, iters, log, backward=False) -> dict:
     """Every column of one layer at every T: {"layer", "compiles", "compile_s", "kernels_ran",
     "notes", "points"}; `log` gets each point's table row as it is done."""
     block = build_block(layer, dtype, device)
     w_itemsize = block.experts.down_proj.element_size()
     names = ["eager", "inductor"] + [f"moe:{k}" for k in kernels]
-    cols = [_Column(c, _compiled(block, c)) for c in names]
+    params = [p for p in block.parameters() if p.requires_grad]
+    cols = [_Column(c, fn, _step(fn, params) if backward else fn) for c, fn in ((c, _compiled(block, c)) for c in names)]
     points = []
     gen = torch.Generator(device).manual_seed(1)
     for T in tokens:
-        x = torch.randn(1, T, layer.H, device=device, dtype=dtype, generator=gen)
+        x = torch.randn(1, T, layer.H, device=device, dtype=dtype, generator=gen).requires_grad_(backward)
         if T >= 2:  # sizes 0 and 1 are always specialized; every T >= 2 shares one graph
             torch._dynamo.mark_dynamic(x, 1)
         hit = experts_hit(block, x)
         point = {"layer": layer.name, "T": T, "experts_hit": hit,
-                 **roofline(layer, T, hit, w_itemsize, x.element_size(), probe["peak_flops"], probe["bandwidth"]),
+                 **roofline(layer, T, hit, w_itemsize, x.element_size(), probe["peak_flops"], probe["bandwidth"],
+                            backward),
                  "ms": {}, "errors": {}, "compiles": {}, "max_abs_err": {}}
+        args = (x, torch.randn(x.shape, device=device, dtype=dtype, generator=gen)) if backward else (x,)
         with torch.no_grad():
             reference = block(x).float()
+        with contextlib.nullcontext() if backward else torch.no_grad():
             for col in cols:
-                why_not = col.dropped or _first_call(col, x, reference, device, point)
+                why_not = col.dropped or _first_call(col, args, reference, device, point)
                 if why_not:
                     point["errors"][col.name] = why_not
-            live = {c.name: c.fn for c in cols if c.name not in point["errors"]}
+            live = {c.name: c.call for c in cols if c.name not in point["errors"]}
             errors: dict[str, str] = {}
-            point["ms"] = bench.round_robin(live, (x,), device, warmup, iters, events=True,
+            point["ms"] = bench.round_robin(live, args, device, warmup, iters, events=True,
                                             flush=device.type == "cuda", errors=errors)
+            if backward:  # memory of one step, and what each forward keeps for its backward
+                point["peak_mb"] = {c.name: bench.peak_memory(c.call, args, device) / 2**20
+                                    for c in cols if c.name in point["ms"]}
+                point["saved_mb"] = {c.name: bench.saved_bytes(c.fn, (x,), exclude=[x, *params]) / 2**20
+                                     for c in cols if c.name in point["ms"]}
         for col in cols:
             if col.name in errors:
                 point["errors"][col.name] = errors[col.name][:2000]
                 col.dropped = f"skipped: failed at T={T}"
-        points.append(_ratios(point))
+        points.append(_ratios(point, backward))
         log(format_row(point, names))
         del x, reference
     result = {"layer": asdict(layer), "compiles": {c.name: c.compiles for c in cols},
@@ -301,17 +335,21 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _ratios(point: dict) -> dict:
+def _ratios(point: dict, backward: bool = False) -> dict:
     """Adds over_inductor (ms / inductor ms), over_floor (ms / floor), the best moe column, its
-    speedup over inductor and whether the targets hold."""
+    speedup over inductor and whether the targets hold (with `backward`: no floor target; the best
+    moe column's peak memory against inductor's)."""
     ms, floor = point["ms"], point["floor_ms"]
     ind = ms.get("inductor")
     moe = {c: t for c, t in ms.items() if c.startswith("moe:")}
     point["over_inductor"] = {c: t / ind for c, t in moe.items()} if ind else {}
     point["over_floor"] = {c: t / floor for c, t in ms.items()}
     best = min(moe, key=moe.get) if moe else None
-    target = floor_target(point["T"])
+    target = None if backward else floor_target(point["T"])
     point["best"] = best
+    if backward:
+        peak = point.get("peak_mb", {})
+        point["meets_memory"] = (peak[best] <= peak["inductor"]) if best in peak and "inductor" in peak else None
     point["speedup"] = ind / moe[best] if best and ind else None
     point["floor_target"] = target
     point["meets_floor"] = None if target is None or best is None else moe[best] / floor <= target
@@ -319,8 +357,9 @@ def _ratios(point: dict) -> dict:
     return point
 
 
-def summarize(points: list[dict]) -> dict:
+def summarize(points: list[dict], backward: bool = False) -> dict:
     rated = [p for p in points if p["speedup"]]
+    target = BACKWARD_SPEEDUP_GEOMEAN if backward else SPEEDUP_GEOMEAN
     floor_rated = [p for p in points if p["meets_floor"] is not None]
     worst = min(rated, key=lambda p: p["speedup"]) if rated else None
     geomean = bench.geomean(p["speedup"] for p in rated) if rated else None
@@ -329,7 +368,9 @@ def summarize(points: list[dict]) -> dict:
         "geomean_speedup": geomean,
         "worst": {"layer": worst["layer"], "T": worst["T"], "speedup": worst["speedup"]} if worst else None,
         "below_speedup_min": [(p["layer"], p["T"]) for p in rated if p["speedup"] < SPEEDUP_MIN],
-        "meets_geomean": None if geomean is None else geomean >= SPEEDUP_GEOMEAN,
+        "target_geomean": target,
+        "meets_geomean": None if geomean is None else geomean >= target,
+        "meets_memory": None if not backward else all(p.get("meets_memory") for p in rated) if rated else None,
         "meets_speedup_min": None if not rated else all(p["meets_speedup_min"] for p in rated),
         "floor_met": sum(p["meets_floor"] for p in floor_rated), "floor_rated": len(floor_rated),
         "floor_missed": [(p["layer"], p["T"], round(p["over_floor"][p["best"]], 3)) for p in floor_rated
@@ -351,9 +392,11 @@ def _ok(flag) -> str:
     return "-" if flag is None else ("ok" if flag else "NO")
 
 
-def format_header(columns) -> str:
+def format_header(columns, backward: bool = False) -> str:
     moe = [c for c in columns if c.startswith("moe:")]
     head = f"{'layer':<16} {'T':>6} {'hit':>4} " + " ".join(f"{c + ' ms':>12}" for c in columns)
+    if backward:
+        head += " " + " ".join(f"{c + ' MB':>12}" for c in columns)
     head += f" {'floor ms':>10} {'bound':>7} "
     head += " ".join(f"{c[4:] + ' spd':>11} {c[4:] + ' /fl':>11}" for c in moe)
     return head + f" {'fl target':>10} {'spd>=' + str(SPEEDUP_MIN):>9}"
@@ -363,6 +406,9 @@ def format_row(p: dict, columns) -> str:
     moe = [c for c in columns if c.startswith("moe:")]
     row = f"{p['layer'][:16]:<16} {p['T']:>6} {p['experts_hit']:>4} "
     row += " ".join(f"{_cell(p, c):>12}" for c in columns)
+    if "peak_mb" in p:  # --backward: peak memory of one step, then what the forward keeps
+        row += " " + " ".join(f"{p['peak_mb'][c]:>6.1f}/{p['saved_mb'][c]:<5.1f}" if c in p["peak_mb"] else f"{'-':>12}"
+                              for c in columns)
     row += f" {p['floor_ms']:>10.4f} {p['bound']:>7} "
     row += " ".join(f"{_x(1 / p['over_inductor'][c] if c in p['over_inductor'] else None):>11} "
                     f"{_x(p['over_floor'].get(c)):>11}" for c in moe)
@@ -374,11 +420,12 @@ def summary_line(s: dict) -> str:
     if not s["rated_points"]:
         return "summary: no point with both an inductor and a moe time"
     worst = s["worst"]
+    memory = "" if s.get("meets_memory") is None else f"; peak memory <= inductor's: {_ok(s['meets_memory'])}"
     return (f"summary: moe(best kernel) over inductor: geomean {s['geomean_speedup']:.3f}x over "
-            f"{s['rated_points']} points (target >= {SPEEDUP_GEOMEAN}x: {_ok(s['meets_geomean'])}), worst "
+            f"{s['rated_points']} points (target >= {s['target_geomean']}x: {_ok(s['meets_geomean'])}), worst "
             f"{worst['speedup']:.3f}x at {worst['layer']} T={worst['T']} (no point below {SPEEDUP_MIN}x: "
             f"{_ok(s['meets_speedup_min'])}, {len(s['below_speedup_min'])} below); floor targets met at "
-            f"{s['floor_met']}/{s['floor_rated']} points")
+            f"{s['floor_met']}/{s['floor_rated']} points{memory}")
 
 
 def plot(data: dict, path: Path) -> str:
@@ -433,6 +480,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default 20 CUDA, 5 CPU)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/moe_layer_<device>_<date>.json)")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
+    p.add_argument("--backward", action="store_true",
+                   help="time forward + backward, with peak memory and the bytes kept for backward")
     return p
 
 
@@ -451,14 +500,14 @@ def _settings(parser, argv) -> argparse.Namespace:
     args.layers = [L for L in table if any(a in (L.name, L.family) or L.name.startswith(a) for a in wanted)]
     if not args.layers:
         parser.error(f"--layers {wanted} matches none of {[L.name for L in table]}")
-    args.tokens = args.tokens or TOKENS[args.shapes]
+    args.tokens = args.tokens or (BACKWARD_TOKENS if args.backward else TOKENS)[args.shapes]
     args.warmup = (5 if cuda else 2) if args.warmup is None else args.warmup
     args.iters = (20 if cuda else 5) if args.iters is None else args.iters
     if min(args.tokens) < 1 or args.warmup < 0 or args.iters < 1:
         parser.error("--tokens and --iters must be >= 1, --warmup >= 0")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     args.out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        f"moe_layer_{bench.device_slug(args.device)}_{datetime.date.today().isoformat()}.json")
+        f"moe_layer{'_bwd' if args.backward else ''}_{bench.device_slug(args.device)}_{datetime.date.today().isoformat()}.json")
     args.plot = Path(args.plot) if args.plot else args.out.with_suffix(".png")
     return args
 
@@ -472,24 +521,26 @@ def run(args, command: str) -> dict:
     print(f"device: {bench.device_name(device)}, {str(args.dtype)[6:]}, {bench.versions()}")
     print(f"measured: peak {peak['flops'] / 1e12:.2f} TFLOP/s ({peak['n']}^3 matmul), "
           f"bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['nbytes'] >> 20} MiB copy)")
-    print("".join(f"{c}: {note}\n" for c, note in kernel_notes.items()) + f"\n{LEGEND}\n{format_header(columns)}",
-          flush=True)
+    legend = LEGEND + ("; <col> MB: peak MB of one step / MB the forward keeps for backward" if args.backward else "")
+    print("".join(f"{c}: {note}\n" for c, note in kernel_notes.items())
+          + f"\n{legend}\n{format_header(columns, args.backward)}", flush=True)
     probe = {"peak_flops": peak["flops"], "bandwidth": bw["bytes_per_s"]}
     # a recompile per T must show in the compile counts, not be cut short by the cache limit
     with torch._dynamo.config.patch(recompile_limit=64):
         results = [bench_layer(layer, args.tokens, kernels, args.dtype, device, probe, args.warmup, args.iters,
-                               lambda line: print(line, flush=True)) for layer in args.layers]
+                               lambda line: print(line, flush=True), args.backward) for layer in args.layers]
     return {
-        "benchmark": "moe_layer", "command": command, "device": bench.device_name(device),
+        "benchmark": "moe_layer", "mode": "forward+backward" if args.backward else "forward", "command": command, "device": bench.device_name(device),
         "date": datetime.date.today().isoformat(), **bench.versions(), "dtype": str(args.dtype)[6:],
         "shapes": args.shapes, "tokens": args.tokens, "warmup": args.warmup, "iters": args.iters,
         "timing": f"CUDA events, {bench.FLUSH_BYTES >> 20} MiB written before each call" if device.type == "cuda"
                   else "wall clock, caches not flushed",
         "peak_tflops": peak["flops"] / 1e12, "bandwidth_gbs": bw["bytes_per_s"] / 1e9,
         "probes": {"matmul": peak, "copy": bw}, "columns": columns, "kernel_notes": kernel_notes,
-        "targets": {"floor": {"T=1": 2.0, "T=16,128": 1.15, "T>=1024": 1.35},
-                    "speedup_geomean": SPEEDUP_GEOMEAN, "speedup_min": SPEEDUP_MIN},
-        "layers": results, "summary": summarize([p for r in results for p in r["points"]]),
+        "targets": ({"speedup_geomean": BACKWARD_SPEEDUP_GEOMEAN, "peak_memory": "best moe <= inductor"}
+                    if args.backward else {"floor": {"T=1": 2.0, "T=16,128": 1.15, "T>=1024": 1.35},
+                                           "speedup_geomean": SPEEDUP_GEOMEAN, "speedup_min": SPEEDUP_MIN}),
+        "layers": results, "summary": summarize([p for r in results for p in r["points"]], args.backward),
         "runtime_s": round(time.perf_counter() - t_start, 1),
         "load_avg": {"start": load_start, "end": _load()},  # other work on the machine skews the times
     }
@@ -497,8 +548,8 @@ def run(args, command: str) -> dict:
 
 def print_report(data: dict) -> None:
     """The whole table again, compile counts, notes and errors, and the summary line."""
-    columns = data["columns"]
-    print(f"\n{LEGEND}\n{format_header(columns)}")
+    columns, backward = data["columns"], data.get("mode") == "forward+backward"
+    print(f"\n{LEGEND}\n{format_header(columns, backward)}")
     for r in data["layers"]:
         print("\n".join(format_row(p, columns) for p in r["points"]))
     for r in data["layers"]:

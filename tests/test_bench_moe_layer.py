@@ -94,3 +94,36 @@ def test_every_tiny_family_and_both_kernel_choices(tmp_path):
             assert p["ms"]["moe:torch"] > 0
             # Triton runs here only in the interpreter; either it ran or the column says why not
             assert "moe:triton" in p["ms"] or p["errors"]["moe:triton"]
+
+
+def test_backward_times_a_step_with_its_memory(tmp_path):
+    """--backward: forward + input and weight gradients per column, each with its peak memory over
+    one step and what its forward keeps for the backward; no floor targets."""
+    data = _run(tmp_path, "--layers", "qwen3-tiny", "--tokens", "5", "--kernels", "torch", "--backward")
+    assert data["mode"] == "forward+backward" and data["targets"]["speedup_geomean"] == 1.5
+    (layer,) = data["layers"]
+    (p,) = layer["points"]
+    assert p["errors"] == {} and set(p["ms"]) == set(data["columns"])
+    assert p["floor_target"] is None and p["meets_floor"] is None
+    for column in data["columns"]:
+        assert p["peak_mb"][column] > 0 and p["max_abs_err"][column] < 1e-4, column  # the forward's output
+    # eager and inductor keep activations; the torch path's layer op keeps only its inputs
+    # (backward "recompute"), which saved_bytes leaves out: nothing more
+    assert p["saved_mb"]["eager"] > 0 and p["saved_mb"]["inductor"] > 0 and p["saved_mb"]["moe:torch"] == 0
+    assert p["meets_memory"] == (p["peak_mb"]["moe:torch"] <= p["peak_mb"]["inductor"])
+    assert data["summary"]["meets_memory"] == p["meets_memory"]
+
+
+def test_peak_memory_counts_what_a_call_allocates():
+    import torch
+
+    from moecompile.tools import bench
+
+    def alloc(n):
+        a = torch.ones(n)  # 4n bytes
+        b = a * 2  # another 4n
+        return (a + b).sum()
+
+    cpu = torch.device("cpu")
+    small, big = bench.peak_memory(alloc, (1000,), cpu), bench.peak_memory(alloc, (100000,), cpu)
+    assert big >= 8 * 100000 and big > 50 * small

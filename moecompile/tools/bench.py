@@ -77,6 +77,35 @@ def saved_bytes(fn, args, exclude=()) -> int:
     return sum(seen.values())
 
 
+def peak_memory(fn, args, device) -> int:
+    """Bytes above what was allocated before, at the peak of one fn(*args) call (compile fn first).
+
+    CUDA: the allocator's max allocated. CPU: the profiler's memory events, each op's net
+    allocation added in the order the ops started, the largest running total; an allocation freed
+    inside the same op is not seen, so this is a lower bound of the true peak."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn(*args)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return int(peak)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*args)
+    del out
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    running = peak = 0
+    for e in events:
+        running += e.self_cpu_memory_usage
+        peak = max(peak, running)
+    return int(peak)
+
+
 def _output(value):
     return value.logits if hasattr(value, "logits") else value
 
