@@ -228,21 +228,22 @@ def _grid_plot(rows: list[dict], path: str) -> None:
     except ImportError:
         print("no matplotlib: no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (name, gpus, generator) in sorted({(r["name"], r["gpus"], r["source"]["generator"]) for r in rows}):
-        mine = [r for r in rows if (r["name"], r["gpus"], r["source"]["generator"]) == (name, gpus, generator)]
-        affs = sorted({r["source"]["affinity"] for r in mine})
-        cuts = [100 * sum(r["time_cut"] for r in mine if r["source"]["affinity"] == a) /
-                sum(1 for r in mine if r["source"]["affinity"] == a) for a in affs]
-        bound = [100 * sum(1 - r["bound"]["layer_ms"] / r["greedy"]["layer_ms"] for r in mine
-                           if r["source"]["affinity"] == a) / sum(1 for r in mine if r["source"]["affinity"] == a)
-                 for a in affs]
-        line, = ax.plot(affs, cuts, marker="o", label=f"{name} G={gpus} {generator}")
-        ax.plot(affs, bound, linestyle=":", marker="x", color=line.get_color())
-    ax.set_xlabel("affinity")
-    ax.set_ylabel("predicted layer time below greedy (%)")
-    ax.set_title("ILP (objective time) vs greedy; dotted: the bound", fontsize=10)
-    ax.legend(fontsize=7)
+    generators = sorted({r["source"]["generator"] for r in rows})
+    fig, axes = plt.subplots(1, len(generators), figsize=(6 * len(generators), 4.2), squeeze=False)
+    for ax, generator in zip(axes[0], generators):
+        for (name, gpus) in sorted({(r["name"], r["gpus"]) for r in rows if r["source"]["generator"] == generator}):
+            mine = [r for r in rows if (r["name"], r["gpus"], r["source"]["generator"]) == (name, gpus, generator)]
+            affs = sorted({r["source"]["affinity"] for r in mine})
+            at = [[r for r in mine if r["source"]["affinity"] == a] for a in affs]  # the seeds of each affinity
+            cuts = [100 * sum(r["time_cut"] for r in rs) / len(rs) for rs in at]
+            bound = [100 * sum(1 - r["bound"]["layer_ms"] / r["greedy"]["layer_ms"] for r in rs) / len(rs) for rs in at]
+            line, = ax.plot(affs, cuts, marker="o", label=f"{name} G={gpus}")
+            ax.plot(affs, bound, linestyle=":", marker="x", color=line.get_color())
+        ax.set_xlabel("affinity")
+        ax.set_ylabel("predicted layer time below greedy (%)")
+        ax.set_title(f"{generator} traces: ILP (objective time) vs greedy; dotted: the bound", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
