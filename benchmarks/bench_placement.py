@@ -48,6 +48,8 @@ SIZES = [
     ("DeepSeek-V3", 58, 256, 8, [(64, 8, 64), (32, 4, 32)]),
     ("Qwen3-30B-A3B", 48, 128, 8, [(32, 4, 32), (16, 2, 16)]),
 ]
+# each model's hidden size and expert intermediate size: the layer-time model's bytes and FLOPs per routing
+DIMS = {"DeepSeek-V3": (7168, 2048), "Qwen3-30B-A3B": (2048, 768)}
 TARGET = ("DeepSeek-V3", 64, 8, 64)
 GENERATOR = {"num_tokens": 8192, "skew": 0.5, "affinity": 0.9, "seed": 0}
 AFFINITY_SWEEP = (0.0, 0.5, 0.8, 0.95)
@@ -157,7 +159,8 @@ def _grid(args) -> int:
 
 def _grid_row(name, trace, gpus, nodes, redundant, time_limit, source, compare_hops=False) -> dict:
     print(f"{name} G={gpus} {source}: ilp for {time_limit:g} s ...", file=sys.stderr, flush=True)
-    hw = cost.hardware("h100", trace=trace)
+    hidden, intermediate = DIMS.get(name, (None, None))
+    hw = cost.hardware("h100", trace=trace, hidden=hidden, intermediate=intermediate)
     greedy = place(trace, gpus, nodes, redundant)
     ilp = place(trace, gpus, nodes, redundant, solver="ilp", time_limit=time_limit, hardware=hw)
     spg = (trace.num_experts + redundant) // gpus
@@ -171,7 +174,7 @@ def _grid_row(name, trace, gpus, nodes, redundant, time_limit, source, compare_h
             "redundant": redundant, "source": source, "greedy": {**_summary(greedy.metrics), "layer_ms": g_ms},
             "ilp": {**_summary(ilp.metrics), "layer_ms": i_ms, "seconds": ilp.solver["seconds"],
                     "kept": ilp.solver["source"], "start": ilp.solver.get("start"), "starts": ilp.solver.get("starts")},
-            "bound": bound, "time_cut": 1.0 - i_ms / g_ms}
+            "bound": bound, "time_cut": 1.0 - i_ms / g_ms, "hidden": hw.hidden, "intermediate": hw.intermediate}
 
 
 def _grid_head() -> str:

@@ -152,6 +152,7 @@ def test_place_reports_predicted_layer_time_for_greedy_and_the_plan(tmp_path, ca
     predicted = plan["metrics"]["predicted"]
     assert predicted["layer_ms"] == pytest.approx(float(ilp.split()[-2]), abs=1e-3)
     assert predicted["layer_ms"] == pytest.approx(predicted["compute_ms"] + predicted["comm_ms"])
+    assert ("polished on the layer time" in text) == (plan["solver"]["source"] == "ilp")
 
 
 @pytest.mark.parametrize("flags, words", [

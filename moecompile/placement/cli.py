@@ -177,6 +177,10 @@ def format_table(plan: Plan, greedy: Plan | None, evaluated: bool = False) -> st
         notes.append("searched from: " + ", ".join(
             f"{origin} {s['layer_ms']:.3f} ms" + ("" if s["within_caps"] else " (over the caps)")
             for origin, s in starts.items()) + f"; kept: {plan.solver.get('start', 'none') if plan.solver.get('source') == 'ilp' else plan.solver.get('source')}")
+    polished = plan.solver.get("polish") if not evaluated and plan.solver.get("source") == "ilp" else None
+    if polished:
+        notes.append(f"polished on the layer time: {polished['layer_ms_before']:.3f} -> {polished['layer_ms']:.3f} ms "
+                     f"({polished['swaps']} exchanges in {polished['sweeps']} sweeps)")
     if "moved" in plan.solver and not evaluated:
         notes.append(f"moved replicas vs previous plan: {plan.solver['moved']}")
     return "\n".join(lines + notes)
