@@ -24,7 +24,7 @@ SOLVERS = ("greedy", "ilp")
 OBJECTIVES = ("time", "hops")
 # With the time objective, this share of a search's time polishes its plan on the exact layer time
 # (polish.py); the ILP before it prices hops as the mean GPU sees them, and stops gaining early
-# (DeepSeek-V3 chain trace, 2 cores: the same layer time after 12 s as after 240 s).
+# (DeepSeek-V3 chain trace, 2 cores: the same layer time after 18 s as after 240 s).
 POLISH_SHARE = 0.8
 # Starts are searched in parallel processes (one per start, up to the cores) when at least this much
 # time is left: a spawned process needs ~3 s to import what the search needs.
