@@ -13,6 +13,7 @@ same way, so a floor is computed from what this device does in this run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -95,8 +96,14 @@ def peak_memory(fn, args, device) -> int:
         return int(peak)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_silenced():  # the profiler's C++ side prints a line at start and at stop
+        prof.__enter__()
+    try:
         out = fn(*args)
+    finally:
+        with _stderr_silenced():
+            prof.__exit__(None, None, None)
     del out
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     running = peak = 0
@@ -104,6 +111,24 @@ def peak_memory(fn, args, device) -> int:
         running += e.self_cpu_memory_usage
         peak = max(peak, running)
     return int(peak)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the block (output written by C++, which sys.stderr
+    does not see)."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _output(value):
