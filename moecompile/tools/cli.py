@@ -1,4 +1,4 @@
-"""The `moecompile` command line: place | trace | explain | bench.
+"""The `moecompile` command line: place | trace | explain | bench | train-demo.
 
 Every subcommand turns bad user input into one line on stderr and exit code 2
 (`moecompile: error: ...`), checks its output paths before any work and writes outputs atomically,
