@@ -271,9 +271,25 @@ def _step(fn: Callable, params: list) -> Callable:
     parameter for the output gradient `grad` (returned, not accumulated)."""
     def step(x, grad):
         out = fn(x)
-        torch.autograd.grad(out, (x, *params), grad)
+        torch.autograd.grad(out, (x, *params), grad, allow_unused=True)
         return out.detach()
     return step
+
+
+def _grads(fn: Callable, x, grad, params) -> list:
+    """The input's and every parameter's gradient of fn(x) for `grad` (None where unused)."""
+    return list(torch.autograd.grad(fn(x), (x, *params), grad, allow_unused=True))
+
+
+def _grad_err(got: list, want: list) -> float:
+    """Largest absolute difference over all gradients; inf where one side has none."""
+    err = 0.0
+    for a, b in zip(got, want):
+        if (a is None) != (b is None):
+            return float("inf")
+        if a is not None:
+            err = max(err, (a.float() - b.float()).abs().max().item())
+    return err
 
 
 def bench_layer(layer: Layer, tokens, kernels, dtype, device, probe, warmup, iters, log, backward=False) -> dict:
@@ -303,15 +319,31 @@ def bench_layer(layer: Layer, tokens, kernels, dtype, device, probe, warmup, ite
                 why_not = col.dropped or _first_call(col, args, reference, device, point)
                 if why_not:
                     point["errors"][col.name] = why_not
+            if backward:  # every column's gradients against eager's, before any is timed
+                want = _grads(block, x, args[1], params)
+                point["max_grad_err"] = {}
+                for col in cols:
+                    if col.name not in point["errors"]:
+                        try:
+                            point["max_grad_err"][col.name] = _grad_err(_grads(col.fn, x, args[1], params), want)
+                        except Exception as err:  # noqa: BLE001 -- a failing column never stops the run
+                            point["errors"][col.name] = f"{type(err).__name__}: {err}"[:2000]
+                            col.dropped = f"skipped: failed at T={T}"
             live = {c.name: c.call for c in cols if c.name not in point["errors"]}
             errors: dict[str, str] = {}
             point["ms"] = bench.round_robin(live, args, device, warmup, iters, events=True,
                                             flush=device.type == "cuda", errors=errors)
             if backward:  # memory of one step, and what each forward keeps for its backward
-                point["peak_mb"] = {c.name: bench.peak_memory(c.call, args, device) / 2**20
-                                    for c in cols if c.name in point["ms"]}
-                point["saved_mb"] = {c.name: bench.saved_bytes(c.fn, (x,), exclude=[x, *params]) / 2**20
-                                     for c in cols if c.name in point["ms"]}
+                point["peak_mb"], point["saved_mb"] = {}, {}
+                for c in cols:
+                    if c.name not in point["ms"]:
+                        continue
+                    try:
+                        point["peak_mb"][c.name] = bench.peak_memory(c.call, args, device) / 2**20
+                        point["saved_mb"][c.name] = bench.saved_bytes(c.fn, (x,), exclude=[x, *params]) / 2**20
+                    except Exception as err:  # noqa: BLE001 -- a failing measurement never stops the run
+                        point["errors"][c.name] = f"memory: {type(err).__name__}: {err}"[:2000]
+                        point["peak_mb"].pop(c.name, None)
         for col in cols:
             if col.name in errors:
                 point["errors"][col.name] = errors[col.name][:2000]
@@ -407,7 +439,7 @@ def format_row(p: dict, columns) -> str:
     row = f"{p['layer'][:16]:<16} {p['T']:>6} {p['experts_hit']:>4} "
     row += " ".join(f"{_cell(p, c):>12}" for c in columns)
     if "peak_mb" in p:  # --backward: peak memory of one step, then what the forward keeps
-        row += " " + " ".join(f"{p['peak_mb'][c]:>6.1f}/{p['saved_mb'][c]:<5.1f}" if c in p["peak_mb"] else f"{'-':>12}"
+        row += " " + " ".join(f"{p['peak_mb'][c]:>6.1f}/{p['saved_mb'][c]:<5.1f}" if c in p["saved_mb"] else f"{'-':>12}"
                               for c in columns)
     row += f" {p['floor_ms']:>10.4f} {p['bound']:>7} "
     row += " ".join(f"{_x(1 / p['over_inductor'][c] if c in p['over_inductor'] else None):>11} "

@@ -107,6 +107,7 @@ def test_backward_times_a_step_with_its_memory(tmp_path):
     assert p["floor_target"] is None and p["meets_floor"] is None
     for column in data["columns"]:
         assert p["peak_mb"][column] > 0 and p["max_abs_err"][column] < 1e-4, column  # the forward's output
+        assert p["max_grad_err"][column] < 1e-4, column  # input and weight gradients against eager's
     # eager and inductor keep activations; the torch path's layer op keeps only its inputs
     # (backward "recompute"), which saved_bytes leaves out: nothing more
     assert p["saved_mb"]["eager"] > 0 and p["saved_mb"]["inductor"] > 0 and p["saved_mb"]["moe:torch"] == 0

@@ -127,3 +127,15 @@ def _no_doubles(row: np.ndarray, num_gpus: int) -> np.ndarray:
                 row[g * spg + s], row[t] = row[t], row[g * spg + s]
                 break
     raise AssertionError("could not spread replicas")
+
+
+def test_polish_skips_tables_too_big_and_takes_integer_counts(monkeypatch):
+    import moecompile.placement.polish as polish_module
+    trace, plan = _case(6)
+    load, flow = np.rint(trace.load * 10).astype(np.int64), np.rint(trace.flow * 10).astype(np.int64)
+    cap = gpu_loads(plan, load, 6).max(axis=1) * (1 + 1e-12)
+    found, info = polish(plan, load, flow, 6, 3, HW, cap, time.perf_counter() + 2.0)  # integer counts work
+    assert info["layer_ms"] <= info["layer_ms_before"] and "skipped" not in info
+    monkeypatch.setattr(polish_module, "MAX_TABLE_BYTES", 1000)
+    found, info = polish(plan, load, flow, 6, 3, HW, cap, time.perf_counter() + 2.0)
+    assert info["skipped"] == "too many GPUs for the tables" and np.array_equal(found, plan)

@@ -65,6 +65,8 @@ def test_two_steps_on_the_triton_kernels(tmp_path, capsys):
     (["--model", "dense"], "unknown MoE model 'dense'"),
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--tokens", "1"], "--tokens must be at least 2"),
+    (["--hidden", "48"], "--hidden must be a multiple of 32"),
+    (["--steps", "100000", "--batch", "64"], "--steps x --batch x --tokens is the corpus"),
 ])
 def test_bad_options_are_one_line_errors_and_write_nothing(tmp_path, capsys, argv, words):
     out = tmp_path / "run.json"

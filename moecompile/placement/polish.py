@@ -24,8 +24,11 @@ The exact max is flat wherever several GPUs tie near it, so the search descends 
 nothing) and each layer keeps the arrangement with the lowest exact time it met. Layers are visited
 hottest pair first; a layer whose search found nothing waits until a neighbour changes. Every
 exchange keeps slots per GPU, replica counts, at most one replica of an expert per GPU and every GPU
-load at or under the layer's cap, and no layer is left slower: the result is never worse than the
-plan it starts from.
+load at or under the layer's cap, and a layer's arrangement changes only when the sum of the two
+layer times it sets falls: the mean layer time never rises.
+
+The per-layer tables hold 4 (E, G, G) float64 arrays; above MAX_TABLE_BYTES (thousands of GPUs at
+E = 256) the polish does nothing and says so.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .plan import presence
 # temperature of the smoothed max the search descends, as a share of the all-to-all time: the exact
 # max is flat wherever several GPUs tie near it, the smoothed one lowers all of them
 SOFT = (0.01, 0.003, 0.001)
+MAX_TABLE_BYTES = 512 << 20  # the largest per-layer tables the polish builds (see the docstring)
 _WALK = 256  # improving swaps of a round re-scored and made while they still gain
 _CHUNK = 8192  # candidate swaps evaluated per array pass: (chunk, G) float64 arrays of 4 MB at G = 64
 
@@ -54,6 +58,9 @@ def polish(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_g
     ctx = _Context(load, flow, num_gpus, num_nodes, hw, cap)
     before = cost.layer_times(plan, load, flow, num_gpus, num_nodes, hw)["time"]
     times = before.copy()
+    if 4 * 8 * load.shape[1] * num_gpus**2 > MAX_TABLE_BYTES:
+        return plan, {"swaps": 0, "sweeps": 0, "layer_ms_before": float(before.mean() * 1e3),
+                      "layer_ms": float(before.mean() * 1e3), "skipped": "too many GPUs for the tables"}
     swaps, sweeps, temperatures = 0, 0, list(SOFT)
     settled = np.zeros(num_layers, dtype=bool)  # found nothing, and neither it nor a neighbour changed since
     while time.perf_counter() < deadline and num_gpus > 1 and temperatures:
@@ -90,13 +97,13 @@ class _Context:
         self.load, self.flow, self.hw = load, flow, hw
         self.num_gpus, self.num_nodes = num_gpus, num_nodes
         totals = load.sum(axis=1)  # (L,)
-        self.scale = np.divide(hw.routings_per_gpu * num_gpus, totals, out=np.zeros_like(totals), where=totals > 0)
+        self.scale = np.divide(hw.routings_per_gpu * num_gpus, totals, out=np.zeros(totals.shape), where=totals > 0)
         self.cap = cap * self.scale  # (L,) routings
         self.soft = SOFT[0]  # the smoothing of the sweep under way
         self._exchanges = None
         if flow is not None and flow.shape[0]:
             pair_total = flow.sum(axis=(1, 2))  # (L-1,)
-            self.per_routing = np.divide(load[1:].sum(axis=1), pair_total, out=np.zeros_like(pair_total),
+            self.per_routing = np.divide(load[1:].sum(axis=1), pair_total, out=np.zeros(pair_total.shape),
                                          where=pair_total > 0)
         else:
             self.per_routing = np.zeros(max(load.shape[0] - 1, 0))
@@ -152,6 +159,8 @@ def _polish_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float,
         for i_all, j_all in search.classes:
             found_i, found_j, found_d = [], [], []
             for lo in range(0, i_all.shape[0], _CHUNK):
+                if time.perf_counter() >= deadline:
+                    break
                 i, j = search.valid(i_all[lo:lo + _CHUNK], j_all[lo:lo + _CHUNK])
                 if i.size:
                     delta = search.score(i, j, soft=True) - now

@@ -192,19 +192,20 @@ def _search_until(problem: Problem, begin: np.ndarray, wall_deadline: float, exa
 def _search(problem: Problem, begin: np.ndarray, deadline: float, progress: Callable[[str], None] | None,
             exact: tuple | None) -> tuple[np.ndarray, dict]:
     """The ILP from `begin`; with `exact`, its last POLISH_SHARE of the time polishes the plan it
-    found (when that plan is within every cap) on the exact layer time."""
+    found on the exact layer time (a plan still over a cap goes back to the ILP for that time)."""
     if exact is None:
         return solve_ilp(problem, begin, deadline, progress)
     now = time.perf_counter()
     found, info = solve_ilp(problem, begin, deadline - POLISH_SHARE * max(deadline - now, 0.0), progress)
-    if within_caps(problem, found):
-        hw, cap = exact
-        found, info["polish"] = polish(found, problem.load, problem.flow, problem.num_gpus, problem.num_nodes,
-                                       hw, cap, deadline)
-        if progress:
-            p = info["polish"]
-            progress(f"polished on layer time: {p['layer_ms_before']:.3f} -> {p['layer_ms']:.3f} ms, "
-                     f"{p['swaps']} swaps")
+    if not within_caps(problem, found):  # nothing to polish yet: the ILP keeps the whole time
+        return solve_ilp(problem, found, deadline, progress)
+    hw, cap = exact
+    found, info["polish"] = polish(found, problem.load, problem.flow, problem.num_gpus, problem.num_nodes,
+                                   hw, cap, deadline)
+    if progress:
+        p = info["polish"]
+        progress(f"polished on layer time: {p['layer_ms_before']:.3f} -> {p['layer_ms']:.3f} ms, "
+                 f"{p['swaps']} swaps")
     return found, info
 
 

@@ -141,6 +141,12 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not isinstance(value, int) or value < 1:
             raise UserInputError(f"--{name} must be a whole number >= 1, got {value!r}")
+    if args.hidden % 32 or not 32 <= args.hidden <= 4096:
+        raise UserInputError(f"--hidden must be a multiple of 32 from 32 to 4096 (4 attention heads of even size), "
+                             f"got {args.hidden}")
+    if args.steps * args.batch * args.tokens > 1 << 26:
+        raise UserInputError(f"--steps x --batch x --tokens is the corpus: at most {1 << 26} tokens, got "
+                             f"{args.steps * args.batch * args.tokens}")
     if args.tokens < 2:
         raise UserInputError("--tokens must be at least 2 (a language model predicts the next token)")
     if not math.isfinite(args.lr) or args.lr <= 0:
