@@ -139,3 +139,16 @@ def test_polish_skips_tables_too_big_and_takes_integer_counts(monkeypatch):
     monkeypatch.setattr(polish_module, "MAX_TABLE_BYTES", 1000)
     found, info = polish(plan, load, flow, 6, 3, HW, cap, time.perf_counter() + 2.0)
     assert info["skipped"] == "too many GPUs for the tables" and np.array_equal(found, plan)
+
+
+def test_exchanges_tried_by_layout():
+    """Swaps across GPUs always; 2-for-2 exchanges inside a node where a node has two GPUs or more
+    and their number stays bounded (8 GPUs of 40 slots in one node would be 17M: swaps only)."""
+    def sizes(num_gpus, num_nodes, spg):
+        ctx = _Context(np.ones((2, 8)), None, num_gpus, num_nodes, HW, np.full(2, np.inf))
+        return [i.shape[1] for i, _ in ctx.exchanges(spg)]
+    assert sizes(6, 3, 3) == [1, 2]
+    assert sizes(4, 4, 3) == [1]  # one GPU per node
+    assert sizes(8, 1, 40) == [1]
+    i, j = _Context(np.ones((2, 8)), None, 4, 1, HW, np.full(2, np.inf)).exchanges(2)[0]
+    assert len(i) == 4 * 3 // 2 * 4 and np.all(i // 2 < j // 2)  # every slot pair on two different GPUs

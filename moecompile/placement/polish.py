@@ -34,6 +34,7 @@ E = 256) the polish does nothing and says so.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
 import numpy as np
@@ -45,6 +46,7 @@ from .plan import presence
 # max is flat wherever several GPUs tie near it, the smoothed one lowers all of them
 SOFT = (0.01, 0.003, 0.001)
 MAX_TABLE_BYTES = 512 << 20  # the largest per-layer tables the polish builds (see the docstring)
+_MAX_EXCHANGES = 2_000_000  # 2-for-2 exchanges tried per layer at most (few GPUs with many slots: none)
 _WALK = 256  # improving swaps of a round re-scored and made while they still gain
 _CHUNK = 8192  # candidate swaps evaluated per array pass: (chunk, G) float64 arrays of 4 MB at G = 64
 
@@ -58,9 +60,11 @@ def polish(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_g
     ctx = _Context(load, flow, num_gpus, num_nodes, hw, cap)
     before = cost.layer_times(plan, load, flow, num_gpus, num_nodes, hw)["time"]
     times = before.copy()
-    if 4 * 8 * load.shape[1] * num_gpus**2 > MAX_TABLE_BYTES:
+    too_big = ("too many GPUs for the tables" if 4 * 8 * load.shape[1] * num_gpus**2 > MAX_TABLE_BYTES else
+               "too many slots for the swaps" if plan.shape[1] ** 2 // 2 > 10 * _MAX_EXCHANGES else None)
+    if too_big:
         return plan, {"swaps": 0, "sweeps": 0, "layer_ms_before": float(before.mean() * 1e3),
-                      "layer_ms": float(before.mean() * 1e3), "skipped": "too many GPUs for the tables"}
+                      "layer_ms": float(before.mean() * 1e3), "skipped": too_big}
     swaps, sweeps, temperatures = 0, 0, list(SOFT)
     settled = np.zeros(num_layers, dtype=bool)  # found nothing, and neither it nor a neighbour changed since
     while time.perf_counter() < deadline and num_gpus > 1 and temperatures:
@@ -119,7 +123,9 @@ class _Context:
         GPU move, under caps too tight for most single swaps)."""
         if self._exchanges is None:
             self._exchanges = [_exchanges(self.num_gpus, spg, self.num_nodes, 1, same_node=False)]
-            if spg >= 2 and self.num_gpus > self.num_nodes:
+            per_node = self.num_gpus // self.num_nodes
+            count = self.num_nodes * per_node * (per_node - 1) // 2 * math.comb(spg, 2) ** 2
+            if spg >= 2 and per_node > 1 and count <= _MAX_EXCHANGES:  # many slots a GPU: swaps only
                 self._exchanges.append(_exchanges(self.num_gpus, spg, self.num_nodes, 2, same_node=True))
         return self._exchanges
 
