@@ -152,3 +152,37 @@ def test_exchanges_tried_by_layout():
     assert sizes(8, 1, 40) == [1]
     i, j = _Context(np.ones((2, 8)), None, 4, 1, HW, np.full(2, np.inf)).exchanges(2)[0]
     assert len(i) == 4 * 3 // 2 * 4 and np.all(i // 2 < j // 2)  # every slot pair on two different GPUs
+
+
+def test_local_gain_is_the_change_of_the_flow_kept_on_gpus():
+    """The hop phase's gain of an exchange in layer l is the change of metrics.local_flow's
+    GPU-local flow summed over the pairs (l-1, l) and (l, l+1)."""
+    from moecompile.placement.metrics import local_flow
+    trace, plan = _case(2)
+    ctx = _Context(trace.load, trace.flow, 6, 3, HW, np.full(4, np.inf))
+    for layer in range(plan.shape[0]):
+        search = _LayerSearch(plan, layer, ctx)
+        for i_all, j_all in search.classes:
+            i, j = search.valid(i_all, j_all)
+            gains = search.local_gain(i, j)
+            base = local_flow(plan, trace.flow, 6, 3)[0].sum()
+            for k in range(0, len(i), 5):
+                swapped = plan.copy()
+                swapped[layer, i[k]], swapped[layer, j[k]] = plan[layer, j[k]], plan[layer, i[k]]
+                assert gains[k] == pytest.approx(local_flow(swapped, trace.flow, 6, 3)[0].sum() - base, abs=1e-9)
+
+
+def test_hop_phase_keeps_flow_local_without_raising_the_time(monkeypatch):
+    """With time left after the smoothed descents, the polish raises GPU-local flow by exchanges
+    that leave the layer time as it is: fewer cross-GPU hops, the same predicted time."""
+    import moecompile.placement.polish as polish_module
+    from moecompile.placement.metrics import score
+    trace, plan = _case(4)
+    cap = gpu_loads(plan, trace.load, 6).max(axis=1) * (1 + 1e-12)
+    monkeypatch.setattr(polish_module, "SOFT", ())  # straight to the hop phase
+    found, info = polish(plan, trace.load, trace.flow, 6, 3, HW, cap, time.perf_counter() + 5.0)
+    assert info["swaps"] == 0 and info["hop_swaps"] > 0
+    assert info["layer_ms"] <= info["layer_ms_before"] * (1 + 1e-9)
+    before, after = (score(p, trace.load, trace.flow, 6, 3)["cross_gpu_fraction"] for p in (plan, found))
+    assert after < before
+    assert np.all(gpu_loads(found, trace.load, 6).max(axis=1) <= cap)

@@ -180,7 +180,9 @@ def format_table(plan: Plan, greedy: Plan | None, evaluated: bool = False) -> st
     polished = plan.solver.get("polish") if not evaluated and plan.solver.get("source") == "ilp" else None
     if polished:
         notes.append(f"polished on the layer time: {polished['layer_ms_before']:.3f} -> {polished['layer_ms']:.3f} ms "
-                     f"({polished['swaps']} exchanges in {polished['sweeps']} sweeps)")
+                     f"({polished['swaps']} exchanges in {polished['sweeps']} sweeps"
+                     + (f"; then {polished['hop_swaps']} that keep flow on its GPUs at the same time"
+                        if polished.get("hop_swaps") else "") + ")")
     if "moved" in plan.solver and not evaluated:
         notes.append(f"moved replicas vs previous plan: {plan.solver['moved']}")
     return "\n".join(lines + notes)

@@ -27,6 +27,9 @@ exchange keeps slots per GPU, replica counts, at most one replica of an expert p
 load at or under the layer's cap, and a layer's arrangement changes only when the sum of the two
 layer times it sets falls: the mean layer time never rises.
 
+Once the smallest temperature gains nothing, the time left goes to exchanges that keep more flow on
+its GPUs (what the cross-GPU hop fraction counts) without raising the two layer times (_hop_layer).
+
 The per-layer tables hold 4 (E, G, G) float64 arrays; above MAX_TABLE_BYTES (thousands of GPUs at
 E = 256) the polish does nothing and says so.
 """
@@ -90,8 +93,21 @@ def polish(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_g
         if not gained:  # a local optimum of this smoothing: on to the next, closer to the exact max
             temperatures.pop(0)
             settled[:] = False
-    return plan, {"swaps": swaps, "sweeps": sweeps, "layer_ms_before": float(before.mean() * 1e3),
-                  "layer_ms": float(times.mean() * 1e3)}
+    # the time has stopped falling: the time left keeps more flow on its GPUs at no cost in time
+    hop_swaps = 0
+    while time.perf_counter() < deadline and num_gpus > 1 and not temperatures and flow is not None:
+        gained = 0
+        for layer in range(num_layers):
+            if time.perf_counter() >= deadline:
+                break
+            gained += _hop_layer(plan, layer, ctx, deadline)
+        hop_swaps += gained
+        if not gained:
+            break
+    if hop_swaps:
+        times = cost.layer_times(plan, load, flow, num_gpus, num_nodes, hw)["time"]
+    return plan, {"swaps": swaps, "sweeps": sweeps, "hop_swaps": hop_swaps,
+                  "layer_ms_before": float(before.mean() * 1e3), "layer_ms": float(times.mean() * 1e3)}
 
 
 class _Context:
@@ -103,7 +119,7 @@ class _Context:
         totals = load.sum(axis=1)  # (L,)
         self.scale = np.divide(hw.routings_per_gpu * num_gpus, totals, out=np.zeros(totals.shape), where=totals > 0)
         self.cap = cap * self.scale  # (L,) routings
-        self.soft = SOFT[0]  # the smoothing of the sweep under way
+        self.soft = SOFT[0] if SOFT else 0.0  # the smoothing of the sweep under way
         self._exchanges = None
         if flow is not None and flow.shape[0]:
             pair_total = flow.sum(axis=(1, 2))  # (L-1,)
@@ -206,6 +222,44 @@ def _polish_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float,
     return None if best_times is None else (kept, best_times)
 
 
+def _hop_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float) -> int:
+    """Exchanges of one layer that keep more flow on its GPUs without raising time[layer] +
+    time[layer + 1]: the polish's last phase, once the time has stopped falling. Returns how many."""
+    search = _LayerSearch(plan, layer, ctx)
+    if search.skip:
+        return 0
+    made = 0
+    while time.perf_counter() < deadline:
+        now = search.now()
+        slack = 1e-12 * now  # rounding only: the layer time does not rise
+        best = None  # (gain, i, j)
+        for i_all, j_all in search.classes:
+            for lo in range(0, i_all.shape[0], _CHUNK):
+                if time.perf_counter() >= deadline:
+                    break
+                i, j = search.valid(i_all[lo:lo + _CHUNK], j_all[lo:lo + _CHUNK])
+                if not i.size:
+                    continue
+                gain = search.local_gain(i, j)
+                keep = gain > 1e-9 * max(float(search.local_in.max(initial=0.0)), float(search.local_out.max(initial=0.0)), 1e-300)
+                if not keep.any():
+                    continue
+                i, j, gain = i[keep], j[keep], gain[keep]
+                ok = search.score(i, j) - now <= slack
+                if ok.any():
+                    k = int(np.flatnonzero(ok)[gain[ok].argmax()])
+                    if best is None or gain[k] > best[0]:
+                        best = (float(gain[k]), i[k], j[k])
+        if best is None:
+            break
+        search.apply(best[1], best[2])
+        made += 1
+    if made:
+        spg = plan.shape[1] // ctx.num_gpus
+        plan[layer] = np.sort(plan[layer].reshape(ctx.num_gpus, spg), axis=1).ravel()
+    return made
+
+
 class _LayerSearch:
     """One layer's swaps, scored exactly: the layer's loads and all-to-all sums, kept up to date."""
 
@@ -229,6 +283,10 @@ class _LayerSearch:
             prev_share = prev / np.maximum(prev.sum(axis=1, keepdims=True), 1.0)  # (E, G)
             src = (ctx.flow[layer - 1].T @ prev_share) * (ctx.per_routing[layer - 1] * ctx.scale[layer])  # (E, G)
         self.src = src
+        # flow weight (the hop metrics' units) that stays on a GPU: from GPU g's layer l-1 experts
+        # toward e when e is on g, and from a replica of e on g toward the layer l+1 experts on g
+        self.local_in = np.zeros((num_experts, num_gpus)) if self.spread else \
+            src / (ctx.per_routing[layer - 1] * ctx.scale[layer])
         self.incoming = _incoming(src, count, reps[:, None], self.spread, ctx)  # (4, E, G)
         self.inn = self.incoming.sum(axis=1)  # (4, G): sent NVLink, received NVLink, sent network, received network
         # outgoing: R[e, g, h] routings of e (all replicas' worth) sent from GPU g to GPU h in layer l+1
@@ -254,6 +312,9 @@ class _LayerSearch:
             self.out = out
             served = ctx.load[layer + 1] * ctx.scale[layer + 1] / np.maximum(nxt.sum(axis=1), 1.0)  # (E2,)
             self.next_compute = (served[:, None] * nxt).sum(axis=0).max() * ctx.compute
+            self.local_out = ctx.flow[layer] @ (nxt > 0)  # (E, G) for all of e's routings
+        else:
+            self.local_out = np.zeros((num_experts, num_gpus))
         self.classes = ctx.exchanges(spg)
         # temperatures of the smoothed max, a fixed share of each side's all-to-all time
         self.soft = (ctx.soft * float(ctx.comm(*self.inn)), ctx.soft * float(ctx.comm(*self.out)) if self.has_out else 0.0)
@@ -308,6 +369,17 @@ class _LayerSearch:
             moved = self._out_after(e, f, a, b, rows)
             total = total + ctx.layer_time(self.next_compute, ctx.comm(*moved, soft=soft and self.soft[1]))
         return total
+
+    def local_gain(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """(C,) flow weight kept on its GPU gained by each exchange, over the layer pairs (l-1, l)
+        and (l, l+1): what the cross-GPU hop fraction counts."""
+        e, f = self.plan[self.layer, i], self.plan[self.layer, j]
+        a, b = (i[:, 0] // self.spg)[:, None], (j[:, 0] // self.spg)[:, None]
+        gain = np.zeros(i.shape[0])
+        for x, frm, to in ((e, a, b), (f, b, a)):
+            gain += (self.local_in[x, to] - self.local_in[x, frm]
+                     + (self.local_out[x, to] - self.local_out[x, frm]) / self.reps[x]).sum(axis=1)
+        return gain
 
     def _out_after(self, e, f, a, b, rows) -> np.ndarray:
         """(4, C, G) outgoing sums after each exchange: e's leave from b instead of a, f's from a
