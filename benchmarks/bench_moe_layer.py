@@ -266,19 +266,16 @@ def _first_call(col: _Column, x, reference, device, point: dict) -> str | None:
     return None
 
 
+def _grads(fn: Callable, x, grad, params) -> tuple:
+    """A training step's part of a layer: (fn(x) detached, the gradients of x and of every
+    parameter for the output gradient `grad`: returned, not accumulated, None where unused)."""
+    out = fn(x)
+    return out.detach(), list(torch.autograd.grad(out, (x, *params), grad, allow_unused=True))
+
+
 def _step(fn: Callable, params: list) -> Callable:
-    """A training step's part of a layer: forward, then the gradients of the input and of every
-    parameter for the output gradient `grad` (returned, not accumulated)."""
-    def step(x, grad):
-        out = fn(x)
-        torch.autograd.grad(out, (x, *params), grad, allow_unused=True)
-        return out.detach()
-    return step
-
-
-def _grads(fn: Callable, x, grad, params) -> list:
-    """The input's and every parameter's gradient of fn(x) for `grad` (None where unused)."""
-    return list(torch.autograd.grad(fn(x), (x, *params), grad, allow_unused=True))
+    """What --backward times: `_grads`, returning the output."""
+    return lambda x, grad: _grads(fn, x, grad, params)[0]
 
 
 def _grad_err(got: list, want: list) -> float:
@@ -320,12 +317,12 @@ def bench_layer(layer: Layer, tokens, kernels, dtype, device, probe, warmup, ite
                 if why_not:
                     point["errors"][col.name] = why_not
             if backward:  # every column's gradients against eager's, before any is timed
-                want = _grads(block, x, args[1], params)
+                want = _grads(block, x, args[1], params)[1]
                 point["max_grad_err"] = {}
                 for col in cols:
                     if col.name not in point["errors"]:
                         try:
-                            point["max_grad_err"][col.name] = _grad_err(_grads(col.fn, x, args[1], params), want)
+                            point["max_grad_err"][col.name] = _grad_err(_grads(col.fn, x, args[1], params)[1], want)
                         except Exception as err:  # noqa: BLE001 -- a failing column never stops the run
                             point["errors"][col.name] = f"{type(err).__name__}: {err}"[:2000]
                             col.dropped = f"skipped: failed at T={T}"

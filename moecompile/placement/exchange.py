@@ -56,7 +56,7 @@ def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, no
     subsets = _subsets(spg, num_gpus, max_size)
     scale = max(float(np.abs(gain).max(initial=0.0)), float(np.abs(node_gain).max(initial=0.0)))
     if num_gpus < 2 or (scale == 0.0 and _overload(slots, weight, cap).sum() == 0):
-        return _sorted(slots)
+        return sort_slots(slots)
     tol = 1e-9 * scale
     penalty = 1e6 * max(scale, 1e-300) / max(cap, 1e-300)  # reward per token of overload removed
     pair_a, pair_b = np.triu_indices(num_gpus, 1)  # (P,) every GPU pair a < b
@@ -95,7 +95,7 @@ def exchange_layer(experts: np.ndarray, weight: np.ndarray, gain: np.ndarray, no
             break
         state = _presence(slots, num_experts, gpu_node, num_nodes)
         stale = _stale_gpus(before, slots, on_node_before, state[1], max_moves is not None)
-    return _sorted(slots)
+    return sort_slots(slots)
 
 
 def _presence(slots: np.ndarray, num_experts: int, gpu_node: np.ndarray, num_nodes: int
@@ -228,5 +228,7 @@ def _overload(slots: np.ndarray, weight: np.ndarray, cap: float) -> np.ndarray:
     return np.maximum(weight[slots].sum(axis=1) - cap, 0.0)
 
 
-def _sorted(slots: np.ndarray) -> np.ndarray:
+def sort_slots(slots: np.ndarray) -> np.ndarray:
+    """(G, spg) experts per GPU -> (S,) phy2log row, each GPU's experts in increasing order (as every
+    solver writes them)."""
     return np.sort(slots, axis=1).ravel()

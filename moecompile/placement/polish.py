@@ -43,6 +43,7 @@ import time
 import numpy as np
 
 from . import cost
+from .exchange import sort_slots
 from .plan import presence
 
 # temperature of the smoothed max the search descends, as a share of the all-to-all time: the exact
@@ -177,20 +178,17 @@ def _polish_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float,
         if time.perf_counter() >= deadline:
             break
         now = search.now(soft=True)
-        walks = []  # per class of exchanges: its best improving ones
-        for i_all, j_all in search.classes:
-            found_i, found_j, found_d = [], [], []
-            for lo in range(0, i_all.shape[0], _CHUNK):
-                if time.perf_counter() >= deadline:
-                    break
-                i, j = search.valid(i_all[lo:lo + _CHUNK], j_all[lo:lo + _CHUNK])
-                if i.size:
-                    delta = search.score(i, j, soft=True) - now
-                    gain = delta < -tol
-                    found_i.append(i[gain]), found_j.append(j[gain]), found_d.append(delta[gain])
-            if found_d and sum(d.size for d in found_d):
-                order = np.argsort(np.concatenate(found_d), kind="stable")[:_WALK]
-                walks.append((np.concatenate(found_i)[order], np.concatenate(found_j)[order]))
+        found = {}  # per class of exchanges: the improving ones, (i, j, delta) chunks
+        for size, i, j in search.candidates(deadline):
+            delta = search.score(i, j, soft=True) - now
+            gain = delta < -tol
+            found.setdefault(size, []).append((i[gain], j[gain], delta[gain]))
+        walks = []  # per class: its best improving exchanges, best first
+        for chunks in found.values():
+            i, j, delta = (np.concatenate(parts) for parts in zip(*chunks))
+            if delta.size:
+                order = np.argsort(delta, kind="stable")[:_WALK]
+                walks.append((i[order], j[order]))
         if not walks:
             break
         while walks and time.perf_counter() < deadline:
@@ -216,9 +214,7 @@ def _polish_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float,
             exact = search.now()
             if exact < best - tol:
                 best, best_row, best_times, kept = exact, plan[layer].copy(), search.times(), made
-    # the best arrangement met, each GPU's slots in increasing expert order as every solver writes them
-    spg = plan.shape[1] // ctx.num_gpus
-    plan[layer] = np.sort(best_row.reshape(ctx.num_gpus, spg), axis=1).ravel()
+    plan[layer] = sort_slots(best_row.reshape(ctx.num_gpus, -1))  # the best arrangement met
     return None if best_times is None else (kept, best_times)
 
 
@@ -229,34 +225,28 @@ def _hop_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float) -> 
     if search.skip:
         return 0
     made = 0
+    tol = 1e-9 * max(float(search.local_in.max(initial=0.0)), float(search.local_out.max(initial=0.0)), 1e-300)
     while time.perf_counter() < deadline:
         now = search.now()
         slack = 1e-12 * now  # rounding only: the layer time does not rise
         best = None  # (gain, i, j)
-        for i_all, j_all in search.classes:
-            for lo in range(0, i_all.shape[0], _CHUNK):
-                if time.perf_counter() >= deadline:
-                    break
-                i, j = search.valid(i_all[lo:lo + _CHUNK], j_all[lo:lo + _CHUNK])
-                if not i.size:
-                    continue
-                gain = search.local_gain(i, j)
-                keep = gain > 1e-9 * max(float(search.local_in.max(initial=0.0)), float(search.local_out.max(initial=0.0)), 1e-300)
-                if not keep.any():
-                    continue
-                i, j, gain = i[keep], j[keep], gain[keep]
-                ok = search.score(i, j) - now <= slack
-                if ok.any():
-                    k = int(np.flatnonzero(ok)[gain[ok].argmax()])
-                    if best is None or gain[k] > best[0]:
-                        best = (float(gain[k]), i[k], j[k])
+        for _, i, j in search.candidates(deadline):
+            gain = search.local_gain(i, j)
+            keep = gain > tol
+            if not keep.any():
+                continue
+            i, j, gain = i[keep], j[keep], gain[keep]
+            ok = search.score(i, j) - now <= slack  # only the exchanges that are gains get scored
+            if ok.any():
+                k = int(np.flatnonzero(ok)[gain[ok].argmax()])
+                if best is None or gain[k] > best[0]:
+                    best = (float(gain[k]), i[k], j[k])
         if best is None:
             break
         search.apply(best[1], best[2])
         made += 1
     if made:
-        spg = plan.shape[1] // ctx.num_gpus
-        plan[layer] = np.sort(plan[layer].reshape(ctx.num_gpus, spg), axis=1).ravel()
+        plan[layer] = sort_slots(plan[layer].reshape(ctx.num_gpus, -1))
     return made
 
 
@@ -333,6 +323,16 @@ class _LayerSearch:
     def now(self, soft: bool = False) -> float:
         first, second = self.times(soft)
         return first + (second or 0.0)
+
+    def candidates(self, deadline: float):
+        """(size, i, j) chunks of the valid exchanges of every class, until `deadline`."""
+        for i_all, j_all in self.classes:
+            for lo in range(0, i_all.shape[0], _CHUNK):
+                if time.perf_counter() >= deadline:
+                    return
+                i, j = self.valid(i_all[lo:lo + _CHUNK], j_all[lo:lo + _CHUNK])
+                if i.size:
+                    yield i_all.shape[1], i, j
 
     def valid(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The exchanges among (i, j) ((C, k) slots on one GPU, (C, k) on another) that keep one

@@ -18,9 +18,11 @@ import datetime
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -117,9 +119,6 @@ def peak_memory(fn, args, device) -> int:
 def _stderr_silenced():
     """File descriptor 2 to /dev/null for the block (output written by C++, which sys.stderr
     does not see)."""
-    import os
-    import sys
-
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
