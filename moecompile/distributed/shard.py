@@ -1,0 +1,203 @@
+"""`shard_experts`: a model's MoE layers across the ranks of a process group, by a placement plan.
+
+    dist.init_process_group("gloo")        # or "nccl"; torchrun sets rank and world size
+    model = moecompile.distributed.shard_experts(model, plan="plan.json")
+    compiled = torch.compile(model, backend="moe")
+    ...
+    state = moecompile.distributed.full_state_dict(model)   # rank 0: the unsharded checkpoint
+
+A layer is a module with an `experts` child called as `experts(x (T, H), top_k_ids (T, K),
+top_k_weights (T, K)) -> (T, H)` whose parameters stack the experts on their first dimension (E, ...):
+the form of transformers' MoE models. The child is replaced by `ShardedExperts`, which holds this
+rank's slots (a replica is a copy) as parameters of the same names, (slots per rank, ...), and runs
+the layer over the group (exchange.py) with the family's own expert code on them. The router, the
+shared experts and everything else stay replicated.
+
+Plan: `moecompile place`'s JSON (or a Plan); its layers are the model's MoE layers in order, or by
+name where the plan names them. No plan: the experts split evenly in order (E divisible by the
+group's size). A plan that does not fit the model is rejected on every rank, before any weight moves.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import UserInputError
+from .exchange import ExpertParallel, LayerMap
+
+
+class ShardedExperts(nn.Module):
+    """One layer's experts on this rank: `local` is the family's experts module over this rank's
+    slots; `layer` says where every slot lives."""
+
+    def __init__(self, local: nn.Module, layer: LayerMap, group, expert_params: tuple[str, ...],
+                 full_shapes: dict[str, tuple[int, ...]]):
+        super().__init__()
+        self.local = local
+        self.layer = layer
+        self.group = group
+        self.expert_params = expert_params  # names of `local`'s parameters that hold slots
+        self.full_shapes = full_shapes  # their logical shapes (E, ...)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        params = [getattr(self.local, n) for n in self.expert_params]
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        ids = top_k_index.reshape(-1, top_k_index.shape[-1])
+        w = top_k_weights.reshape(-1, top_k_weights.shape[-1])
+        y = _apply(x, ids, w, self.layer, self._run, self.group, params)
+        return y.view(hidden_states.shape)
+
+    def _run(self, x_rows, slot_rows, w_rows, params):
+        """w * expert(x) for each received row, by the family's code over the local slots."""
+        values = dict(zip(self.expert_params, params))
+        return torch.func.functional_call(self.local, values, (x_rows, slot_rows[:, None], w_rows[:, None]))
+
+    def extra_repr(self) -> str:
+        rank = dist.get_rank(self.group)
+        return f"layer={self.layer.name!r}, rank={rank}, experts={self.layer.local_experts(rank).tolist()}"
+
+
+@torch.compiler.disable
+def _apply(x, ids, w, layer, run, group, params):
+    # the exchange sizes buffers from received counts: eager, between compiled regions
+    return ExpertParallel.apply(x, ids, w, layer, run, group, *params)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every MoE layer in `model`, in module order: modules with an `experts`
+    child whose parameters all stack experts on their first dimension, or already sharded."""
+    found = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, ShardedExperts) or (isinstance(experts, nn.Module) and _num_experts(experts) is not None):
+            found.append((name, module))
+    return found
+
+
+def _num_experts(experts: nn.Module) -> int | None:
+    """E when every parameter of `experts` is (E, ...) with one E (and no child holds any), else None."""
+    params = list(experts.parameters(recurse=False))
+    if not params or any(_has_params(child) for child in experts.children()):
+        return None
+    firsts = {p.shape[0] if p.dim() else None for p in params}
+    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def shard_experts(model: nn.Module, plan=None, group=None) -> nn.Module:
+    """Keep only this rank's expert slots of every MoE layer of `model` (in place; returns it).
+    `plan`: a path to `moecompile place`'s JSON, a Plan, or None (experts split evenly in order).
+    `group`: the process group (default: the whole world). Raises UserInputError when the plan does
+    not fit the model, on every rank, before any weight moves."""
+    from ..placement.plan import Plan, load_plan
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise UserInputError("shard_experts needs torch.distributed initialized first "
+                             "(dist.init_process_group, under torchrun)")
+    group = group or dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    layers = moe_layers(model)
+    sharded = [name for name, module in layers if isinstance(module.experts, ShardedExperts)]
+    if sharded:
+        raise UserInputError(f"{sharded[0] or 'the model'} is already sharded")
+    if not layers:
+        raise UserInputError("no MoE layer found: shard_experts looks for modules with an `experts` child "
+                             "whose parameters stack the experts (E, ...)")
+    if isinstance(plan, (str, os.PathLike)):
+        plan = load_plan(plan)
+    if plan is not None and not isinstance(plan, Plan):
+        raise UserInputError(f"plan must be a path, a Plan or None, got {type(plan).__name__}")
+    maps = _layer_maps(layers, plan, world)
+    for (name, module), layer in zip(layers, maps):
+        experts = module.experts
+        params = [n for n, p in experts.named_parameters(recurse=False)]
+        full_shapes = {n: tuple(getattr(experts, n).shape) for n in params}
+        local = copy.copy(experts)  # the family's module, sharing nothing that changes below
+        local._parameters = dict(experts._parameters)
+        local._buffers = dict(experts._buffers)
+        local._modules = dict(experts._modules)
+        mine = torch.from_numpy(layer.local_experts(rank))
+        for n in params:
+            full = getattr(experts, n)
+            shard = full.detach().index_select(0, mine.to(full.device)).clone()
+            local._parameters[n] = nn.Parameter(shard, requires_grad=full.requires_grad)
+        for attr in ("num_experts", "num_local_experts"):
+            if isinstance(getattr(local, attr, None), int):
+                setattr(local, attr, layer.slots_per_rank)
+        module.experts = ShardedExperts(local, layer, group, tuple(params), full_shapes)
+    return model
+
+
+def _layer_maps(layers: list[tuple[str, nn.Module]], plan, world: int) -> list[LayerMap]:
+    """One LayerMap per layer, from the plan or the even split; the plan checked against the model."""
+    counts = [_num_experts(m.experts) for _, m in layers]
+    names = [n for n, _ in layers]
+    if plan is None:
+        maps = []
+        for name, num_experts in zip(names, counts):
+            if num_experts % world:
+                raise UserInputError(f"layer {name} has {num_experts} experts, which {world} ranks cannot split "
+                                     "evenly; give a plan (moecompile place) with redundant slots")
+            maps.append(LayerMap(name, np.arange(num_experts, dtype=np.int64), num_experts, world))
+        return maps
+    if plan.num_gpus != world:
+        raise UserInputError(f"the plan places experts on {plan.num_gpus} GPUs but the process group has {world} ranks")
+    rows = list(range(plan.num_layers))
+    plan_names = plan.solver.get("layers") if isinstance(plan.solver, dict) else None
+    if plan_names:
+        missing = [n for n in names if n not in plan_names]
+        if missing:
+            raise UserInputError(f"the plan has no layer {missing[0]!r} (it names {', '.join(plan_names[:3])}"
+                                 f"{', ...' if len(plan_names) > 3 else ''})")
+        rows = [plan_names.index(n) for n in names]
+    elif plan.num_layers != len(layers):
+        raise UserInputError(f"the plan has {plan.num_layers} layers but the model has {len(layers)} MoE layers")
+    maps = []
+    for name, num_experts, row in zip(names, counts, rows):
+        if plan.num_experts != num_experts:
+            raise UserInputError(f"the plan is for {plan.num_experts} experts but layer {name} has {num_experts}")
+        phy2log = np.asarray(plan.phy2log[row], dtype=np.int64)
+        per_rank = phy2log.reshape(world, -1)
+        for r in range(world):
+            if len(set(per_rank[r].tolist())) != per_rank.shape[1]:
+                raise UserInputError(f"the plan puts two replicas of one expert on rank {r} in layer {name}")
+        maps.append(LayerMap(name, phy2log, num_experts, world))
+    return maps
+
+
+def full_state_dict(model: nn.Module, rank: int = 0) -> dict | None:
+    """The model's state dict with every sharded layer's experts gathered back to their logical
+    (E, ...) form, on `rank` (None on the others): it loads into the unsharded model. Every rank
+    must call it."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        state[name] = tensor
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, ShardedExperts):
+            continue
+        group, layer = module.group, module.layer
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        first = np.full(layer.num_experts, -1, dtype=np.int64)
+        for s in range(layer.phy2log.shape[0] - 1, -1, -1):
+            first[layer.phy2log[s]] = s  # each expert's first slot
+        prefix = f"{mod_name}.local."
+        for n in module.expert_params:
+            shard = getattr(module.local, n).detach()
+            parts = [torch.empty_like(shard) for _ in range(world)]
+            dist.all_gather(parts, shard.contiguous(), group=group)
+            del state[prefix + n]
+            if me == rank:
+                slots = torch.cat(parts)  # (S, ...) in slot order
+                state[f"{mod_name}.{n}"] = slots.index_select(0, torch.from_numpy(first).to(slots.device)).clone()
+    if dist.get_rank() != rank:
+        return None
+    return state

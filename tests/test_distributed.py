@@ -1,0 +1,92 @@
+"""Expert parallelism on gloo: sharded models and layers on 2 and 4 local ranks against a single
+process holding every expert (tests/dist_worker.py is one rank; each case checks itself)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tiers import slow
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
+TIMEOUT = 240  # seconds for a whole group; each collective times out after 60 s
+FOUR = slow("four ranks on two cores: 20-40 s of process starts")
+FAMILY = slow("one more family or plan: the default run keeps mixtral with replicas and deepseek_v3 shuffled")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, case: str, *args: str) -> list[tuple[int, str]]:
+    """Start `world` ranks of `case` and wait for all: [(exit code, output)] per rank."""
+    port = str(_free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOECOMPILE_TEST_DIST_TIMEOUT="60")
+    procs = [subprocess.Popen([sys.executable, WORKER, case, str(rank), str(world), port, *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(world)]
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{case} {args} on {world} ranks did not finish in {TIMEOUT} s")
+        results.append((p.returncode, out))
+    return results
+
+
+def assert_all_pass(results: list[tuple[int, str]]) -> None:
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{out[-3000:]}"
+
+
+@pytest.mark.parametrize("world, name, plan", [
+    (2, "mixtral", "replicas"),
+    (2, "deepseek_v3", "shuffled"),
+    pytest.param(4, "mixtral", "replicas", marks=FOUR),
+    pytest.param(2, "mixtral", "even", marks=FAMILY),
+    pytest.param(4, "qwen3_moe", "shuffled", marks=FOUR),
+    pytest.param(2, "qwen2_moe", "replicas", marks=FAMILY),
+    pytest.param(2, "olmoe", "replicas", marks=FAMILY),
+    pytest.param(2, "gpt_oss", "replicas", marks=FAMILY),
+])
+def test_sharded_model_matches_one_process(world, name, plan):
+    """Logits, the replicated weights' gradients (this rank's batch) and the experts' gradients
+    (every rank's batch, replicas summed) of a sharded model; full_state_dict loads into the
+    unsharded model and equals it."""
+    assert_all_pass(launch(world, "model", name, plan))
+
+
+@slow("torch.compile of a sharded model on 2 ranks: about a minute")
+def test_sharded_model_compiled():
+    assert_all_pass(launch(2, "model", "mixtral", "replicas", "compiled"))
+
+
+@pytest.mark.parametrize("world, plan", [(2, "replicas"), pytest.param(4, "even", marks=FOUR),
+                                         pytest.param(2, "shuffled", marks=FAMILY)])
+def test_layer_edge_cases(world, plan):
+    """A rank with no tokens, every token to one rank, an expert no token chose: outputs and every
+    gradient as the unsharded experts give them."""
+    assert_all_pass(launch(world, "layer", plan, "plain,empty,one_rank,idle"))
+
+
+def test_plan_for_another_group_is_rejected_on_every_rank():
+    results = launch(2, "bad_plan")
+    assert_all_pass(results)
+    for _, out in results:
+        assert "rejected: the plan places experts on 1 GPUs but the process group has 2 ranks" in out
+
+
+def test_a_rank_that_dies_fails_the_others_clearly():
+    results = launch(2, "dies")
+    assert results[1][0] == 3
+    assert results[0][0] != 0
+    assert "moecompile.distributed: dispatch of layer model.layers.0.mlp failed on rank 0" in results[0][1]
