@@ -27,8 +27,10 @@ exchange keeps slots per GPU, replica counts, at most one replica of an expert p
 load at or under the layer's cap, and a layer's arrangement changes only when the sum of the two
 layer times it sets falls: the mean layer time never rises.
 
-Once the smallest temperature gains nothing, the time left goes to exchanges that keep more flow on
-its GPUs (what the cross-GPU hop fraction counts) without raising the two layer times (_hop_layer).
+The last HOP_SHARE of the time (or all that is left once the smallest temperature gains nothing)
+goes to exchanges that keep more flow on its GPUs (what the cross-GPU hop fraction counts) without
+raising the two layer times (_hop_layer): at DeepSeek-V3 size it takes a chain trace's plan from
+94.3% to 93.4% cross-GPU hops and a topic trace's from 81.5% to 78-80% at the same layer time.
 
 The per-layer tables hold 4 (E, G, G) float64 arrays; above MAX_TABLE_BYTES (thousands of GPUs at
 E = 256) the polish does nothing and says so.
@@ -49,6 +51,8 @@ from .plan import presence
 # temperature of the smoothed max the search descends, as a share of the all-to-all time: the exact
 # max is flat wherever several GPUs tie near it, the smoothed one lowers all of them
 SOFT = (0.01, 0.003, 0.001)
+# share of the polish's time kept for the hop phase (it starts sooner when the descents gain nothing)
+HOP_SHARE = 0.2
 MAX_TABLE_BYTES = 512 << 20  # the largest per-layer tables the polish builds (see the docstring)
 _MAX_EXCHANGES = 2_000_000  # 2-for-2 exchanges tried per layer at most (few GPUs with many slots: none)
 _WALK = 256  # improving swaps of a round re-scored and made while they still gain
@@ -71,17 +75,19 @@ def polish(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_g
                       "layer_ms": float(before.mean() * 1e3), "skipped": too_big}
     swaps, sweeps, temperatures = 0, 0, list(SOFT)
     settled = np.zeros(num_layers, dtype=bool)  # found nothing, and neither it nor a neighbour changed since
-    while time.perf_counter() < deadline and num_gpus > 1 and temperatures:
+    # the descents stop early enough to leave the hop phase its share (sooner if they gain nothing)
+    descents_end = deadline - (HOP_SHARE * (deadline - time.perf_counter()) if flow is not None else 0.0)
+    while time.perf_counter() < descents_end and num_gpus > 1 and temperatures:
         sweeps += 1
         ctx.soft = temperatures[0]
         pair = times + np.append(times[1:], 0.0)  # (L,) the two layer times a move of layer l changes
         gained = 0
         for layer in np.argsort(-pair, kind="stable"):
-            if time.perf_counter() >= deadline:
+            if time.perf_counter() >= descents_end:
                 break
             if settled[layer]:
                 continue
-            done = _polish_layer(plan, int(layer), ctx, deadline)
+            done = _polish_layer(plan, int(layer), ctx, descents_end)
             if done is None:
                 settled[layer] = True
                 continue
@@ -94,9 +100,9 @@ def polish(phy2log: np.ndarray, load: np.ndarray, flow: np.ndarray | None, num_g
         if not gained:  # a local optimum of this smoothing: on to the next, closer to the exact max
             temperatures.pop(0)
             settled[:] = False
-    # the time has stopped falling: the time left keeps more flow on its GPUs at no cost in time
+    # the time left keeps more flow on its GPUs at no cost in time
     hop_swaps = 0
-    while time.perf_counter() < deadline and num_gpus > 1 and not temperatures and flow is not None:
+    while time.perf_counter() < deadline and num_gpus > 1 and flow is not None:
         gained = 0
         for layer in range(num_layers):
             if time.perf_counter() >= deadline:
@@ -220,7 +226,11 @@ def _polish_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float,
 
 def _hop_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float) -> int:
     """Exchanges of one layer that keep more flow on its GPUs without raising time[layer] +
-    time[layer + 1]: the polish's last phase, once the time has stopped falling. Returns how many."""
+    time[layer + 1]: the polish's last phase, once the time has stopped falling. Returns how many.
+
+    A scan finds every such exchange as the layer stands; then the _WALK best of each class, by
+    flow kept, are checked again one by one as the layer now stands and made where they still
+    qualify; scans repeat while one makes an exchange."""
     search = _LayerSearch(plan, layer, ctx)
     if search.skip:
         return 0
@@ -228,23 +238,30 @@ def _hop_layer(plan: np.ndarray, layer: int, ctx: _Context, deadline: float) -> 
     tol = 1e-9 * max(float(search.local_in.max(initial=0.0)), float(search.local_out.max(initial=0.0)), 1e-300)
     while time.perf_counter() < deadline:
         now = search.now()
-        slack = 1e-12 * now  # rounding only: the layer time does not rise
-        best = None  # (gain, i, j)
-        for _, i, j in search.candidates(deadline):
+        found = {}  # per class of exchanges: (i, j, gain) chunks of the qualifying ones
+        for size, i, j in search.candidates(deadline):
             gain = search.local_gain(i, j)
             keep = gain > tol
             if not keep.any():
                 continue
             i, j, gain = i[keep], j[keep], gain[keep]
-            ok = search.score(i, j) - now <= slack  # only the exchanges that are gains get scored
-            if ok.any():
-                k = int(np.flatnonzero(ok)[gain[ok].argmax()])
-                if best is None or gain[k] > best[0]:
-                    best = (float(gain[k]), i[k], j[k])
-        if best is None:
+            ok = search.score(i, j) - now <= 1e-12 * now  # only the gains get scored; rounding only
+            found.setdefault(size, []).append((i[ok], j[ok], gain[ok]))
+        before = made
+        for chunks in found.values():
+            i, j, gain = (np.concatenate(parts) for parts in zip(*chunks))
+            for k in np.argsort(-gain, kind="stable")[:_WALK]:
+                if time.perf_counter() >= deadline:
+                    break
+                ci, cj = search.valid(i[k:k + 1], j[k:k + 1])
+                if not ci.size or search.local_gain(ci, cj)[0] <= tol:
+                    continue
+                now = search.now()
+                if search.score(ci, cj)[0] - now <= 1e-12 * now:
+                    search.apply(ci[0], cj[0])
+                    made += 1
+        if made == before:
             break
-        search.apply(best[1], best[2])
-        made += 1
     if made:
         plan[layer] = sort_slots(plan[layer].reshape(ctx.num_gpus, -1))
     return made
