@@ -71,7 +71,8 @@ class RoutingRecorder:
                 flow = np.stack([self.flow[l] for l in range(L - 1)])
             # the layers' H and dtype where they agree (they do in every model we know)
             hidden, dtype = next(iter(self.sizes)) if len(self.sizes) == 1 else (None, None)
-            return RoutingTrace(load=load, flow=flow, hidden=hidden, dtype=dtype)
+            names = tuple(sorted(self.layers, key=self.layers.get))
+            return RoutingTrace(load=load, flow=flow, hidden=hidden, dtype=dtype, layers=names)
 
     def __enter__(self) -> "RoutingRecorder":
         ops.routing_observers.append(self)

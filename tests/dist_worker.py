@@ -146,21 +146,37 @@ def _layer(world: int, rank: int, kind: str, scenario: str) -> None:
         close(f"grad {n}", getattr(layer.local, n).grad, getattr(experts, n).grad.index_select(0, mine), 1e-5)
 
 
-def case_bad_plan(world: int, rank: int) -> None:
-    """A plan for another group size: the same one-line error on every rank, weights untouched."""
+def case_plans(world: int, rank: int) -> None:
+    """Plans that do not fit are rejected with the same one line on every rank, weights untouched;
+    a plan naming its layers is matched by name, in any order."""
     from moecompile.errors import UserInputError
 
     model, _ = models.build("mixtral", layers=2, hidden=32, seed=0)
     before = {n: p.clone() for n, p in model.named_parameters()}
-    try:
-        shard_experts(model, plan=plan_for("shuffled", world + 1 if 8 % (world + 1) == 0 else 1, 8, 2))
-    except UserInputError as err:
-        print(f"rejected: {err}", flush=True)
-    else:
-        raise AssertionError("a plan for another group size was accepted")
+    good = plan_for("shuffled", world, 8, 2)
+    bad = [plan_for("shuffled", 1, 8, 2),  # another group size
+           Plan(num_gpus=world, num_nodes=1, num_experts=8, slots_per_gpu=8 // world, phy2log=good.phy2log[:1]),
+           Plan(num_gpus=world, num_nodes=1, num_experts=8, slots_per_gpu=8 // world, phy2log=good.phy2log,
+                layers=("model.layers.0.mlp", "model.layers.7.mlp"))]
+    for plan in bad:
+        try:
+            shard_experts(model, plan=plan)
+        except UserInputError as err:
+            print(f"rejected: {err}", flush=True)
+        else:
+            raise AssertionError("a plan that does not fit was accepted")
     for n, p in model.named_parameters():
         if not torch.equal(p, before[n]):
             raise AssertionError(f"{n} changed although the plan was rejected")
+    named = Plan(num_gpus=world, num_nodes=1, num_experts=8, slots_per_gpu=8 // world, phy2log=good.phy2log,
+                 layers=("model.layers.1.mlp", "model.layers.0.mlp"))
+    shard_experts(model, plan=named)
+    for (name, module), row in zip(moe_layers(model), (1, 0)):
+        if not np.array_equal(module.experts.layer.phy2log, good.phy2log[row]):
+            raise AssertionError(f"{name} did not get the plan's row named for it")
+        want = before[f"{name}.experts.down_proj"].index_select(0, torch.from_numpy(good.phy2log[row].reshape(world, -1)[rank].copy()))
+        if not torch.equal(module.experts.local.down_proj, want):
+            raise AssertionError(f"{name} holds other experts than its plan row gives rank {rank}")
 
 
 def case_dies(world: int, rank: int) -> None:
@@ -180,7 +196,7 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
     try:
-        {"model": case_model, "layer": case_layer, "bad_plan": case_bad_plan, "dies": case_dies}[case](world, rank, *args)
+        {"model": case_model, "layer": case_layer, "plans": case_plans, "dies": case_dies}[case](world, rank, *args)
     finally:
         if case != "dies":
             dist.destroy_process_group()

@@ -240,6 +240,7 @@ def test_routing_is_recorded_with_reference_kernels_too():
         compiled(ids)
     assert rec.trace().load.sum() == 2 * 4 * 2  # layers x tokens x K
     assert (rec.trace().hidden, rec.trace().dtype) == (64, "float32")
+    assert rec.trace().layers == ("model.layers.0.mlp", "model.layers.1.mlp")  # the report's names
 
 
 def test_the_ops_schemas_join_inductors_cache_key(monkeypatch):

@@ -78,11 +78,13 @@ def test_layer_edge_cases(world, plan):
     assert_all_pass(launch(world, "layer", plan, "plain,empty,one_rank,idle"))
 
 
-def test_plan_for_another_group_is_rejected_on_every_rank():
-    results = launch(2, "bad_plan")
+def test_plans_that_do_not_fit_are_rejected_and_named_layers_matched():
+    results = launch(2, "plans")
     assert_all_pass(results)
-    for _, out in results:
+    for _, out in results:  # every rank says the same, in one line each
         assert "rejected: the plan places experts on 1 GPUs but the process group has 2 ranks" in out
+        assert "rejected: the plan has 1 layers but the model has 2 MoE layers" in out
+        assert "rejected: the plan has no layer 'model.layers.1.mlp'" in out
 
 
 def test_a_rank_that_dies_fails_the_others_clearly():

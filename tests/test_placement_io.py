@@ -117,6 +117,42 @@ def test_plan_round_trip_and_derived_maps(tmp_path):
             assert obj["logcnt"][layer][e] == len(slots)
 
 
+@pytest.mark.parametrize("ext", ["npz", "json"])
+def test_layer_names_go_from_trace_to_plan(tmp_path, ext):
+    rng = np.random.default_rng(3)
+    names = ("model.layers.0.mlp", "model.layers.1.mlp", "model.layers.2.mlp")
+    trace = RoutingTrace(load=_trace(rng).load, layers=names)
+    save_trace(trace, tmp_path / f"t.{ext}")
+    back = load_trace(tmp_path / f"t.{ext}")
+    assert back.layers == names
+    plan = place(back, num_gpus=2)
+    save_plan(plan, tmp_path / "p.json")
+    assert load_plan(tmp_path / "p.json").layers == names
+    assert load_plan(tmp_path / "p.json").solver == plan.solver
+    save_trace(RoutingTrace(load=trace.load), tmp_path / f"u.{ext}")
+    assert load_trace(tmp_path / f"u.{ext}").layers is None  # unnamed traces stay so
+
+
+@pytest.mark.parametrize("layers, words", [
+    (["a", "b"], "each of its 3 layers once, got 2 names"),
+    (["a", "a", "b"], "(2 distinct)"),
+    (["a", "", "b"], "list of layer names"),
+    ("abc", "list of layer names"),
+    ([1, 2, 3], "list of layer names"),
+])
+def test_bad_layer_names_are_one_line_errors(tmp_path, layers, words):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"load": [[1, 2], [3, 4], [5, 6]], "layers": layers}))
+    with pytest.raises(UserInputError) as err:
+        load_trace(path)
+    assert words in str(err.value) and "\n" not in str(err.value)
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps(_plan_json(phy2log=[[0, 1, 2, 0]] * 3, layers=layers)))
+    with pytest.raises(UserInputError) as err:
+        load_plan(plan)
+    assert words in str(err.value)
+
+
 def test_log2phy_pads_with_minus_one():
     phy2log = np.array([[0, 1, 1, 2], [2, 2, 0, 1]])
     assert logcnt_of(phy2log, 3).tolist() == [[1, 2, 1], [1, 1, 2]]

@@ -152,7 +152,7 @@ def _layer_maps(layers: list[tuple[str, nn.Module]], plan, world: int) -> list[L
     if plan.num_gpus != world:
         raise UserInputError(f"the plan places experts on {plan.num_gpus} GPUs but the process group has {world} ranks")
     rows = list(range(plan.num_layers))
-    plan_names = plan.solver.get("layers") if isinstance(plan.solver, dict) else None
+    plan_names = list(plan.layers) if plan.layers else None
     if plan_names:
         missing = [n for n in names if n not in plan_names]
         if missing:

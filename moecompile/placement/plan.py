@@ -11,7 +11,8 @@ Plan JSON (written atomically by `save_plan`; `log2phy` and `logcnt` are redunda
 
     {"num_gpus": G, "num_nodes": N, "num_experts": E, "slots_per_gpu": s, "num_layers": L,
      "phy2log": [[...S ids...], ...L rows], "log2phy": [...], "logcnt": [...],
-     "metrics": {...see metrics.evaluate...}, "solver": {"name": ..., "seconds": ..., "gap": ...}}
+     "metrics": {...see metrics.evaluate...}, "solver": {"name": ..., "seconds": ..., "gap": ...},
+     "layers": ["model.layers.0.mlp", ...] | null}    the layers' names, where the trace had them
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from ..errors import UserInputError
 from ..files import read_json, write_json
+from .trace import layer_names
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Plan:
     phy2log: np.ndarray  # (L, S) int64
     metrics: dict = field(default_factory=dict, compare=False)
     solver: dict = field(default_factory=dict, compare=False)
+    layers: tuple[str, ...] | None = None  # the layers' names, from the trace, where it had them
 
     def __post_init__(self) -> None:
         check_topology(self.num_gpus, self.num_nodes)
@@ -58,6 +61,8 @@ class Plan:
             raise UserInputError(f"plan leaves expert {int(missing[0])} without a slot in layer {layer}")
         phy2log.setflags(write=False)
         object.__setattr__(self, "phy2log", phy2log)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", layer_names(self.layers, phy2log.shape[0], "plan"))
 
     @property
     def num_layers(self) -> int:
@@ -77,6 +82,7 @@ class Plan:
             "slots_per_gpu": self.slots_per_gpu, "num_layers": self.num_layers,
             "phy2log": self.phy2log.tolist(), "log2phy": self.log2phy.tolist(), "logcnt": self.logcnt.tolist(),
             "metrics": self.metrics, "solver": self.solver,
+            "layers": None if self.layers is None else list(self.layers),
         }
 
 
@@ -156,7 +162,8 @@ def plan_from_json(obj: object) -> Plan:
             raise UserInputError(f"plan field {k} must be a JSON object, got {type(obj[k]).__name__}")
     plan = Plan(num_gpus=obj["num_gpus"], num_nodes=obj["num_nodes"], num_experts=obj["num_experts"],
                 slots_per_gpu=obj["slots_per_gpu"], phy2log=obj["phy2log"],
-                metrics=dict(obj.get("metrics") or {}), solver=dict(obj.get("solver") or {}))
+                metrics=dict(obj.get("metrics") or {}), solver=dict(obj.get("solver") or {}),
+                layers=obj.get("layers"))
     if "num_layers" in obj and obj["num_layers"] != plan.num_layers:
         raise UserInputError(f"plan says num_layers {obj['num_layers']} but phy2log has {plan.num_layers} rows")
     for name in ("logcnt", "log2phy"):

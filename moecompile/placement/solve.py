@@ -131,7 +131,7 @@ def place(trace: RoutingTrace, num_gpus: int, num_nodes: int = 1, redundant: int
     if prev is not None:
         info["moved"] = moves
     return Plan(num_gpus=num_gpus, num_nodes=num_nodes, num_experts=trace.num_experts, slots_per_gpu=spg,
-                phy2log=best, metrics=metrics, solver=info)
+                phy2log=best, metrics=metrics, solver=info, layers=trace.layers)
 
 
 def _search_all(problem: Problem, searches: dict, deadline: float,

@@ -2,10 +2,13 @@
 
 File formats (both hold the same two arrays, and optionally the layers' sizes):
 
-    .npz   arrays `load` (L, E) and optionally `flow` (L-1, E, E), `hidden` and `dtype` (0-d);
-           other arrays are ignored
-    .json  {"load": [[...], ...], "flow": [[[...]]] | null, "hidden": H | null, "dtype": "bfloat16" | null}
+    .npz   arrays `load` (L, E) and optionally `flow` (L-1, E, E), `hidden` and `dtype` (0-d),
+           `layers` (L,) strings; other arrays are ignored
+    .json  {"load": [[...], ...], "flow": [[[...]]] | null, "hidden": H | null, "dtype": "bfloat16" | null,
+            "layers": ["model.layers.0.mlp", ...] | null}
 
+`layers` names the MoE layers (their module paths, as the report names them): a plan made from the
+trace carries them, and `moecompile.distributed.shard_experts` matches the model's layers by them.
 `hidden` (the layers' H) and `dtype` (their activations' dtype) are what a token costs on the wire;
 `moecompile trace` and option routing_trace record them, and the layer-time model (cost.py) reads them.
 
@@ -42,6 +45,7 @@ class RoutingTrace:
     flow: np.ndarray | None = None  # (L-1, E, E) float64
     hidden: int | None = None  # H of the layers, where recorded
     dtype: str | None = None  # their activations' dtype (a DTYPE_BYTES key), where recorded
+    layers: tuple[str, ...] | None = None  # the layers' names (module paths), where recorded
 
     def __post_init__(self) -> None:
         if self.hidden is not None:
@@ -61,6 +65,8 @@ class RoutingTrace:
             if flow.shape != want:
                 raise UserInputError(f"trace flow has shape {flow.shape}, expected {want} from load {load.shape}")
             object.__setattr__(self, "flow", flow)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", layer_names(self.layers, num_layers, "trace"))
 
     @property
     def num_layers(self) -> int:
@@ -82,7 +88,21 @@ def normalized(trace: RoutingTrace) -> RoutingTrace:
             return arr
         return np.ldexp(arr, -np.frexp(arr.max())[1])
 
-    return RoutingTrace(load=scaled(trace.load), flow=scaled(trace.flow), hidden=trace.hidden, dtype=trace.dtype)
+    return RoutingTrace(load=scaled(trace.load), flow=scaled(trace.flow), hidden=trace.hidden, dtype=trace.dtype,
+                        layers=trace.layers)
+
+
+def layer_names(names: object, num_layers: int, what: str) -> tuple[str, ...]:
+    """`names` checked to be `num_layers` distinct non-empty strings; a one-line UserInputError if not."""
+    if isinstance(names, np.ndarray):
+        names = names.tolist()
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(
+            isinstance(n, str) and n for n in names):
+        raise UserInputError(f"{what} layers must be a list of layer names")
+    if len(names) != num_layers or len(set(names)) != len(names):
+        raise UserInputError(f"{what} layers must name each of its {num_layers} layers once, got {len(names)} names "
+                             f"({len(set(names))} distinct)")
+    return tuple(names)
 
 
 def load_trace(path: str | os.PathLike) -> RoutingTrace:
@@ -101,7 +121,7 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         raise UserInputError(f"trace {path} has no 'load' array")
     try:
         return RoutingTrace(load=arrays["load"], flow=arrays.get("flow"), hidden=_scalar(arrays.get("hidden")),
-                            dtype=_scalar(arrays.get("dtype")))
+                            dtype=_scalar(arrays.get("dtype")), layers=arrays.get("layers"))
     except UserInputError as err:
         raise UserInputError(f"trace {path}: {err}") from None
 
@@ -111,13 +131,14 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     if path.endswith(".npz"):
         arrays = {"load": trace.load}
-        for name in ("flow", "hidden", "dtype"):
+        for name in ("flow", "hidden", "dtype", "layers"):
             if getattr(trace, name) is not None:
                 arrays[name] = np.asarray(getattr(trace, name))
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     elif path.endswith(".json"):
         flow = None if trace.flow is None else trace.flow.tolist()
-        write_json(path, {"load": trace.load.tolist(), "flow": flow, "hidden": trace.hidden, "dtype": trace.dtype})
+        write_json(path, {"load": trace.load.tolist(), "flow": flow, "hidden": trace.hidden, "dtype": trace.dtype,
+                          "layers": None if trace.layers is None else list(trace.layers)})
     else:
         raise UserInputError(f"trace file {path} must end in .npz or .json")
 
@@ -137,7 +158,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise UserInputError(f"trace {path} declares arrays too large to load") from None
 
 
-_FIELDS = ("load", "flow", "hidden", "dtype")
+_FIELDS = ("load", "flow", "hidden", "dtype", "layers")
 
 
 def _scalar(value):
