@@ -55,7 +55,7 @@ def close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
                              f"shapes {tuple(got.shape)} vs {tuple(want.shape)})")
 
 
-def case_model(world: int, rank: int, name: str, kind: str, compiled: str = "eager") -> None:
+def case_model(world: int, rank: int, name: str, kind: str, compiled: str = "eager", chunks: str = "auto") -> None:
     """A sharded model's logits and gradients against the single-process model: every rank's batch
     through the reference, the expert gradients summed over all of them."""
     reference, _ = models.build(name, layers=2, hidden=32, seed=0)
@@ -66,7 +66,7 @@ def case_model(world: int, rank: int, name: str, kind: str, compiled: str = "eag
     layers = moe_layers(sharded)
     num_experts = next(layers[0][1].experts.parameters()).shape[0]
     plan = plan_for(kind, world, num_experts, len(layers))
-    shard_experts(sharded, plan=plan)
+    shard_experts(sharded, plan=plan, overlap_chunks=chunks if chunks == "auto" else int(chunks))
     run = torch.compile(sharded, backend="moe") if compiled == "compiled" else sharded
     out = run(batches[rank], labels=batches[rank])
     out.loss.backward()
@@ -97,19 +97,19 @@ def case_model(world: int, rank: int, name: str, kind: str, compiled: str = "eag
                 raise AssertionError(f"full_state_dict: {n} differs from the unsharded model's")
 
 
-def case_layer(world: int, rank: int, kind: str, scenarios: str) -> None:
+def case_layer(world: int, rank: int, kind: str, scenarios: str, chunks: str = "1") -> None:
     """One layer's experts with chosen routings (comma-separated): `plain`, `empty` (rank 1 has no
     tokens), `one_rank` (every token to rank 0's experts), `idle` (expert 0 gets no token anywhere)."""
     for scenario in scenarios.split(","):
-        _layer(world, rank, kind, scenario)
+        _layer(world, rank, kind, scenario, int(chunks))
 
 
-def _layer(world: int, rank: int, kind: str, scenario: str) -> None:
+def _layer(world: int, rank: int, kind: str, scenario: str, chunks: int) -> None:
     reference, _ = models.build("mixtral", layers=1, hidden=32, seed=0)
     experts = moe_layers(reference)[0][1].experts
     num_experts, top_k, hidden = experts.gate_up_proj.shape[0], 2, 32
     plan = plan_for(kind, world, num_experts, 1)
-    sharded = shard_experts(copy.deepcopy(reference), plan=plan)
+    sharded = shard_experts(copy.deepcopy(reference), plan=plan, overlap_chunks=chunks)
     layer = moe_layers(sharded)[0][1].experts
     xs, ids, ws = [], [], []
     for r in range(world):
@@ -179,6 +179,37 @@ def case_plans(world: int, rank: int) -> None:
             raise AssertionError(f"{name} holds other experts than its plan row gives rank {rank}")
 
 
+def case_invariance(world: int, rank: int) -> None:
+    """A layer's outputs bit for bit the same under every chunk count and plan (and, the test
+    compares the printed digests, every world size); "auto" picks a C after its first call."""
+    import hashlib
+
+    reference, _ = models.build("mixtral", layers=1, hidden=32, seed=0)
+    g = torch.Generator().manual_seed(400)
+    x = torch.randn(40, 32, generator=g)  # the same 40 tokens, split over the ranks
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(40)])
+    w = torch.rand(40, 2, generator=g)
+    mine = slice(rank * 40 // world, (rank + 1) * 40 // world)
+    outs = {}
+    for kind in ("even", "shuffled", "replicas"):
+        for chunks in (1, 2, 3, "auto"):
+            model = shard_experts(copy.deepcopy(reference), plan=plan_for(kind, world, 8, 1), overlap_chunks=chunks)
+            layer = moe_layers(model)[0][1].experts
+            for _ in range(3 if chunks == "auto" else 1):
+                y = layer(x[mine], ids[mine], w[mine])
+            outs[(kind, chunks)] = y
+            if chunks == "auto" and (layer.chosen is None or layer.stats.chunks[0] != 1):
+                raise AssertionError(f"auto: first call C={layer.stats.chunks[0]}, then chose {layer.chosen}")
+    first = next(iter(outs.values()))
+    for key, y in outs.items():
+        if not torch.equal(y, first):
+            raise AssertionError(f"rank {rank}: output under {key} differs from {next(iter(outs))} by "
+                                 f"{(y - first).abs().max().item():.3g}")
+    gathered = [torch.empty(0)] * world
+    dist.all_gather_object(gathered, first)
+    print("digest", hashlib.sha256(torch.cat(gathered).detach().numpy().tobytes()).hexdigest(), flush=True)
+
+
 def case_dies(world: int, rank: int) -> None:
     """Rank 1 leaves before the first exchange; the others must fail with a clear error."""
     model, (ids,) = models.build("mixtral", layers=2, hidden=32, seed=0)
@@ -196,7 +227,8 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
     try:
-        {"model": case_model, "layer": case_layer, "plans": case_plans, "dies": case_dies}[case](world, rank, *args)
+        {"model": case_model, "layer": case_layer, "plans": case_plans, "dies": case_dies,
+         "invariance": case_invariance}[case](world, rank, *args)
     finally:
         if case != "dies":
             dist.destroy_process_group()

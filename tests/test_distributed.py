@@ -48,21 +48,21 @@ def assert_all_pass(results: list[tuple[int, str]]) -> None:
         assert code == 0, f"rank {rank} exited {code}:\n{out[-3000:]}"
 
 
-@pytest.mark.parametrize("world, name, plan", [
-    (2, "mixtral", "replicas"),
-    (2, "deepseek_v3", "shuffled"),
-    pytest.param(4, "mixtral", "replicas", marks=FOUR),
-    pytest.param(2, "mixtral", "even", marks=FAMILY),
-    pytest.param(4, "qwen3_moe", "shuffled", marks=FOUR),
-    pytest.param(2, "qwen2_moe", "replicas", marks=FAMILY),
-    pytest.param(2, "olmoe", "replicas", marks=FAMILY),
-    pytest.param(2, "gpt_oss", "replicas", marks=FAMILY),
+@pytest.mark.parametrize("world, name, plan, chunks", [
+    (2, "mixtral", "replicas", "1"),
+    (2, "deepseek_v3", "shuffled", "3"),
+    pytest.param(4, "mixtral", "replicas", "2", marks=FOUR),
+    pytest.param(2, "mixtral", "even", "auto", marks=FAMILY),
+    pytest.param(4, "qwen3_moe", "shuffled", "3", marks=FOUR),
+    pytest.param(2, "qwen2_moe", "replicas", "2", marks=FAMILY),
+    pytest.param(2, "olmoe", "replicas", "1", marks=FAMILY),
+    pytest.param(2, "gpt_oss", "replicas", "2", marks=FAMILY),
 ])
-def test_sharded_model_matches_one_process(world, name, plan):
+def test_sharded_model_matches_one_process(world, name, plan, chunks):
     """Logits, the replicated weights' gradients (this rank's batch) and the experts' gradients
-    (every rank's batch, replicas summed) of a sharded model; full_state_dict loads into the
-    unsharded model and equals it."""
-    assert_all_pass(launch(world, "model", name, plan))
+    (every rank's batch, replicas summed) of a sharded model, its exchange in `chunks` chunks;
+    full_state_dict loads into the unsharded model and equals it."""
+    assert_all_pass(launch(world, "model", name, plan, "eager", chunks))
 
 
 @slow("torch.compile of a sharded model on 2 ranks: about a minute")
@@ -70,12 +70,28 @@ def test_sharded_model_compiled():
     assert_all_pass(launch(2, "model", "mixtral", "replicas", "compiled"))
 
 
-@pytest.mark.parametrize("world, plan", [(2, "replicas"), pytest.param(4, "even", marks=FOUR),
-                                         pytest.param(2, "shuffled", marks=FAMILY)])
-def test_layer_edge_cases(world, plan):
+@pytest.mark.parametrize("world, plan, chunks", [(2, "replicas", "3"), pytest.param(4, "even", "1", marks=FOUR),
+                                                 pytest.param(2, "shuffled", "2", marks=FAMILY)])
+def test_layer_edge_cases(world, plan, chunks):
     """A rank with no tokens, every token to one rank, an expert no token chose: outputs and every
     gradient as the unsharded experts give them."""
-    assert_all_pass(launch(world, "layer", plan, "plain,empty,one_rank,idle"))
+    assert_all_pass(launch(world, "layer", plan, "plain,empty,one_rank,idle", chunks))
+
+
+def _digests(results) -> set:
+    assert_all_pass(results)
+    return {line.split()[1] for _, out in results for line in out.splitlines() if line.startswith("digest ")}
+
+
+def test_outputs_bit_for_bit_whatever_the_chunks_and_plan():
+    """One layer's outputs under C = 1, 2, 3 and "auto", under an even, a shuffled and a replicated
+    plan: every one the same bits (each rank checks; the digest is of every rank's outputs)."""
+    assert len(_digests(launch(2, "invariance"))) == 1
+
+
+@FOUR
+def test_outputs_bit_for_bit_whatever_the_world_size():
+    assert _digests(launch(2, "invariance")) == _digests(launch(4, "invariance"))
 
 
 def test_plans_that_do_not_fit_are_rejected_and_named_layers_matched():

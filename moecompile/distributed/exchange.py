@@ -30,12 +30,15 @@ group's timeout expires, and the error names the layer and the step.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .overlap import Clock
 
 
 @dataclass(frozen=True)
@@ -92,79 +95,175 @@ def remap_slots(ids: Tensor, log2phy: Tensor, logcnt: Tensor, here: Tensor) -> T
     return torch.where(local >= 0, local, spread)
 
 
-def _all_to_all(rows: Tensor, send: list[int], recv: list[int], group, what: str) -> Tensor:
-    """all_to_all_single of `rows` (first dim split by `send`) -> the rows received, split by `recv`."""
-    out = rows.new_empty((sum(recv), *rows.shape[1:]))
-    try:
-        dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group)
-    except RuntimeError as err:
-        raise RuntimeError(f"moecompile.distributed: {what} failed on rank {dist.get_rank(group)} "
-                           f"(another rank failed or left the group?): {str(err).splitlines()[0]}") from None
-    return out
-
-
 def _exchange_counts(send: Tensor, group, what: str) -> list[int]:
-    """(world,) rows for each rank -> (world,) rows from each rank, as a list (a host sync)."""
+    """(world * n,) n counts for each rank -> (world * n,) n counts from each rank, as a list (a host sync)."""
     recv = torch.empty_like(send)
     try:
         dist.all_to_all_single(recv, send, group=group)
     except RuntimeError as err:
-        raise RuntimeError(f"moecompile.distributed: {what} failed on rank {dist.get_rank(group)} "
-                           f"(another rank failed or left the group?): {str(err).splitlines()[0]}") from None
+        raise _failed(what, group, err) from None
     return recv.tolist()
+
+
+@dataclass
+class Route:
+    """How one call's (token, k) pairs travel: tokens cut into chunks, each chunk's pairs sorted by
+    destination rank. order (T*K,) pairs, chunk after chunk; bounds (C+1,) each chunk's first pair
+    in `order`; send[c][r] / recv[c][r] rows chunk c sends to / receives from rank r."""
+
+    order: Tensor
+    bounds: list[int]
+    send: list[list[int]]
+    recv: list[list[int]]
+
+    @property
+    def chunks(self) -> int:
+        return len(self.send)
+
+    def pairs(self, c: int) -> Tensor:
+        return self.order[self.bounds[c]:self.bounds[c + 1]]
+
+
+def route(slots: Tensor, top_k: int, slots_per_rank: int, chunks: int, group, what: str) -> Route:
+    """The Route of (T*K,) slots cut into `chunks` chunks of tokens; every chunk's counts reach
+    their ranks in one exchange (the one host sync of the forward)."""
+    world = dist.get_world_size(group)
+    num_tokens = slots.shape[0] // max(top_k, 1)
+    cuts = [num_tokens * c // chunks * top_k for c in range(chunks + 1)]
+    dest = slots // slots_per_rank
+    parts, counts = [], []
+    for c in range(chunks):
+        d = dest[cuts[c]:cuts[c + 1]]
+        parts.append(torch.sort(d, stable=True).indices + cuts[c])  # by destination rank, in pair order
+        counts.append(torch.bincount(d, minlength=world))
+    send = torch.stack(counts, dim=1) if counts else torch.zeros(world, 0, dtype=torch.long)  # (world, C)
+    recv = _exchange_counts(send.reshape(-1), group, what)  # C entries from each rank
+    send_rows = send.T.tolist()
+    recv_rows = [[recv[r * chunks + c] for r in range(world)] for c in range(chunks)]
+    order = torch.cat(parts) if parts else slots.new_zeros(0)
+    return Route(order, cuts, send_rows, recv_rows)
 
 
 class ExpertParallel(torch.autograd.Function):
     """(x (T, H), ids (T, K), w (T, K), *local expert weights) -> (T, H) over the group; see the
-    module docstring. `run(x_rows, local_slots, w_rows, params)` computes the local experts."""
+    module docstring. `run(x_rows, local_slots, w_rows, params)` computes the local experts;
+    `chunks` pipelines the exchange; `stats` (a Stats) collects what the call moved and waited."""
 
     @staticmethod
-    def forward(ctx, x, ids, w, layer, run, group, *params):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+    def forward(ctx, x, ids, w, layer, run, group, chunks, stats, *params):
+        rank = dist.get_rank(group)
         num_tokens, top_k = ids.shape
         log2phy, logcnt, here = layer.tables(rank, x.device)
         slots = remap_slots(ids, log2phy, logcnt, here).view(-1)  # (T*K,)
         spr = layer.slots_per_rank
-        dest = slots // spr
-        order = torch.sort(dest, stable=True).indices  # pairs by destination rank, in pair order
-        send = torch.bincount(dest, minlength=world)
-        what = f"dispatch of layer {layer.name}"
-        send_list = send.tolist()
-        recv_list = _exchange_counts(send, group, what)
-        token = order // top_k
-        x_rows = _all_to_all(x.index_select(0, token), send_list, recv_list, group, what)
-        w_rows = _all_to_all(w.reshape(-1).index_select(0, order), send_list, recv_list, group, what)
-        slot_rows = _all_to_all((slots.index_select(0, order) % spr), send_list, recv_list, group, what)
-        y_rows = run(x_rows, slot_rows, w_rows, params)
-        back = _all_to_all(y_rows, recv_list, send_list, group, f"combine of layer {layer.name}")
-        y = _sum_in_k_order(back, order, num_tokens, top_k)
-        ctx.save_for_backward(order, x_rows, w_rows, slot_rows, *params)
-        ctx.meta = (layer, run, group, send_list, recv_list, num_tokens, top_k, x.dtype, w.dtype)
+        clock = Clock()
+        with clock.wait():
+            t0 = time.perf_counter()
+            plan = route(slots, top_k, spr, chunks, group, f"dispatch of layer {layer.name}")
+            clock.latency = time.perf_counter() - t0
+        w_flat = w.reshape(-1)
+
+        def dispatch(c):
+            pairs = plan.pairs(c)
+            rows = (x.index_select(0, pairs // top_k), w_flat.index_select(0, pairs), slots.index_select(0, pairs) % spr)
+            return [_start(t, plan.send[c], plan.recv[c], group, f"dispatch of layer {layer.name}") for t in rows]
+
+        def compute(c, received):
+            x_rows, w_rows, slot_rows = received
+            kept.append(received)
+            return run(x_rows, slot_rows, w_rows, params)
+
+        kept = []
+        back = _pipeline(plan, dispatch, compute, group, f"combine of layer {layer.name}", clock)
+        y = _sum_in_k_order(back, plan.order, num_tokens, top_k)
+        x_rows, w_rows, slot_rows = (torch.cat(t) for t in zip(*kept)) if kept else (x[:0], w_flat[:0], slots[:0])
+        ctx.save_for_backward(x_rows, w_rows, slot_rows, *params)
+        ctx.meta = (layer, run, group, plan, num_tokens, top_k, x.dtype, w.dtype, stats)
+        if stats is not None:
+            row = x.element_size() * x.shape[-1]
+            stats.add_call(plan, row + w.element_size() + slots.element_size(), row, clock)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        order, x_rows, w_rows, slot_rows, *params = ctx.saved_tensors
-        layer, run, group, send_list, recv_list, num_tokens, top_k, x_dtype, w_dtype = ctx.meta
-        token = order // top_k
-        g_rows = _all_to_all(grad.contiguous().index_select(0, token), send_list, recv_list, group,
-                             f"backward dispatch of layer {layer.name}")
-        with torch.enable_grad():
-            xr = x_rows.detach().requires_grad_()
-            wr = w_rows.detach().requires_grad_()
-            ps = [p.detach().requires_grad_() for p in params]
-            y_rows = run(xr, slot_rows, wr, ps)
-            found = torch.autograd.grad(y_rows, [xr, wr, *ps], g_rows, allow_unused=True)
-        gx_rows, gw_rows, *gparams = (torch.zeros_like(v) if g is None else g
-                                      for g, v in zip(found, [xr, wr, *ps]))
-        what = f"backward combine of layer {layer.name}"
-        gx_back = _all_to_all(gx_rows, recv_list, send_list, group, what)
-        gw_back = _all_to_all(gw_rows, recv_list, send_list, group, what)
-        gx = _sum_in_k_order(gx_back, order, num_tokens, top_k).to(x_dtype)
-        gw = torch.empty_like(gw_back)
-        gw[order] = gw_back
+        x_all, w_all, slot_all, *params = ctx.saved_tensors
+        layer, run, group, plan, num_tokens, top_k, x_dtype, w_dtype, stats = ctx.meta
+        grad = grad.contiguous()
+        offsets = [0]
+        for c in range(plan.chunks):
+            offsets.append(offsets[-1] + sum(plan.recv[c]))
+        gparams = [torch.zeros_like(p) for p in params]
+        clock = Clock()
+
+        def dispatch(c):
+            return [_start(grad.index_select(0, plan.pairs(c) // top_k), plan.send[c], plan.recv[c], group,
+                           f"backward dispatch of layer {layer.name}")]
+
+        def compute(c, received):
+            lo, hi = offsets[c], offsets[c + 1]
+            with torch.enable_grad():
+                xr = x_all[lo:hi].detach().requires_grad_()
+                wr = w_all[lo:hi].detach().requires_grad_()
+                ps = [p.detach().requires_grad_() for p in params]
+                y_rows = run(xr, slot_all[lo:hi], wr, ps)
+                found = torch.autograd.grad(y_rows, [xr, wr, *ps], received[0], allow_unused=True)
+            for total, g in zip(gparams, found[2:]):
+                if g is not None:
+                    total += g
+            gx = xr.new_zeros(xr.shape) if found[0] is None else found[0]
+            gw = wr.new_zeros(wr.shape) if found[1] is None else found[1]
+            return torch.cat([gx, gw[:, None].to(gx.dtype)], dim=1)  # one exchange back: x's and w's
+
+        back = _pipeline(plan, dispatch, compute, group, f"backward combine of layer {layer.name}", clock)
+        hidden = grad.shape[-1]
+        gx = _sum_in_k_order(back[:, :hidden].contiguous(), plan.order, num_tokens, top_k).to(x_dtype)
+        gw = torch.empty(back.shape[0], dtype=back.dtype, device=back.device)
+        gw[plan.order] = back[:, hidden]
         gparams = _sum_replicas(gparams, layer, group)
-        return (gx, None, gw.view(num_tokens, top_k).to(w_dtype), None, None, None, *gparams)
+        return (gx, None, gw.view(num_tokens, top_k).to(w_dtype), None, None, None, None, None, *gparams)
+
+
+def _start(rows: Tensor, send: list[int], recv: list[int], group, what: str):
+    """An asynchronous all_to_all_single of `rows` split by `send`: (buffer, work, what)."""
+    out = rows.new_empty((sum(recv), *rows.shape[1:]))
+    try:
+        work = dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group, async_op=True)
+    except RuntimeError as err:
+        raise _failed(what, group, err) from None
+    return out, work, what
+
+
+def _finish(started, group) -> Tensor:
+    out, work, what = started
+    try:
+        work.wait()
+    except RuntimeError as err:
+        raise _failed(what, group, err) from None
+    return out
+
+
+def _failed(what: str, group, err: BaseException) -> RuntimeError:
+    return RuntimeError(f"moecompile.distributed: {what} failed on rank {dist.get_rank(group)} "
+                        f"(another rank failed or left the group?): {str(err).splitlines()[0]}")
+
+
+def _pipeline(plan: Route, dispatch, compute, group, what: str, clock: "Clock") -> Tensor:
+    """Chunk c's rows arrive while chunk c-1 computes and chunk c-2's results travel back:
+    dispatch(c) starts chunk c's exchanges, compute(c, received) gives its (R_c, ...) results,
+    which go back to their senders. Returns every pair's result, in plan.order."""
+    pending = dispatch(0) if plan.chunks else []
+    backs = []
+    for c in range(plan.chunks):
+        with clock.wait():
+            received = [_finish(p, group) for p in pending]
+        if c + 1 < plan.chunks:
+            pending = dispatch(c + 1)
+        with clock.compute():
+            result = compute(c, received)
+        backs.append(_start(result, plan.recv[c], plan.send[c], group, what))
+    with clock.wait():
+        parts = [_finish(b, group) for b in backs]
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def _sum_in_k_order(rows: Tensor, order: Tensor, num_tokens: int, top_k: int) -> Tensor:
@@ -199,8 +298,7 @@ def _sum_replicas(grads: list[Tensor], layer: LayerMap, group) -> list[Tensor]:
         try:
             dist.all_reduce(total, group=group)
         except RuntimeError as err:
-            raise RuntimeError(f"moecompile.distributed: replica gradients of layer {layer.name} failed on rank "
-                               f"{rank} (another rank failed or left the group?): {str(err).splitlines()[0]}") from None
+            raise _failed(f"replica gradients of layer {layer.name}", group, err) from None
         g = g.clone()
         for s in slots:
             g[s] = total[row[int(mine[s])]]

@@ -30,43 +30,88 @@ from torch import nn
 
 from ..errors import UserInputError
 from .exchange import ExpertParallel, LayerMap
+from .overlap import Stats, choose_chunks
 
 
 class ShardedExperts(nn.Module):
     """One layer's experts on this rank: `local` is the family's experts module over this rank's
-    slots; `layer` says where every slot lives."""
+    slots; `layer` says where every slot lives; `stats` what its exchanges did (overlap.Stats)."""
 
     def __init__(self, local: nn.Module, layer: LayerMap, group, expert_params: tuple[str, ...],
-                 full_shapes: dict[str, tuple[int, ...]]):
+                 full_shapes: dict[str, tuple[int, ...]], overlap_chunks: int | str = "auto"):
         super().__init__()
         self.local = local
         self.layer = layer
         self.group = group
         self.expert_params = expert_params  # names of `local`'s parameters that hold slots
         self.full_shapes = full_shapes  # their logical shapes (E, ...)
+        self.overlap_chunks = overlap_chunks  # "auto" or a count
+        self.chosen: int | None = None if overlap_chunks == "auto" else int(overlap_chunks)
+        self.stats = Stats(rank=dist.get_rank(group))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         params = [getattr(self.local, n) for n in self.expert_params]
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         ids = top_k_index.reshape(-1, top_k_index.shape[-1])
         w = top_k_weights.reshape(-1, top_k_weights.shape[-1])
-        y = _apply(x, ids, w, self.layer, self._run, self.group, params)
+        y = _apply(x, ids, w, self.layer, self._run, self.group, self._chunks(), self.stats, params)
         return y.view(hidden_states.shape)
 
+    def _chunks(self) -> int:
+        """C for this call: the option, or with "auto" 1 until a call has measured the layer, then
+        overlap.choose_chunks on the group's largest measurements (the same C on every rank)."""
+        if self.chosen is not None:
+            return self.chosen
+        if not self.stats.calls:
+            return 1
+        s = self.stats
+        measured = torch.tensor([s.exposed_s - s.latency_s, s.compute_s, s.latency_s], dtype=torch.float64)
+        dist.all_reduce(measured, op=dist.ReduceOp.MAX, group=self.group)
+        comm, compute, latency = measured.tolist()
+        self.chosen = choose_chunks(max(comm, 0.0), compute, 4 * latency)  # 4 collectives a chunk
+        return self.chosen
+
     def _run(self, x_rows, slot_rows, w_rows, params):
-        """w * expert(x) for each received row, by the family's code over the local slots."""
+        """w * expert(x) for each received row, by the family's code over the local slots, each
+        slot's rows padded to a multiple of TILE rows: the GEMMs then see the same shapes whatever
+        else arrived, so a row's bits do not depend on the chunks, the plan or the world size
+        (float32 GEMMs on CPU give other bits for a row in a batch of 1-11 rows than in one of 12+)."""
+        spr = self.layer.slots_per_rank
+        order, pos, slot_p = _padding(slot_rows, spr, TILE)
+        x_p = x_rows.new_zeros((slot_p.shape[0], x_rows.shape[1]))
+        x_p = x_p.index_copy(0, pos, x_rows.index_select(0, order))
+        w_p = w_rows.new_zeros(slot_p.shape[0]).index_copy(0, pos, w_rows.index_select(0, order))
         values = dict(zip(self.expert_params, params))
-        return torch.func.functional_call(self.local, values, (x_rows, slot_rows[:, None], w_rows[:, None]))
+        y_p = torch.func.functional_call(self.local, values, (x_p, slot_p[:, None], w_p[:, None]))
+        return y_p.new_empty((x_rows.shape[0], y_p.shape[1])).index_copy(0, order, y_p.index_select(0, pos))
 
     def extra_repr(self) -> str:
         rank = dist.get_rank(self.group)
-        return f"layer={self.layer.name!r}, rank={rank}, experts={self.layer.local_experts(rank).tolist()}"
+        return (f"layer={self.layer.name!r}, rank={rank}, experts={self.layer.local_experts(rank).tolist()}, "
+                f"overlap_chunks={self.overlap_chunks!r}")
+
+
+TILE = 16  # rows per slot are padded to a multiple of this
+
+
+def _padding(slot_rows: torch.Tensor, num_slots: int, tile: int):
+    """(order (R,) rows sorted by slot, pos (R,) each sorted row's place among the padded rows,
+    slot of each padded row (P,)) with every slot's rows padded to a multiple of `tile`."""
+    counts = torch.bincount(slot_rows, minlength=num_slots)
+    padded = (counts + tile - 1) // tile * tile
+    order = torch.sort(slot_rows, stable=True).indices
+    sorted_slots = slot_rows.index_select(0, order)
+    first = torch.cumsum(counts, 0) - counts
+    start = torch.cumsum(padded, 0) - padded
+    pos = start[sorted_slots] + torch.arange(slot_rows.shape[0], device=slot_rows.device) - first[sorted_slots]
+    slot_p = torch.repeat_interleave(torch.arange(num_slots, device=slot_rows.device), padded)
+    return order, pos, slot_p
 
 
 @torch.compiler.disable
-def _apply(x, ids, w, layer, run, group, params):
+def _apply(x, ids, w, layer, run, group, chunks, stats, params):
     # the exchange sizes buffers from received counts: eager, between compiled regions
-    return ExpertParallel.apply(x, ids, w, layer, run, group, *params)
+    return ExpertParallel.apply(x, ids, w, layer, run, group, chunks, stats, *params)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -93,17 +138,21 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def shard_experts(model: nn.Module, plan=None, group=None) -> nn.Module:
+def shard_experts(model: nn.Module, plan=None, group=None, overlap_chunks: int | str = "auto") -> nn.Module:
     """Keep only this rank's expert slots of every MoE layer of `model` (in place; returns it).
     `plan`: a path to `moecompile place`'s JSON, a Plan, or None (experts split evenly in order).
-    `group`: the process group (default: the whole world). Raises UserInputError when the plan does
-    not fit the model, on every rank, before any weight moves."""
+    `group`: the process group (default: the whole world). `overlap_chunks`: "auto" (overlap.py) or
+    how many chunks each layer's exchange is cut into (1: no overlap). Raises UserInputError when the
+    plan does not fit the model, on every rank, before any weight moves."""
     from ..placement.plan import Plan, load_plan
 
     if not dist.is_available() or not dist.is_initialized():
         raise UserInputError("shard_experts needs torch.distributed initialized first "
                              "(dist.init_process_group, under torchrun)")
     group = group or dist.group.WORLD
+    if overlap_chunks != "auto" and (isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int)
+                                     or not 1 <= overlap_chunks <= 64):
+        raise UserInputError(f"overlap_chunks must be \"auto\" or a whole number in 1..64, got {overlap_chunks!r}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     layers = moe_layers(model)
     sharded = [name for name, module in layers if isinstance(module.experts, ShardedExperts)]
@@ -133,7 +182,7 @@ def shard_experts(model: nn.Module, plan=None, group=None) -> nn.Module:
         for attr in ("num_experts", "num_local_experts"):
             if isinstance(getattr(local, attr, None), int):
                 setattr(local, attr, layer.slots_per_rank)
-        module.experts = ShardedExperts(local, layer, group, tuple(params), full_shapes)
+        module.experts = ShardedExperts(local, layer, group, tuple(params), full_shapes, overlap_chunks)
     return model
 
 

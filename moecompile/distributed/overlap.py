@@ -1,0 +1,106 @@
+"""overlap: how many chunks a layer's exchange is cut into, and what the exchanges did.
+
+The exchange (exchange.py) pipelines chunks of tokens: chunk c's rows arrive while chunk c-1's
+experts compute and chunk c-2's results travel back. With C chunks, dispatch + combine taking
+`comm` seconds, the experts `compute` seconds and `latency` seconds of fixed cost per chunk:
+
+    time(C) = (comm + compute) / C + (C - 1) / C * max(comm, compute) + C * latency
+
+(the first chunk's transfers and the last chunk's compute cannot hide; the rest waits only for the
+slower of the two). `choose_chunks` takes the C in CHOICES with the least time, 1 where overlap does
+not pay. "auto" measures: a layer's first call runs with C = 1 and times its waits (all exposed) and
+its experts; every rank takes the group's largest of each (so every rank picks the same C), and the
+calls after use the C they give. Output bits do not depend on C: each token's K rows are computed
+alone (the experts' rows padded per slot, exchange.py) and summed in k order.
+
+Stats (per layer, on each rank, forward calls): rows and bytes sent to and received from other
+ranks, seconds waited on exchanges (exposed) and spent in the experts, the chunks used. Hidden
+communication is what the exchanges would have taken at the bandwidth the layer measured with C = 1
+less what was exposed (`Stats.summary`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+CHOICES = (1, 2, 3, 4, 6, 8)
+
+
+def predicted_time(chunks: int, comm: float, compute: float, latency: float) -> float:
+    return (comm + compute) / chunks + (chunks - 1) / chunks * max(comm, compute) + chunks * latency
+
+
+def choose_chunks(comm: float, compute: float, latency: float) -> int:
+    """The C in CHOICES with the least predicted time (the smallest of equals)."""
+    return min(CHOICES, key=lambda c: (predicted_time(c, comm, compute, latency), c))
+
+
+class Clock:
+    """Seconds waited on exchanges and spent computing during one call."""
+
+    def __init__(self):
+        self.waited = 0.0
+        self.computed = 0.0
+        self.latency = 0.0  # the counts exchange: a message of a few bytes, what a collective costs
+
+    @contextlib.contextmanager
+    def wait(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.waited += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def compute(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.computed += time.perf_counter() - t0
+
+
+@dataclass
+class Stats:
+    """One layer's exchanges on one rank, summed over forward calls."""
+
+    rank: int = 0
+    calls: int = 0
+    rows_sent: int = 0  # (token, k) rows to other ranks
+    rows_received: int = 0
+    bytes_sent: int = 0  # dispatch out and combine back, to other ranks
+    bytes_received: int = 0
+    exposed_s: float = 0.0  # waiting on exchanges
+    compute_s: float = 0.0  # the local experts
+    chunks: list = field(default_factory=list)  # C of each call
+    bandwidth: float | None = None  # bytes per second, measured by a call with C = 1
+    latency_s: float = 0.0  # the last call's counts exchange
+
+    def add_call(self, plan, dispatch_row: int, combine_row: int, clock: Clock) -> None:
+        """Count one forward call: `plan` its Route, bytes per row each way, `clock` its times."""
+        out = sum(n for c in range(plan.chunks) for r, n in enumerate(plan.send[c]) if r != self.rank)
+        into = sum(n for c in range(plan.chunks) for r, n in enumerate(plan.recv[c]) if r != self.rank)
+        moved = out * dispatch_row + into * combine_row, into * dispatch_row + out * combine_row
+        self.calls += 1
+        self.rows_sent += out
+        self.rows_received += into
+        self.bytes_sent += moved[0]
+        self.bytes_received += moved[1]
+        self.exposed_s += clock.waited
+        self.compute_s += clock.computed
+        self.chunks.append(plan.chunks)
+        self.latency_s = clock.latency
+        if plan.chunks == 1 and clock.waited > 0 and max(moved) > 0:
+            self.bandwidth = max(moved) / clock.waited
+
+    def summary(self) -> dict:
+        """The numbers a report shows: totals, and communication exposed and hidden (estimated)."""
+        comm = max(self.bytes_sent, self.bytes_received) / self.bandwidth if self.bandwidth else None
+        hidden = None if comm is None else max(comm - self.exposed_s, 0.0)
+        return {"rank": self.rank, "calls": self.calls, "rows_sent": self.rows_sent,
+                "rows_received": self.rows_received, "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received, "exposed_s": self.exposed_s, "compute_s": self.compute_s,
+                "chunks": self.chunks[-1] if self.chunks else None, "comm_estimate_s": comm, "hidden_s": hidden,
+                "hidden_fraction": None if not comm else min(hidden / comm, 1.0)}
