@@ -3,6 +3,7 @@ process holding every expert (tests/dist_worker.py is one rank; each case checks
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -108,3 +109,31 @@ def test_a_rank_that_dies_fails_the_others_clearly():
     assert results[1][0] == 3
     assert results[0][0] != 0
     assert "moecompile.distributed: dispatch of layer model.layers.0.mlp failed on rank 0" in results[0][1]
+
+
+@slow("torchrun of the expert-parallel demo on 2 ranks: compiles the model on both, about 30 s")
+def test_ep_demo_trains_like_one_process(tmp_path):
+    out = tmp_path / "ep.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(_free_port()), "-m", "moecompile.tools.ep_demo", "--steps", "4", "--json", str(out)],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert [s["step"] for s in record["steps"]] == [0, 1, 2, 3]
+    for s in record["steps"]:
+        assert abs(s["loss"] - s["reference"]) < 1e-4 * abs(s["reference"])
+    assert record["steps"][-1]["loss"] < record["steps"][0]["loss"]  # it learns
+    assert sorted((r["layer"], r["rank"]) for r in record["exchanges"]) == [
+        ("model.layers.0.mlp", 0), ("model.layers.0.mlp", 1), ("model.layers.1.mlp", 0), ("model.layers.1.mlp", 1)]
+    assert all(r["calls"] == 2 and r["bytes_sent"] > 0 for r in record["exchanges"])  # steps after the warm-up
+    assert "sharded loss" in done.stdout and "exposed communication" in done.stdout
+
+
+def test_ep_demo_outside_torchrun_is_a_one_line_error():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-m", "moecompile.tools.ep_demo"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("ep_demo: error: launch it with torchrun, e.g. torchrun --nproc-per-node 2 -m "
+                                   "moecompile.tools.ep_demo")

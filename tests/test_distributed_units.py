@@ -51,7 +51,7 @@ def test_stats_count_other_ranks_rows_and_bytes():
     assert stats.chunks == [2] and stats.bandwidth is None  # no C = 1 call measured the link
     one = Route(order=torch.arange(4), bounds=[0, 4], send=[[1, 3]], recv=[[1, 1]])
     stats.add_call(one, 100, 80, clock)
-    assert stats.bandwidth == pytest.approx((3 * 100 + 1 * 80) / 0.5)
+    assert stats.bandwidth == pytest.approx((3 * 100 + 1 * 80) / 0.5)  # the larger direction, over its waits
     summary = stats.summary()
     assert summary["calls"] == 2 and summary["chunks"] == 1 and summary["exposed_s"] == pytest.approx(1.0)
     comm = max(stats.bytes_sent, stats.bytes_received) / stats.bandwidth

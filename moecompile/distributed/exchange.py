@@ -19,9 +19,15 @@ experts' vector-Jacobian product gives the rows' x and w gradients (sent back) a
 weight gradients; the gradients of a replicated expert are summed over every rank that holds it
 (one all-reduce of the replicated experts' rows), so replicas stay identical after an optimizer step.
 
-Host syncs, and why: the receive counts (`recv.tolist()`) size the received buffers and the uneven
-splits of all_to_all_single, which take Python lists; one per layer and direction (the backward
-reuses the forward's). Everything else stays on the device.
+Overlap (overlap.py): the tokens are cut into C chunks and the exchanges run asynchronously, so
+chunk c's rows travel while chunk c-1's experts compute and chunk c-2's results travel back; each
+slot's rows are padded to whole 16-row tiles before the experts, so a row's bits depend on nothing
+else that arrived (outputs are bit for bit the same for every C, plan and world size). A
+torch.profiler trace shows each chunk's waits and experts as spans named after the layer.
+
+Host syncs, and why: the receive counts of every chunk (`.tolist()`, one exchange per call) size the
+received buffers and the uneven splits of all_to_all_single, which take Python lists; the backward
+reuses the forward's. Everything else stays on the device.
 
 Every rank of the group must call each layer the same number of times in the same order (as in
 any data-parallel step); a rank that fails or leaves makes the others' collectives fail when the
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.profiler import record_function
 
 from .overlap import Clock
 
@@ -251,17 +258,18 @@ def _pipeline(plan: Route, dispatch, compute, group, what: str, clock: "Clock") 
     """Chunk c's rows arrive while chunk c-1 computes and chunk c-2's results travel back:
     dispatch(c) starts chunk c's exchanges, compute(c, received) gives its (R_c, ...) results,
     which go back to their senders. Returns every pair's result, in plan.order."""
+    label = what.replace(" of layer ", "[") + "]"  # spans a torch.profiler trace shows
     pending = dispatch(0) if plan.chunks else []
     backs = []
     for c in range(plan.chunks):
-        with clock.wait():
+        with clock.wait(), record_function(f"moe wait rows {label} chunk {c}"):
             received = [_finish(p, group) for p in pending]
         if c + 1 < plan.chunks:
             pending = dispatch(c + 1)
-        with clock.compute():
+        with clock.compute(), record_function(f"moe experts {label} chunk {c}"):
             result = compute(c, received)
         backs.append(_start(result, plan.recv[c], plan.send[c], group, what))
-    with clock.wait():
+    with clock.wait(), record_function(f"moe wait results {label}"):
         parts = [_finish(b, group) for b in backs]
     return torch.cat(parts) if parts else torch.zeros(0)
 

@@ -8,15 +8,16 @@ experts compute and chunk c-2's results travel back. With C chunks, dispatch + c
 
 (the first chunk's transfers and the last chunk's compute cannot hide; the rest waits only for the
 slower of the two). `choose_chunks` takes the C in CHOICES with the least time, 1 where overlap does
-not pay. "auto" measures: a layer's first call runs with C = 1 and times its waits (all exposed) and
-its experts; every rank takes the group's largest of each (so every rank picks the same C), and the
-calls after use the C they give. Output bits do not depend on C: each token's K rows are computed
+not pay. "auto" measures: a layer's first two calls run with C = 1 (the first may wait for other
+ranks' compilation) and the second times its waits (all exposed) and its experts; the group agrees on
+the smallest wait (the rank that arrived last waited for the transfer alone) and the largest expert
+time, so every rank picks the same C for the calls after. Output bits do not depend on C: each token's K rows are computed
 alone (the experts' rows padded per slot, exchange.py) and summed in k order.
 
 Stats (per layer, on each rank, forward calls): rows and bytes sent to and received from other
 ranks, seconds waited on exchanges (exposed) and spent in the experts, the chunks used. Hidden
-communication is what the exchanges would have taken at the bandwidth the layer measured with C = 1
-less what was exposed (`Stats.summary`).
+communication is what the exchanges would have taken at the bandwidth the layer's calls with C = 1
+showed (every wait of those is exposed) less what was exposed (`Stats.summary`).
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ class Stats:
     exposed_s: float = 0.0  # waiting on exchanges
     compute_s: float = 0.0  # the local experts
     chunks: list = field(default_factory=list)  # C of each call
-    bandwidth: float | None = None  # bytes per second, measured by a call with C = 1
-    latency_s: float = 0.0  # the last call's counts exchange
+    serial_bytes: int = 0  # the larger direction's bytes of the calls with C = 1
+    serial_s: float = 0.0  # and their waits: the link's bandwidth as the layer sees it
+    last: tuple = (0.0, 0.0, 0.0)  # the last call's (seconds waited, computed, of the counts exchange)
 
     def add_call(self, plan, dispatch_row: int, combine_row: int, clock: Clock) -> None:
         """Count one forward call: `plan` its Route, bytes per row each way, `clock` its times."""
@@ -91,9 +93,19 @@ class Stats:
         self.exposed_s += clock.waited
         self.compute_s += clock.computed
         self.chunks.append(plan.chunks)
-        self.latency_s = clock.latency
-        if plan.chunks == 1 and clock.waited > 0 and max(moved) > 0:
-            self.bandwidth = max(moved) / clock.waited
+        self.last = (clock.waited, clock.computed, clock.latency)
+        if plan.chunks == 1:
+            self.serial_bytes += max(moved)
+            self.serial_s += clock.waited
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Bytes per second of the calls with C = 1 (all their waits exposed), None before one."""
+        return self.serial_bytes / self.serial_s if self.serial_s > 0 and self.serial_bytes else None
+
+    def reset(self) -> None:
+        """Forget every call (after warm-up steps, whose waits include other ranks' compilation)."""
+        self.__init__(rank=self.rank)
 
     def summary(self) -> dict:
         """The numbers a report shows: totals, and communication exposed and hidden (estimated)."""

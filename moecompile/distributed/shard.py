@@ -58,17 +58,17 @@ class ShardedExperts(nn.Module):
         return y.view(hidden_states.shape)
 
     def _chunks(self) -> int:
-        """C for this call: the option, or with "auto" 1 until a call has measured the layer, then
-        overlap.choose_chunks on the group's largest measurements (the same C on every rank)."""
+        """C for this call: the option, or with "auto" 1 for the first two calls, then
+        overlap.choose_chunks on the second call's measurements, agreed by the group."""
         if self.chosen is not None:
             return self.chosen
-        if not self.stats.calls:
+        if self.stats.calls < 2:
             return 1
-        s = self.stats
-        measured = torch.tensor([s.exposed_s - s.latency_s, s.compute_s, s.latency_s], dtype=torch.float64)
-        dist.all_reduce(measured, op=dist.ReduceOp.MAX, group=self.group)
-        comm, compute, latency = measured.tolist()
-        self.chosen = choose_chunks(max(comm, 0.0), compute, 4 * latency)  # 4 collectives a chunk
+        waited, computed, latency = self.stats.last
+        measured = torch.tensor([waited - latency, -computed, latency], dtype=torch.float64)
+        dist.all_reduce(measured, op=dist.ReduceOp.MIN, group=self.group)
+        comm, computed, latency = measured.tolist()
+        self.chosen = choose_chunks(max(comm, 0.0), -computed, 4 * latency)  # 4 collectives a chunk
         return self.chosen
 
     def _run(self, x_rows, slot_rows, w_rows, params):
@@ -250,3 +250,42 @@ def full_state_dict(model: nn.Module, rank: int = 0) -> dict | None:
     if dist.get_rank() != rank:
         return None
     return state
+
+
+def exchange_report(model: nn.Module, group=None) -> list[dict] | None:
+    """What every sharded layer's exchanges did on every rank of `group`, on its first rank (None
+    on the others): one dict per layer and rank, `layer` and overlap.Stats.summary()'s fields
+    (rows and bytes sent and received, chunks, seconds exposed and computed, hidden estimate).
+    Every rank must call it."""
+    group = group or dist.group.WORLD
+    mine = [{"layer": m.layer.name, **m.stats.summary()} for m in model.modules() if isinstance(m, ShardedExperts)]
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if dist.get_rank(group) != 0:
+        return None
+    return sorted((row for rows in everyone for row in rows), key=lambda r: (r["layer"], r["rank"]))
+
+
+def reset_exchange_stats(model: nn.Module) -> None:
+    """Forget what the sharded layers' exchanges did so far (warm-up calls wait for compilation)."""
+    for m in model.modules():
+        if isinstance(m, ShardedExperts):
+            m.stats.reset()
+
+
+def average_gradients(model: nn.Module, group=None) -> None:
+    """Data-parallel gradients of a sharded model, after backward and before the optimizer step:
+    every replicated weight's gradient averaged over the group (as DistributedDataParallel does),
+    every expert slot's divided by the group's size (its gradient already sums every rank's
+    tokens). Then each rank's step equals one step of the unsharded model on all ranks' batches."""
+    group = group or dist.group.WORLD
+    world = dist.get_world_size(group)
+    experts = {id(p) for m in model.modules() if isinstance(m, ShardedExperts) for p in m.local.parameters()}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if id(p) in experts:
+            p.grad.div_(world)
+        else:
+            dist.all_reduce(p.grad, group=group)
+            p.grad.div_(world)
