@@ -66,6 +66,11 @@ def test_sharded_model_matches_one_process(world, name, plan, chunks):
     assert_all_pass(launch(world, "model", name, plan, "eager", chunks))
 
 
+def test_sharded_model_in_bfloat16():
+    """bfloat16 weights and activations: logits and gradients within 3e-2 of the largest value."""
+    assert_all_pass(launch(2, "model", "qwen3_moe", "replicas", "eager", "2", "bfloat16"))
+
+
 @slow("torch.compile of a sharded model on 2 ranks: about a minute")
 def test_sharded_model_compiled():
     assert_all_pass(launch(2, "model", "mixtral", "replicas", "compiled"))

@@ -7,7 +7,8 @@ Per rank, for its tokens x (T, H), their top-k ids and weights (T, K):
                                                           traffic), else replica (t * K + k) mod count
     Dispatch    x rows, w, local slot  -> rows of every rank's slots, sorted by destination rank:
                                           per-rank counts exchanged, then all_to_all_single with
-                                          uneven splits (the rows, their weights, their local slots)
+                                          uneven splits of one message: each row's x, weight and
+                                          local slot side by side as bytes
     Experts     received rows (R, H)   -> w * expert(x) (R, H) by the family's own expert code over
                                           this rank's slots (each row: one slot, one weight)
     Combine     (R, H) back to their senders (the reverse all-to-all), then each token's K rows
@@ -170,14 +171,16 @@ class ExpertParallel(torch.autograd.Function):
             clock.latency = time.perf_counter() - t0
         w_flat = w.reshape(-1)
 
-        def dispatch(c):
+        def dispatch(c):  # one message a chunk: each row's x, weight and local slot side by side
             pairs = plan.pairs(c)
-            rows = (x.index_select(0, pairs // top_k), w_flat.index_select(0, pairs), slots.index_select(0, pairs) % spr)
-            return [_start(t, plan.send[c], plan.recv[c], group, f"dispatch of layer {layer.name}") for t in rows]
+            rows = pack([x.index_select(0, pairs // top_k), w_flat.index_select(0, pairs)[:, None],
+                         (slots.index_select(0, pairs) % spr).to(torch.int32)[:, None]])
+            return [_start(rows, plan.send[c], plan.recv[c], group, f"dispatch of layer {layer.name}")]
 
         def compute(c, received):
-            x_rows, w_rows, slot_rows = received
-            kept.append(received)
+            x_rows, w_rows, slot_rows = unpack(received[0], [(x.dtype, x.shape[1]), (w.dtype, 1), (torch.int32, 1)])
+            x_rows, w_rows, slot_rows = x_rows, w_rows[:, 0], slot_rows[:, 0].long()
+            kept.append((x_rows, w_rows, slot_rows))
             return run(x_rows, slot_rows, w_rows, params)
 
         kept = []
@@ -188,7 +191,7 @@ class ExpertParallel(torch.autograd.Function):
         ctx.meta = (layer, run, group, plan, num_tokens, top_k, x.dtype, w.dtype, stats)
         if stats is not None:
             row = x.element_size() * x.shape[-1]
-            stats.add_call(plan, row + w.element_size() + slots.element_size(), row, clock)
+            stats.add_call(plan, row + w.element_size() + 4, row, clock)
         return y.to(x.dtype)
 
     @staticmethod
@@ -219,15 +222,30 @@ class ExpertParallel(torch.autograd.Function):
                     total += g
             gx = xr.new_zeros(xr.shape) if found[0] is None else found[0]
             gw = wr.new_zeros(wr.shape) if found[1] is None else found[1]
-            return torch.cat([gx, gw[:, None].to(gx.dtype)], dim=1)  # one exchange back: x's and w's
+            return pack([gx.to(x_dtype), gw.to(w_dtype)[:, None]])  # one message back: x's and w's
 
         back = _pipeline(plan, dispatch, compute, group, f"backward combine of layer {layer.name}", clock)
-        hidden = grad.shape[-1]
-        gx = _sum_in_k_order(back[:, :hidden].contiguous(), plan.order, num_tokens, top_k).to(x_dtype)
-        gw = torch.empty(back.shape[0], dtype=back.dtype, device=back.device)
-        gw[plan.order] = back[:, hidden]
+        back_x, back_w = unpack(back, [(x_dtype, grad.shape[-1]), (w_dtype, 1)])
+        gx = _sum_in_k_order(back_x, plan.order, num_tokens, top_k).to(x_dtype)
+        gw = torch.empty(back_w.shape[0], dtype=w_dtype, device=back_w.device)
+        gw[plan.order] = back_w[:, 0]
         gparams = _sum_replicas(gparams, layer, group)
         return (gx, None, gw.view(num_tokens, top_k).to(w_dtype), None, None, None, None, None, *gparams)
+
+
+def pack(columns: list[Tensor]) -> Tensor:
+    """(n, width) tensors of any dtypes -> (n, their bytes) uint8: one message for all of them."""
+    return torch.cat([c.contiguous().view(torch.uint8) for c in columns], dim=1)
+
+
+def unpack(rows: Tensor, layout: list[tuple[torch.dtype, int]]) -> list[Tensor]:
+    """pack's inverse: (n, bytes) uint8 -> (n, width) tensors of the given (dtype, width)s."""
+    out, at = [], 0
+    for dtype, width in layout:
+        size = width * torch.empty(0, dtype=dtype).element_size()
+        out.append(rows[:, at:at + size].contiguous().view(dtype))
+        at += size
+    return out
 
 
 def _start(rows: Tensor, send: list[int], recv: list[int], group, what: str):
@@ -271,7 +289,7 @@ def _pipeline(plan: Route, dispatch, compute, group, what: str, clock: "Clock") 
         backs.append(_start(result, plan.recv[c], plan.send[c], group, what))
     with clock.wait(), record_function(f"moe wait results {label}"):
         parts = [_finish(b, group) for b in backs]
-    return torch.cat(parts) if parts else torch.zeros(0)
+    return torch.cat(parts)
 
 
 def _sum_in_k_order(rows: Tensor, order: Tensor, num_tokens: int, top_k: int) -> Tensor:
