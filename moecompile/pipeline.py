@@ -24,7 +24,7 @@ import torch.fx as fx
 from . import detect, verify
 from .codegen import moe_torch, plan, train
 from .config import Config
-from .fx import names
+from .fx import names, shape_of
 from .ir import MoERegion, PassResult, ProgramError, build
 from .passes import Lower
 from .passes.layer import LAYER_PASSES
@@ -145,6 +145,7 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
             else:
                 records[i] = dataclasses.replace(records[i], passes=records[i].passes + (p.name,))
     records += [_unmatched_record(graph_id, layer) for layer in detect.unmatched_expert_layers(gm, candidates)]
+    records = _sharded(gm, records, graph_id)
     records = [dataclasses.replace(r, serves=names.serves(gm, r.name)) for r in records]
     if regions and config.dump_dir:
         dumper.write("kernels_torch.py", inspect.getsource(moe_torch))  # the torch path, for every layer
@@ -195,6 +196,35 @@ def _run_layer_passes(regions, records, row_of, config: Config, dumper: Dumper, 
         dumper.kernels(region.name, program, kernels)
         out.append(dataclasses.replace(region, program=program, saved=saved))
     return out, list(totals.values()) if regions else []
+
+
+def _sharded(gm: fx.GraphModule, records: list[RegionRecord], graph_id: int) -> list[RegionRecord]:
+    """Layers whose experts moecompile.distributed sharded: the graph calls moecompile::ep_experts
+    for them (router traced around it). One row each, status "sharded", in place of what the
+    detectors made of the router and the local expert weights."""
+    calls = [n for n in gm.graph.nodes
+             if n.op == "call_function" and str(n.target) in ("moecompile.ep_experts", "moecompile.ep_experts.default")]
+    if not calls:
+        return records
+    from .distributed import ops as ep_ops
+
+    rows = {}
+    for node in calls:
+        try:
+            m = ep_ops.layer_of(node.args[4])
+        except RuntimeError:
+            continue
+        name, world = m.layer.name, m.layer.world
+        world_word = "rank" if world == 1 else "ranks"
+        ids, x = shape_of(node.args[1]), shape_of(node.args[0])
+        rows[name] = RegionRecord(
+            graph=graph_id, name=name, num_experts=m.layer.num_experts, top_k=int(ids[-1]) if ids else 0,
+            hidden=int(x[-1]) if x else 0, intermediate=0, status="sharded", kernels="distributed",
+            reason=f"experts sharded over {world} {world_word} by moecompile.distributed ({m.layer.slots_per_rank} slots on "
+                   f"each): moecompile::ep_experts exchanges the rows and runs the family's expert code on them; "
+                   f"the router is compiled with the rest of the graph")
+    kept = [r for r in records if not any(r.name == n or r.name.startswith(n + ".") for n in rows)]
+    return kept + list(rows.values())
 
 
 def _unmatched_record(graph_id: int, layer) -> RegionRecord:

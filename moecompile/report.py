@@ -3,7 +3,7 @@
 report.json (stable; tests and users read it):
 
     {"regions": [{"graph": int, "name": str, "num_experts": E, "top_k": K, "hidden": H,
-                  "intermediate": I, "status": "optimized" | "fallback", "reason": str | null,
+                  "intermediate": I, "status": "optimized" | "fallback" | "sharded", "reason": str | null,
                   "kernels": str, "passes": [str], "spec": {...}, "experts_impl": str,
                   "verify_ms": float, "serves": [str], "program_key": str,
                   "backward": "triton" | "recompute" | "",
@@ -56,7 +56,7 @@ class RegionRecord(_Row):
     top_k: int
     hidden: int
     intermediate: int
-    status: str  # optimized | fallback
+    status: str  # optimized | fallback | sharded (experts run by moecompile.distributed)
     reason: str | None
     kernels: str  # the op's kernels, or "traced" for a layer left as it was
     passes: tuple[str, ...] = ()
@@ -132,8 +132,10 @@ class Report:
             rows.append(f"{r.graph:>5}  {r.name[:28]:<28} {r.num_experts:>4} {r.top_k:>3} "
                         f"{r.hidden:>6} {r.intermediate:>6}  {r.status:<9} {r.kernels.split(':')[0]:<9} {detail}")
         n_opt = len(self.optimized())
+        n_sharded = sum(r.status == "sharded" for r in self.regions)
         rows.append(f"{len(self.regions)} MoE layer(s) found, {n_opt} optimized, "
-                    f"{len(self.regions) - n_opt} left as traced; {len(self.graphs)} graph(s) compiled")
+                    + (f"{n_sharded} sharded, " if n_sharded else "")
+                    + f"{len(self.regions) - n_opt - n_sharded} left as traced; {len(self.graphs)} graph(s) compiled")
         errors = [g for g in self.graphs if g.status == "error"]
         rows += [f"graph {g.graph}: compiled without moecompile passes: {g.reason}" for g in errors]
         return "\n".join(rows)

@@ -64,3 +64,65 @@ def test_padding_places_each_slots_rows_in_whole_tiles():
     assert slot_p.tolist() == [0, 0, 0, 0, 2, 2, 2, 2]  # slot 1 has no rows, no tile
     assert order.tolist() == [1, 4, 0, 2, 3] and pos.tolist() == [0, 1, 4, 5, 6]
     assert torch.equal(slot_p[pos], slots[order])
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of this process alone (gloo, a file store), destroyed after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_sharded_model_compiles_as_one_graph_and_reports_its_layers(one_rank):
+    import copy
+
+    import moecompile
+    from moecompile import models
+    from moecompile.distributed import shard_experts
+
+    from moecompile import report as reports
+
+    model, (ids,) = models.build("mixtral", layers=2, hidden=32)
+    want = model(ids).logits
+    sharded = shard_experts(copy.deepcopy(model))
+    torch._dynamo.reset()
+    reports.reset()
+    got = torch.compile(sharded, backend="moe")(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    report = moecompile.last_report()
+    rows = report.to_dict()["regions"]
+    assert [(r["name"], r["status"], r["kernels"], r["num_experts"], r["top_k"], r["hidden"]) for r in rows] == [
+        ("model.layers.0.mlp", "sharded", "distributed", 8, 2, 32), ("model.layers.1.mlp", "sharded", "distributed", 8, 2, 32)]
+    assert "experts sharded over 1 rank by moecompile.distributed" in rows[0]["reason"]
+    assert len(report.to_dict()["graphs"]) == 1  # no graph break around the exchange
+    assert "2 sharded, 0 left as traced" in report.table()
+
+
+def test_shard_experts_rejects_bad_requests(one_rank):
+    from moecompile import models
+    from moecompile.distributed import shard_experts
+    from moecompile.errors import UserInputError
+
+    model, _ = models.build("mixtral", layers=1, hidden=32)
+    with pytest.raises(UserInputError, match="overlap_chunks must be"):
+        shard_experts(model, overlap_chunks=0)
+    with pytest.raises(UserInputError, match="plan must be a path, a Plan or None"):
+        shard_experts(model, plan=3)
+    with pytest.raises(UserInputError, match="no MoE layer found"):
+        shard_experts(torch.nn.Linear(2, 2))
+    shard_experts(model)
+    with pytest.raises(UserInputError, match="already sharded"):
+        shard_experts(model)
+
+
+def test_shard_experts_needs_a_process_group():
+    from moecompile import models
+    from moecompile.distributed import shard_experts
+    from moecompile.errors import UserInputError
+
+    model, _ = models.build("mixtral", layers=1, hidden=32)
+    with pytest.raises(UserInputError, match="needs torch.distributed initialized first"):
+        shard_experts(model)

@@ -15,10 +15,13 @@ Per rank, for its tokens x (T, H), their top-k ids and weights (T, K):
                 summed in k order: a token's output bits depend on its rows alone, not on the plan
                 or the world size
 
-Backward runs the exchanges in reverse: output gradients go out to the rows' ranks, the local
-experts' vector-Jacobian product gives the rows' x and w gradients (sent back) and the local slots'
-weight gradients; the gradients of a replicated expert are summed over every rank that holds it
-(one all-reduce of the replicated experts' rows), so replicas stay identical after an optimizer step.
+Backward (the op, ops.py, saves its inputs alone): the rows go out again, each with its output
+gradient, the local experts' vector-Jacobian product (torch.func) gives the rows' x and w gradients,
+which come back and are summed per token in k order, and the local slots' weight gradients; the
+gradients of a replicated expert are summed over every rank that holds it (one all-reduce of the
+replicated experts' rows), so replicas stay identical after an optimizer step. Sending x again costs
+the backward one more H-wide row each way than keeping the received rows would, and keeps no
+activation of the exchange alive between forward and backward.
 
 Overlap (overlap.py): the tokens are cut into C chunks and the exchanges run asynchronously, so
 chunk c's rows travel while chunk c-1's experts compute and chunk c-2's results travel back; each
@@ -26,9 +29,9 @@ slot's rows are padded to whole 16-row tiles before the experts, so a row's bits
 else that arrived (outputs are bit for bit the same for every C, plan and world size). A
 torch.profiler trace shows each chunk's waits and experts as spans named after the layer.
 
-Host syncs, and why: the receive counts of every chunk (`.tolist()`, one exchange per call) size the
-received buffers and the uneven splits of all_to_all_single, which take Python lists; the backward
-reuses the forward's. Everything else stays on the device.
+Host syncs, and why: the receive counts of every chunk (`.tolist()`, one exchange per call, forward
+and backward) size the received buffers and the uneven splits of all_to_all_single, which take
+Python lists. Everything else stays on the device.
 
 Every rank of the group must call each layer the same number of times in the same order (as in
 any data-parallel step); a rank that fails or leaves makes the others' collectives fail when the
@@ -38,7 +41,7 @@ group's timeout expires, and the error names the layer and the step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -59,6 +62,7 @@ class LayerMap:
     phy2log: np.ndarray
     num_experts: int
     world: int
+    _tables: dict = field(default_factory=dict, compare=False, repr=False)  # (rank, device) -> tables
 
     @property
     def slots_per_rank(self) -> int:
@@ -75,7 +79,13 @@ class LayerMap:
 
     def tables(self, rank: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(log2phy (E, X) int64, logcnt (E,) int64, here (E,) int64: the slot of each expert on
-        `rank`, or -1) as tensors on `device`."""
+        `rank`, or -1) as tensors on `device`; made once per rank and device."""
+        key = (rank, str(device))
+        if key not in self._tables:
+            self._tables[key] = self._make_tables(rank, device)
+        return self._tables[key]
+
+    def _make_tables(self, rank: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         num_experts, slots = self.num_experts, self.phy2log.shape[0]
         counts = np.bincount(self.phy2log, minlength=num_experts)
         log2phy = np.full((num_experts, counts.max()), -1, dtype=np.int64)
@@ -152,85 +162,85 @@ def route(slots: Tensor, top_k: int, slots_per_rank: int, chunks: int, group, wh
     return Route(order, cuts, send_rows, recv_rows)
 
 
-class ExpertParallel(torch.autograd.Function):
-    """(x (T, H), ids (T, K), w (T, K), *local expert weights) -> (T, H) over the group; see the
-    module docstring. `run(x_rows, local_slots, w_rows, params)` computes the local experts;
-    `chunks` pipelines the exchange; `stats` (a Stats) collects what the call moved and waited."""
+def experts_forward(layer: LayerMap, run, group, chunks: int, stats, x: Tensor, ids: Tensor, w: Tensor,
+                    params: list[Tensor]) -> Tensor:
+    """(x (T, H), ids (T, K), w (T, K)) -> (T, H) over the group; see the module docstring.
+    `run(x_rows, local_slots, w_rows, params)` computes the local experts; `chunks` pipelines the
+    exchange; `stats` (overlap.Stats or None) collects what the call moved and waited."""
+    num_tokens, top_k = ids.shape
+    slots, plan, clock = _route(layer, group, chunks, ids, x.device, f"dispatch of layer {layer.name}")
+    spr = layer.slots_per_rank
+    w_flat = w.reshape(-1)
 
-    @staticmethod
-    def forward(ctx, x, ids, w, layer, run, group, chunks, stats, *params):
-        rank = dist.get_rank(group)
-        num_tokens, top_k = ids.shape
-        log2phy, logcnt, here = layer.tables(rank, x.device)
-        slots = remap_slots(ids, log2phy, logcnt, here).view(-1)  # (T*K,)
-        spr = layer.slots_per_rank
-        clock = Clock()
-        with clock.wait():
-            t0 = time.perf_counter()
-            plan = route(slots, top_k, spr, chunks, group, f"dispatch of layer {layer.name}")
-            clock.latency = time.perf_counter() - t0
-        w_flat = w.reshape(-1)
+    def dispatch(c):  # one message a chunk: each row's x, weight and local slot side by side
+        pairs = plan.pairs(c)
+        rows = pack([x.index_select(0, pairs // top_k), w_flat.index_select(0, pairs)[:, None],
+                     (slots.index_select(0, pairs) % spr).to(torch.int32)[:, None]])
+        return [_start(rows, plan.send[c], plan.recv[c], group, f"dispatch of layer {layer.name}")]
 
-        def dispatch(c):  # one message a chunk: each row's x, weight and local slot side by side
-            pairs = plan.pairs(c)
-            rows = pack([x.index_select(0, pairs // top_k), w_flat.index_select(0, pairs)[:, None],
-                         (slots.index_select(0, pairs) % spr).to(torch.int32)[:, None]])
-            return [_start(rows, plan.send[c], plan.recv[c], group, f"dispatch of layer {layer.name}")]
+    def compute(c, received):
+        x_rows, w_rows, slot_rows = unpack(received[0], [(x.dtype, x.shape[1]), (w.dtype, 1), (torch.int32, 1)])
+        return run(x_rows, slot_rows[:, 0].long(), w_rows[:, 0], params)
 
-        def compute(c, received):
-            x_rows, w_rows, slot_rows = unpack(received[0], [(x.dtype, x.shape[1]), (w.dtype, 1), (torch.int32, 1)])
-            x_rows, w_rows, slot_rows = x_rows, w_rows[:, 0], slot_rows[:, 0].long()
-            kept.append((x_rows, w_rows, slot_rows))
-            return run(x_rows, slot_rows, w_rows, params)
+    back = _pipeline(plan, dispatch, compute, group, f"combine of layer {layer.name}", clock)
+    y = _sum_in_k_order(back, plan.order, num_tokens, top_k)
+    if stats is not None:
+        row = x.element_size() * x.shape[-1]
+        stats.add_call(plan, row + w.element_size() + 4, row, clock)
+    return y.to(x.dtype)
 
-        kept = []
-        back = _pipeline(plan, dispatch, compute, group, f"combine of layer {layer.name}", clock)
-        y = _sum_in_k_order(back, plan.order, num_tokens, top_k)
-        x_rows, w_rows, slot_rows = (torch.cat(t) for t in zip(*kept)) if kept else (x[:0], w_flat[:0], slots[:0])
-        ctx.save_for_backward(x_rows, w_rows, slot_rows, *params)
-        ctx.meta = (layer, run, group, plan, num_tokens, top_k, x.dtype, w.dtype, stats)
-        if stats is not None:
-            row = x.element_size() * x.shape[-1]
-            stats.add_call(plan, row + w.element_size() + 4, row, clock)
-        return y.to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x_all, w_all, slot_all, *params = ctx.saved_tensors
-        layer, run, group, plan, num_tokens, top_k, x_dtype, w_dtype, stats = ctx.meta
-        grad = grad.contiguous()
-        offsets = [0]
-        for c in range(plan.chunks):
-            offsets.append(offsets[-1] + sum(plan.recv[c]))
-        gparams = [torch.zeros_like(p) for p in params]
-        clock = Clock()
+def experts_backward(layer: LayerMap, run, group, chunks: int, grad: Tensor, x: Tensor, ids: Tensor, w: Tensor,
+                     params: list[Tensor]) -> list[Tensor]:
+    """Gradients of experts_forward for (x, w, *params). The rows go out again with their output
+    gradients (nothing of the forward's exchange is kept: the op's inputs are all it saves), the
+    local experts' vector-Jacobian product gives the rows' x and w gradients, which come back and
+    are summed per token in k order, and the local slots' weight gradients, summed over replicas."""
+    num_tokens, top_k = ids.shape
+    slots, plan, clock = _route(layer, group, chunks, ids, x.device, f"backward dispatch of layer {layer.name}")
+    spr = layer.slots_per_rank
+    w_flat = w.reshape(-1)
+    grad = grad.contiguous()
+    gparams = [torch.zeros_like(p) for p in params]
+    hidden = x.shape[1]
 
-        def dispatch(c):
-            return [_start(grad.index_select(0, plan.pairs(c) // top_k), plan.send[c], plan.recv[c], group,
-                           f"backward dispatch of layer {layer.name}")]
+    def dispatch(c):
+        pairs = plan.pairs(c)
+        token = pairs // top_k
+        rows = pack([x.index_select(0, token), grad.index_select(0, token), w_flat.index_select(0, pairs)[:, None],
+                     (slots.index_select(0, pairs) % spr).to(torch.int32)[:, None]])
+        return [_start(rows, plan.send[c], plan.recv[c], group, f"backward dispatch of layer {layer.name}")]
 
-        def compute(c, received):
-            lo, hi = offsets[c], offsets[c + 1]
-            with torch.enable_grad():
-                xr = x_all[lo:hi].detach().requires_grad_()
-                wr = w_all[lo:hi].detach().requires_grad_()
-                ps = [p.detach().requires_grad_() for p in params]
-                y_rows = run(xr, slot_all[lo:hi], wr, ps)
-                found = torch.autograd.grad(y_rows, [xr, wr, *ps], received[0], allow_unused=True)
-            for total, g in zip(gparams, found[2:]):
-                if g is not None:
-                    total += g
-            gx = xr.new_zeros(xr.shape) if found[0] is None else found[0]
-            gw = wr.new_zeros(wr.shape) if found[1] is None else found[1]
-            return pack([gx.to(x_dtype), gw.to(w_dtype)[:, None]])  # one message back: x's and w's
+    def compute(c, received):
+        x_rows, g_rows, w_rows, slot_rows = unpack(received[0], [(x.dtype, hidden), (grad.dtype, hidden),
+                                                                 (w.dtype, 1), (torch.int32, 1)])
+        local = slot_rows[:, 0].long()
+        # torch.func: autograd records nothing inside an op's implementation
+        y_rows, vjp = torch.func.vjp(lambda xr, wr, *ps: run(xr, local, wr, list(ps)), x_rows, w_rows[:, 0], *params)
+        gx, gw, *found = vjp(g_rows.to(y_rows.dtype))
+        for total, g in zip(gparams, found):
+            total += g
+        return pack([gx.to(x.dtype), gw.to(w.dtype)[:, None]])  # one message back: x's and w's
 
-        back = _pipeline(plan, dispatch, compute, group, f"backward combine of layer {layer.name}", clock)
-        back_x, back_w = unpack(back, [(x_dtype, grad.shape[-1]), (w_dtype, 1)])
-        gx = _sum_in_k_order(back_x, plan.order, num_tokens, top_k).to(x_dtype)
-        gw = torch.empty(back_w.shape[0], dtype=w_dtype, device=back_w.device)
-        gw[plan.order] = back_w[:, 0]
-        gparams = _sum_replicas(gparams, layer, group)
-        return (gx, None, gw.view(num_tokens, top_k).to(w_dtype), None, None, None, None, None, *gparams)
+    back = _pipeline(plan, dispatch, compute, group, f"backward combine of layer {layer.name}", clock)
+    back_x, back_w = unpack(back, [(x.dtype, hidden), (w.dtype, 1)])
+    gx = _sum_in_k_order(back_x, plan.order, num_tokens, top_k)
+    gw = torch.empty(back_w.shape[0], dtype=w.dtype, device=back_w.device)
+    gw[plan.order] = back_w[:, 0]
+    return [gx, gw.view(num_tokens, top_k), *_sum_replicas(gparams, layer, group)]
+
+
+def _route(layer: LayerMap, group, chunks: int, ids: Tensor, device, what: str):
+    """(slots (T*K,), Route, Clock with the counts exchange timed) of one call."""
+    rank = dist.get_rank(group)
+    log2phy, logcnt, here = layer.tables(rank, device)
+    slots = remap_slots(ids, log2phy, logcnt, here).view(-1)  # (T*K,)
+    clock = Clock()
+    with clock.wait():
+        t0 = time.perf_counter()
+        plan = route(slots, ids.shape[1], layer.slots_per_rank, chunks, group, what)
+        clock.latency = time.perf_counter() - t0
+    return slots, plan, clock
 
 
 def pack(columns: list[Tensor]) -> Tensor:

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserInputError
-from .exchange import ExpertParallel, LayerMap
+from . import ops
+from .exchange import LayerMap
 from .overlap import Stats, choose_chunks
 
 
@@ -48,16 +49,17 @@ class ShardedExperts(nn.Module):
         self.overlap_chunks = overlap_chunks  # "auto" or a count
         self.chosen: int | None = None if overlap_chunks == "auto" else int(overlap_chunks)
         self.stats = Stats(rank=dist.get_rank(group))
+        self.key = ops.register(self)  # how moecompile::ep_experts finds this layer
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         params = [getattr(self.local, n) for n in self.expert_params]
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         ids = top_k_index.reshape(-1, top_k_index.shape[-1])
         w = top_k_weights.reshape(-1, top_k_weights.shape[-1])
-        y = _apply(x, ids, w, self.layer, self._run, self.group, self._chunks(), self.stats, params)
+        y = torch.ops.moecompile.ep_experts(x, ids, w, params, self.key)
         return y.view(hidden_states.shape)
 
-    def _chunks(self) -> int:
+    def chunks(self) -> int:
         """C for this call: the option, or with "auto" 1 for the first two calls, then
         overlap.choose_chunks on the second call's measurements, agreed by the group."""
         if self.chosen is not None:
@@ -71,7 +73,7 @@ class ShardedExperts(nn.Module):
         self.chosen = choose_chunks(max(comm, 0.0), -computed, 2 * latency)  # 2 messages a chunk
         return self.chosen
 
-    def _run(self, x_rows, slot_rows, w_rows, params):
+    def run_local(self, x_rows, slot_rows, w_rows, params):
         """w * expert(x) for each received row, by the family's code over the local slots, each
         slot's rows padded to a multiple of TILE rows: the GEMMs then see the same shapes whatever
         else arrived, so a row's bits do not depend on the chunks, the plan or the world size
@@ -106,12 +108,6 @@ def _padding(slot_rows: torch.Tensor, num_slots: int, tile: int):
     pos = start[sorted_slots] + torch.arange(slot_rows.shape[0], device=slot_rows.device) - first[sorted_slots]
     slot_p = torch.repeat_interleave(torch.arange(num_slots, device=slot_rows.device), padded)
     return order, pos, slot_p
-
-
-@torch.compiler.disable
-def _apply(x, ids, w, layer, run, group, chunks, stats, params):
-    # the exchange sizes buffers from received counts: eager, between compiled regions
-    return ExpertParallel.apply(x, ids, w, layer, run, group, chunks, stats, *params)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
