@@ -91,6 +91,11 @@ class Config:
     4*T*K bytes) or activations (also GEMM 1's pre-activations, about T*K*2I values: the least
     recompute, the most memory). Layers whose backward recomputes on the torch path keep inputs."""
 
+    overlap_chunks: Any = None
+    """Layers sharded by moecompile.distributed: how many chunks their exchange is cut into to
+    overlap it with the experts, "auto" (a cost model calibrated on the layer's calls) or a count
+    1..64 (1: no overlap); None keeps what shard_experts was given. Output bits do not depend on it."""
+
     verify_rtol: dict = field(default_factory=dict)
     """Tolerance of the verification: {dtype: {"out" | "grad": (max, mean)}} of |a - b| / (|b| +
     mean|b|); what is not given keeps its default (VERIFY_RTOL)."""
@@ -103,6 +108,9 @@ class Config:
         if self.save_for_backward not in SAVE_CHOICES:
             raise UserInputError(f"option save_for_backward={self.save_for_backward!r} is not one of {SAVE_CHOICES}")
 
+        chunks = self.overlap_chunks
+        if chunks not in (None, "auto") and (isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= 64):
+            raise UserInputError(f"option overlap_chunks={chunks!r} must be \"auto\" or a whole number in 1..64")
         object.__setattr__(self, "verify_rtol", _rtol_table(self.verify_rtol))
         object.__setattr__(self, "skip_layers", _names("skip_layers", self.skip_layers))
         object.__setattr__(self, "disable_passes", _disabled(self.disable_passes))

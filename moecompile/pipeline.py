@@ -145,7 +145,7 @@ def run(gm: fx.GraphModule, example_inputs: list, config: Config, graph_id: int)
             else:
                 records[i] = dataclasses.replace(records[i], passes=records[i].passes + (p.name,))
     records += [_unmatched_record(graph_id, layer) for layer in detect.unmatched_expert_layers(gm, candidates)]
-    records = _sharded(gm, records, graph_id)
+    records = _sharded(gm, records, graph_id, config.overlap_chunks)
     records = [dataclasses.replace(r, serves=names.serves(gm, r.name)) for r in records]
     if regions and config.dump_dir:
         dumper.write("kernels_torch.py", inspect.getsource(moe_torch))  # the torch path, for every layer
@@ -198,10 +198,11 @@ def _run_layer_passes(regions, records, row_of, config: Config, dumper: Dumper, 
     return out, list(totals.values()) if regions else []
 
 
-def _sharded(gm: fx.GraphModule, records: list[RegionRecord], graph_id: int) -> list[RegionRecord]:
+def _sharded(gm: fx.GraphModule, records: list[RegionRecord], graph_id: int, chunks) -> list[RegionRecord]:
     """Layers whose experts moecompile.distributed sharded: the graph calls moecompile::ep_experts
     for them (router traced around it). One row each, status "sharded", in place of what the
-    detectors made of the router and the local expert weights."""
+    detectors made of the router and the local expert weights; option overlap_chunks (`chunks`,
+    unless None) is given to each such layer."""
     calls = [n for n in gm.graph.nodes
              if n.op == "call_function" and str(n.target) in ("moecompile.ep_experts", "moecompile.ep_experts.default")]
     if not calls:
@@ -214,6 +215,8 @@ def _sharded(gm: fx.GraphModule, records: list[RegionRecord], graph_id: int) -> 
             m = ep_ops.layer_of(node.args[4])
         except RuntimeError:
             continue
+        if chunks is not None:
+            m.set_chunks(chunks)
         name, world = m.layer.name, m.layer.world
         world_word = "rank" if world == 1 else "ranks"
         ids, x = shape_of(node.args[1]), shape_of(node.args[0])
@@ -221,8 +224,8 @@ def _sharded(gm: fx.GraphModule, records: list[RegionRecord], graph_id: int) -> 
             graph=graph_id, name=name, num_experts=m.layer.num_experts, top_k=int(ids[-1]) if ids else 0,
             hidden=int(x[-1]) if x else 0, intermediate=0, status="sharded", kernels="distributed",
             reason=f"experts sharded over {world} {world_word} by moecompile.distributed ({m.layer.slots_per_rank} slots on "
-                   f"each): moecompile::ep_experts exchanges the rows and runs the family's expert code on them; "
-                   f"the router is compiled with the rest of the graph")
+                   f"each, overlap_chunks {m.overlap_chunks!r}): moecompile::ep_experts exchanges the rows and runs "
+                   f"the family's expert code on them; the router is compiled with the rest of the graph")
     kept = [r for r in records if not any(r.name == n or r.name.startswith(n + ".") for n in rows)]
     return kept + list(rows.values())
 

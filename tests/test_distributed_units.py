@@ -81,9 +81,9 @@ def test_a_sharded_model_compiles_as_one_graph_and_reports_its_layers(one_rank):
 
     import moecompile
     from moecompile import models
-    from moecompile.distributed import shard_experts
-
     from moecompile import report as reports
+    from moecompile.distributed import shard_experts
+    from moecompile.errors import UserInputError
 
     model, (ids,) = models.build("mixtral", layers=2, hidden=32)
     want = model(ids).logits
@@ -99,6 +99,11 @@ def test_a_sharded_model_compiles_as_one_graph_and_reports_its_layers(one_rank):
     assert "experts sharded over 1 rank by moecompile.distributed" in rows[0]["reason"]
     assert len(report.to_dict()["graphs"]) == 1  # no graph break around the exchange
     assert "2 sharded, 0 left as traced" in report.table()
+    torch._dynamo.reset()
+    torch.compile(sharded, backend="moe", options={"overlap_chunks": 3})(ids)  # the option reaches the layers
+    assert [m.chosen for m in sharded.modules() if hasattr(m, "chosen")] == [3, 3]
+    with pytest.raises(UserInputError, match="option overlap_chunks=0 must be"):
+        moecompile.Config(overlap_chunks=0)
 
 
 def test_shard_experts_rejects_bad_requests(one_rank):

@@ -46,8 +46,7 @@ class ShardedExperts(nn.Module):
         self.group = group
         self.expert_params = expert_params  # names of `local`'s parameters that hold slots
         self.full_shapes = full_shapes  # their logical shapes (E, ...)
-        self.overlap_chunks = overlap_chunks  # "auto" or a count
-        self.chosen: int | None = None if overlap_chunks == "auto" else int(overlap_chunks)
+        self.set_chunks(overlap_chunks)
         self.stats = Stats(rank=dist.get_rank(group))
         self.key = ops.register(self)  # how moecompile::ep_experts finds this layer
 
@@ -58,6 +57,14 @@ class ShardedExperts(nn.Module):
         w = top_k_weights.reshape(-1, top_k_weights.shape[-1])
         y = torch.ops.moecompile.ep_experts(x, ids, w, params, self.key)
         return y.view(hidden_states.shape)
+
+    def set_chunks(self, overlap_chunks: int | str) -> None:
+        """"auto" or a count (every rank must set the same, before the same call); setting what is
+        already set keeps the count "auto" chose."""
+        if getattr(self, "overlap_chunks", None) == overlap_chunks:
+            return
+        self.overlap_chunks = overlap_chunks
+        self.chosen = None if overlap_chunks == "auto" else int(overlap_chunks)
 
     def chunks(self) -> int:
         """C for this call: the option, or with "auto" 1 for the first two calls, then
