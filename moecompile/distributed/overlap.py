@@ -26,6 +26,8 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 CHOICES = (1, 2, 3, 4, 6, 8)
 
 
@@ -39,33 +41,52 @@ def choose_chunks(comm: float, compute: float, latency: float) -> int:
 
 
 class Clock:
-    """Seconds waited on exchanges and spent computing during one call."""
+    """Seconds waited on exchanges and spent computing during one call. On CUDA the spans are
+    timed by CUDA events on the current stream (an exchange's wait there is a stream dependency
+    that returns to the host at once) and read only when asked for, never stalling the host."""
 
-    def __init__(self):
-        self.waited = 0.0
-        self.computed = 0.0
-        self.latency = 0.0  # the counts exchange: a message of a few bytes, what a collective costs
+    def __init__(self, device=None):
+        self._cuda = device is not None and torch.device(device).type == "cuda"
+        self._host = {"wait": 0.0, "compute": 0.0, "latency": 0.0}
+        self._events = []  # (kind, start, end) CUDA events
 
     @contextlib.contextmanager
+    def span(self, kind: str):
+        """Time the block as `kind`: wait, compute, or latency (the counts exchange, also a wait)."""
+        if self._cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.append((kind, start, end))
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._host[kind] += time.perf_counter() - t0
+
     def wait(self):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.waited += time.perf_counter() - t0
+        return self.span("wait")
 
-    @contextlib.contextmanager
     def compute(self):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.computed += time.perf_counter() - t0
+        return self.span("compute")
+
+    def seconds(self) -> tuple[float, float, float]:
+        """(waited, computed, latency) of the call; the latency counts as waited too."""
+        times = dict(self._host)
+        for kind, start, end in self._events:
+            end.synchronize()
+            times[kind] += start.elapsed_time(end) / 1e3
+        self._host, self._events = times, []
+        return times["wait"] + times["latency"], times["compute"], times["latency"]
 
 
 @dataclass
 class Stats:
-    """One layer's exchanges on one rank, summed over forward calls."""
+    """One layer's exchanges on one rank, summed over forward calls (times are read when asked for)."""
 
     rank: int = 0
     calls: int = 0
@@ -73,12 +94,13 @@ class Stats:
     rows_received: int = 0
     bytes_sent: int = 0  # dispatch out and combine back, to other ranks
     bytes_received: int = 0
-    exposed_s: float = 0.0  # waiting on exchanges
-    compute_s: float = 0.0  # the local experts
     chunks: list = field(default_factory=list)  # C of each call
-    serial_bytes: int = 0  # the larger direction's bytes of the calls with C = 1
-    serial_s: float = 0.0  # and their waits: the link's bandwidth as the layer sees it
-    last: tuple = (0.0, 0.0, 0.0)  # the last call's (seconds waited, computed, of the counts exchange)
+    _exposed: float = 0.0  # waiting on exchanges
+    _compute: float = 0.0  # the local experts
+    _serial_bytes: int = 0  # the larger direction's bytes of the calls with C = 1
+    _serial_s: float = 0.0  # and their waits: the link's bandwidth as the layer sees it
+    _last: tuple = (0.0, 0.0, 0.0)
+    _pending: list = field(default_factory=list)  # (clock, chunks, bytes) of calls not yet read
 
     def add_call(self, plan, dispatch_row: int, combine_row: int, clock: Clock) -> None:
         """Count one forward call: `plan` its Route, bytes per row each way, `clock` its times."""
@@ -90,18 +112,43 @@ class Stats:
         self.rows_received += into
         self.bytes_sent += moved[0]
         self.bytes_received += moved[1]
-        self.exposed_s += clock.waited
-        self.compute_s += clock.computed
         self.chunks.append(plan.chunks)
-        self.last = (clock.waited, clock.computed, clock.latency)
-        if plan.chunks == 1:
-            self.serial_bytes += max(moved)
-            self.serial_s += clock.waited
+        self._pending.append((clock, plan.chunks, max(moved)))
+        if len(self._pending) > 64:  # long done by now: reading them stalls nothing
+            self._settle()
+
+    def _settle(self) -> None:
+        for clock, chunks, moved in self._pending:
+            waited, computed, latency = clock.seconds()
+            self._exposed += waited
+            self._compute += computed
+            self._last = (waited, computed, latency)
+            if chunks == 1:
+                self._serial_bytes += moved
+                self._serial_s += waited
+        self._pending = []
+
+    @property
+    def exposed_s(self) -> float:
+        self._settle()
+        return self._exposed
+
+    @property
+    def compute_s(self) -> float:
+        self._settle()
+        return self._compute
+
+    @property
+    def last(self) -> tuple[float, float, float]:
+        """The last call's (seconds waited, computed, of the counts exchange)."""
+        self._settle()
+        return self._last
 
     @property
     def bandwidth(self) -> float | None:
         """Bytes per second of the calls with C = 1 (all their waits exposed), None before one."""
-        return self.serial_bytes / self.serial_s if self.serial_s > 0 and self.serial_bytes else None
+        self._settle()
+        return self._serial_bytes / self._serial_s if self._serial_s > 0 and self._serial_bytes else None
 
     def reset(self) -> None:
         """Forget every call (after warm-up steps, whose waits include other ranks' compilation)."""
