@@ -143,3 +143,20 @@ def test_shard_experts_needs_a_process_group():
     model, _ = models.build("mixtral", layers=1, hidden=32)
     with pytest.raises(UserInputError, match="needs torch.distributed initialized first"):
         shard_experts(model)
+
+
+def test_a_deep_copy_of_a_sharded_model_runs_on_its_own(one_rank):
+    import copy
+
+    from moecompile import models
+    from moecompile.distributed import moe_layers, shard_experts
+
+    model, (ids,) = models.build("mixtral", layers=1, hidden=32)
+    want = model(ids).logits
+    shard_experts(model)
+    twin = copy.deepcopy(model)  # the process group is shared, not copied (it cannot be)
+    torch.testing.assert_close(twin(ids).logits, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    a, b = moe_layers(model)[0][1].experts, moe_layers(twin)[0][1].experts
+    assert a.group is b.group and a.key != b.key and (a.stats.calls, b.stats.calls) == (1, 1)
+    assert a.local.gate_up_proj is not b.local.gate_up_proj
