@@ -61,7 +61,7 @@ def test_stats_count_other_ranks_rows_and_bytes():
     assert stats.chunks == [2] and stats.bandwidth is None  # no C = 1 call measured the link
     one = Route(order=torch.arange(4), bounds=[0, 4], send=[[1, 3]], recv=[[1, 1]])
     stats.add_call(one, 100, 80, clock())
-    waited, computed, latency = stats.last  # the counts exchange is a wait too
+    waited, computed, latency, whole = stats.last  # the counts exchange is a wait too
     assert 0.05 <= waited < 0.2 and 0.02 <= computed < 0.1 and 0.01 <= latency < waited
     assert stats.bandwidth == pytest.approx((3 * 100 + 1 * 80) / waited)  # the larger direction, over its waits
     summary = stats.summary()
@@ -160,3 +160,21 @@ def test_a_deep_copy_of_a_sharded_model_runs_on_its_own(one_rank):
     a, b = moe_layers(model)[0][1].experts, moe_layers(twin)[0][1].experts
     assert a.group is b.group and a.key != b.key and (a.stats.calls, b.stats.calls) == (1, 1)
     assert a.local.gate_up_proj is not b.local.gate_up_proj
+
+
+@pytest.mark.parametrize("trial_seconds, kept", [(0.07, True), (0.2, False)])
+def test_auto_chunks_keep_the_models_choice_only_if_it_was_faster(one_rank, trial_seconds, kept):
+    from moecompile import models
+    from moecompile.distributed import moe_layers, shard_experts
+
+    model, _ = models.build("mixtral", layers=1, hidden=32)
+    layer = moe_layers(shard_experts(model))[0][1].experts
+    stats = layer.stats
+    assert layer.chunks() == 1  # no call measured yet
+    stats.calls, stats._last = 2, (0.05, 0.05, 1e-4, 0.1)  # exchange as long as the experts: overlap pays
+    trial = layer.chunks()
+    assert trial > 1 and layer.chosen is None
+    stats.calls, stats._last = 3, (0.01, 0.05, 1e-4, trial_seconds)
+    assert layer.chunks() == (trial if kept else 1) == layer.chosen
+    layer.set_chunks("auto")  # the same setting again keeps the choice
+    assert layer.chosen == (trial if kept else 1)

@@ -8,11 +8,13 @@ experts compute and chunk c-2's results travel back. With C chunks, dispatch + c
 
 (the first chunk's transfers and the last chunk's compute cannot hide; the rest waits only for the
 slower of the two). `choose_chunks` takes the C in CHOICES with the least time, 1 where overlap does
-not pay. "auto" measures: a layer's first two calls run with C = 1 (the first may wait for other
-ranks' compilation) and the second times its waits (all exposed) and its experts; the group agrees on
-the smallest wait (the rank that arrived last waited for the transfer alone) and the largest expert
-time, so every rank picks the same C for the calls after. Output bits do not depend on C: each token's K rows are computed
-alone (the experts' rows padded per slot, exchange.py) and summed in k order.
+not pay. "auto" measures, then checks: a layer's first two calls run with C = 1 (the first may wait
+for other ranks' compilation) and the second times its waits (all exposed), its experts and the
+whole call; the group agrees on the smallest wait (the rank that arrived last waited for the
+transfer alone) and the largest expert time and picks a C by the model; the third call runs with
+that C, and the calls after keep it only if the group's slowest third call beat its slowest second
+(the model does not see communication that slows the experts down, as on a CPU whose cores all
+compute: measured, 2 ranks on 2 cores lost time to 2 and 4 chunks). Every rank picks the same C.
 
 Stats (per layer, on each rank, forward calls): rows and bytes sent to and received from other
 ranks, seconds waited on exchanges (exposed) and spent in the experts, the chunks used. Hidden
@@ -47,12 +49,13 @@ class Clock:
 
     def __init__(self, device=None):
         self._cuda = device is not None and torch.device(device).type == "cuda"
-        self._host = {"wait": 0.0, "compute": 0.0, "latency": 0.0}
+        self._host = {"wait": 0.0, "compute": 0.0, "latency": 0.0, "rest": 0.0}
         self._events = []  # (kind, start, end) CUDA events
 
     @contextlib.contextmanager
     def span(self, kind: str):
-        """Time the block as `kind`: wait, compute, or latency (the counts exchange, also a wait)."""
+        """Time the block as `kind`: wait, compute, latency (the counts exchange, also a wait), or
+        rest (the call after the counts exchange, waits and compute included)."""
         if self._cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -74,14 +77,14 @@ class Clock:
     def compute(self):
         return self.span("compute")
 
-    def seconds(self) -> tuple[float, float, float]:
-        """(waited, computed, latency) of the call; the latency counts as waited too."""
+    def seconds(self) -> tuple[float, float, float, float]:
+        """(waited, computed, latency, whole call) of the call; the latency counts as waited too."""
         times = dict(self._host)
         for kind, start, end in self._events:
             end.synchronize()
             times[kind] += start.elapsed_time(end) / 1e3
         self._host, self._events = times, []
-        return times["wait"] + times["latency"], times["compute"], times["latency"]
+        return times["wait"] + times["latency"], times["compute"], times["latency"], times["latency"] + times["rest"]
 
 
 @dataclass
@@ -99,7 +102,7 @@ class Stats:
     _compute: float = 0.0  # the local experts
     _serial_bytes: int = 0  # the larger direction's bytes of the calls with C = 1
     _serial_s: float = 0.0  # and their waits: the link's bandwidth as the layer sees it
-    _last: tuple = (0.0, 0.0, 0.0)
+    _last: tuple = (0.0, 0.0, 0.0, 0.0)
     _pending: list = field(default_factory=list)  # (clock, chunks, bytes) of calls not yet read
 
     def add_call(self, plan, dispatch_row: int, combine_row: int, clock: Clock) -> None:
@@ -119,10 +122,10 @@ class Stats:
 
     def _settle(self) -> None:
         for clock, chunks, moved in self._pending:
-            waited, computed, latency = clock.seconds()
+            waited, computed, latency, whole = clock.seconds()
             self._exposed += waited
             self._compute += computed
-            self._last = (waited, computed, latency)
+            self._last = (waited, computed, latency, whole)
             if chunks == 1:
                 self._serial_bytes += moved
                 self._serial_s += waited
@@ -139,8 +142,8 @@ class Stats:
         return self._compute
 
     @property
-    def last(self) -> tuple[float, float, float]:
-        """The last call's (seconds waited, computed, of the counts exchange)."""
+    def last(self) -> tuple[float, float, float, float]:
+        """The last call's seconds (waited, computed, of the counts exchange, of the whole call)."""
         self._settle()
         return self._last
 

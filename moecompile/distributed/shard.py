@@ -77,19 +77,29 @@ class ShardedExperts(nn.Module):
             return
         self.overlap_chunks = overlap_chunks
         self.chosen = None if overlap_chunks == "auto" else int(overlap_chunks)
+        self.trial = None  # "auto": (C the model picked, the slowest rank's whole call with C = 1)
 
     def chunks(self) -> int:
-        """C for this call: the option, or with "auto" 1 for the first two calls, then
-        overlap.choose_chunks on the second call's measurements, agreed by the group."""
+        """C for this call: the option, or with "auto" (overlap.py) 1 for the first two calls, the
+        model's choice for the third, then that choice if the third call was faster, else 1. Each
+        step is agreed by the group (every rank calls its layers in the same order)."""
         if self.chosen is not None:
             return self.chosen
-        if self.stats.calls < 2:
+        s = self.stats
+        if s.calls < 2:
             return 1
-        waited, computed, latency = self.stats.last
-        measured = torch.tensor([waited - latency, -computed, latency], dtype=torch.float64)
-        dist.all_reduce(measured, op=dist.ReduceOp.MIN, group=self.group)
-        comm, computed, latency = measured.tolist()
-        self.chosen = choose_chunks(max(comm, 0.0), -computed, 2 * latency)  # 2 messages a chunk
+        if self.trial is None:
+            waited, computed, latency, whole = s.last
+            measured = torch.tensor([waited - latency, -computed, latency, -whole], dtype=torch.float64)
+            dist.all_reduce(measured, op=dist.ReduceOp.MIN, group=self.group)
+            comm, computed, latency, whole = measured.tolist()
+            self.trial = (choose_chunks(max(comm, 0.0), -computed, 2 * latency), -whole)  # 2 messages a chunk
+            if self.trial[0] == 1:
+                self.chosen = 1
+            return self.trial[0]
+        slowest = torch.tensor([s.last[3]], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self.group)
+        self.chosen = self.trial[0] if slowest.item() < self.trial[1] else 1
         return self.chosen
 
     def run_local(self, x_rows, slot_rows, w_rows, params):
