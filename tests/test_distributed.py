@@ -121,7 +121,8 @@ def test_ep_demo_trains_like_one_process(tmp_path):
     out = tmp_path / "ep.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(_free_port()), "-m", "moecompile.tools.ep_demo", "--steps", "4", "--json", str(out)],
+                           str(_free_port()), "-m", "moecompile.tools.ep_demo", "--steps", "4", "--json", str(out),
+                           "--overlap-chunks", "2", "--profile", str(tmp_path / "prof")],
                           capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     record = json.loads(out.read_text())
@@ -133,6 +134,9 @@ def test_ep_demo_trains_like_one_process(tmp_path):
         ("model.layers.0.mlp", 0), ("model.layers.0.mlp", 1), ("model.layers.1.mlp", 0), ("model.layers.1.mlp", 1)]
     assert all(r["calls"] == 2 and r["bytes_sent"] > 0 for r in record["exchanges"])  # steps after the warm-up
     assert "sharded loss" in done.stdout and "exposed communication" in done.stdout
+    assert all(r["chunks"] == 2 for r in record["exchanges"])
+    spans = {e["name"] for e in json.loads((tmp_path / "prof" / "rank1.json").read_text())["traceEvents"]}
+    assert {"moe experts model.layers.0.mlp chunk 1", "moe wait rows model.layers.1.mlp backward chunk 0"} <= spans
 
 
 def test_ep_demo_outside_torchrun_is_a_one_line_error():

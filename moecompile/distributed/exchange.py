@@ -284,7 +284,8 @@ def _pipeline(plan: Route, dispatch, compute, group, what: str, clock: "Clock") 
     """Chunk c's rows arrive while chunk c-1 computes and chunk c-2's results travel back:
     dispatch(c) starts chunk c's exchanges, compute(c, received) gives its (R_c, ...) results,
     which go back to their senders. Returns every pair's result, in plan.order."""
-    label = what.replace(" of layer ", "[") + "]"  # spans a torch.profiler trace shows
+    # spans a torch.profiler trace shows: "moe experts model.layers.0.mlp chunk 1" (" backward" after the name)
+    label = what.split(" of layer ")[-1] + (" backward" if what.startswith("backward") else "")
     pending = dispatch(0) if plan.chunks else []
     backs = []
     for c in range(plan.chunks):

@@ -306,11 +306,36 @@ def average_gradients(model: nn.Module, group=None) -> None:
     group = group or dist.group.WORLD
     world = dist.get_world_size(group)
     experts = {id(p) for m in model.modules() if isinstance(m, ShardedExperts) for p in m.local.parameters()}
+    shared = []
     for p in model.parameters():
-        if p.grad is None:
-            continue
         if id(p) in experts:
-            p.grad.div_(world)
-        else:
-            dist.all_reduce(p.grad, group=group)
-            p.grad.div_(world)
+            if p.grad is not None:
+                p.grad.div_(world)
+        elif p.requires_grad:
+            if p.grad is None:  # unused on this rank, maybe not on others: every rank sends the same list
+                p.grad = torch.zeros_like(p)
+            shared.append(p.grad)
+    for grads in _buckets(shared):  # one all-reduce per dtype and device, not one per weight
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def _buckets(grads: list[torch.Tensor], limit: int = 256 << 20) -> list[list[torch.Tensor]]:
+    """Gradients grouped by dtype and device, in order, each group at most `limit` bytes (one
+    gradient larger than that alone)."""
+    out, current, size, key = [], [], 0, None
+    for g in grads:
+        k = (g.dtype, g.device)
+        nbytes = g.numel() * g.element_size()
+        if current and (k != key or size + nbytes > limit):
+            out.append(current)
+            current, size = [], 0
+        current.append(g)
+        size += nbytes
+        key = k
+    if current:
+        out.append(current)
+    return out

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         kind = type(value) if name != "overlap_chunks" else str
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     parser.add_argument("--json", default=None, help="write losses, times and the exchange report here (rank 0)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="write a torch.profiler Chrome trace of the last two steps per rank: DIR/rank<r>.json")
     args = parser.parse_args(argv)
     try:
         _check(args)
@@ -96,7 +98,11 @@ def run(args) -> int:
         optim = torch.optim.AdamW(model.parameters(), lr=args.lr)
         say(f"\n{'step':>5} {'sharded loss':>13} {'one-process':>12} {'|diff|':>9} {'step ms':>8}")
         steps = []
+        profiler = None
         for step in range(args.steps):
+            if args.profile and step == max(args.steps - 2, 0):
+                profiler = torch.profiler.profile()
+                profiler.__enter__()
             t0 = time.perf_counter()
             ids = batches[step, rank]
             loss = compiled(ids, labels=ids).loss
@@ -113,6 +119,11 @@ def run(args) -> int:
             if reference is not None:
                 steps.append({"step": step, "loss": mean, "reference": reference[step], "ms": ms})
                 say(f"{step:5d} {mean:13.5f} {reference[step]:12.5f} {abs(mean - reference[step]):9.2e} {ms:8.1f}")
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            os.makedirs(args.profile, exist_ok=True)
+            profiler.export_chrome_trace(os.path.join(args.profile, f"rank{rank}.json"))
+            say(f"wrote {args.profile}/rank<r>.json: each chunk's waits and experts are spans named after the layer")
         rows = exchange_report(model)
         if rank == 0:
             _print_report(rows, say)
