@@ -94,7 +94,8 @@ class Config:
     overlap_chunks: Any = None
     """Layers sharded by moecompile.distributed: how many chunks their exchange is cut into to
     overlap it with the experts, "auto" (a cost model calibrated on the layer's calls) or a count
-    1..64 (1: no overlap); None keeps what shard_experts was given. Output bits do not depend on it."""
+    1..64 (1: no overlap), given to each layer before its first call; None keeps what shard_experts
+    was given. Output bits do not depend on it."""
 
     verify_rtol: dict = field(default_factory=dict)
     """Tolerance of the verification: {dtype: {"out" | "grad": (max, mean)}} of |a - b| / (|b| +

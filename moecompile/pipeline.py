@@ -202,7 +202,8 @@ def _sharded(gm: fx.GraphModule, records: list[RegionRecord], graph_id: int, chu
     """Layers whose experts moecompile.distributed sharded: the graph calls moecompile::ep_experts
     for them (router traced around it). One row each, status "sharded", in place of what the
     detectors made of the router and the local expert weights; option overlap_chunks (`chunks`,
-    unless None) is given to each such layer."""
+    unless None) is given to each such layer that has not run yet (every rank compiles before its
+    first call; a later recompile, maybe on one rank only, must not change C)."""
     calls = [n for n in gm.graph.nodes
              if n.op == "call_function" and str(n.target) in ("moecompile.ep_experts", "moecompile.ep_experts.default")]
     if not calls:
@@ -215,8 +216,8 @@ def _sharded(gm: fx.GraphModule, records: list[RegionRecord], graph_id: int, chu
             m = ep_ops.layer_of(node.args[4])
         except RuntimeError:
             continue
-        if chunks is not None:
-            m.set_chunks(chunks)
+        if chunks is not None and not m.calls:
+            m.set_chunks(chunks)  # before the layer's first call only: a recompile on one rank changes nothing
         name, world = m.layer.name, m.layer.world
         world_word = "rank" if world == 1 else "ranks"
         ids, x = shape_of(node.args[1]), shape_of(node.args[0])

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from moecompile import models  # noqa: E402
-from moecompile.distributed import full_state_dict, moe_layers, shard_experts  # noqa: E402
+from moecompile.distributed import average_gradients, full_state_dict, moe_layers, shard_experts  # noqa: E402
 from moecompile.placement.plan import Plan  # noqa: E402
 
 TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("MOECOMPILE_TEST_DIST_TIMEOUT", "60")))
@@ -84,15 +84,22 @@ def case_model(world: int, rank: int, name: str, kind: str, compiled: str = "eag
         reference(batch, labels=batch).loss.backward()
     close("logits", out.logits.detach(), ref_logits, tol)
     full = dict(reference.named_parameters())
+    averaged = {}  # what average_gradients must give: the unsharded model's gradient of the mean loss
     for pname, p in sharded.named_parameters():
         if ".experts.local." not in pname:
             close(f"grad {pname}", p.grad, own_grads[pname], gtol)
+            averaged[pname] = None if full[pname].grad is None else full[pname].grad / world
             continue
         owner = pname.split(".experts.local.")[0]
         sharded_layer = sharded.get_submodule(owner).experts
         mine = sharded_layer.layer.local_experts(rank)
         want = full[pname.replace(".experts.local.", ".experts.")].grad.index_select(0, torch.from_numpy(mine))
         close(f"grad {pname}", p.grad, want, gtol)
+        averaged[pname] = want / world
+    average_gradients(sharded)
+    for pname, p in sharded.named_parameters():
+        if averaged[pname] is not None:
+            close(f"averaged grad {pname}", p.grad, averaged[pname], gtol)
     state = full_state_dict(sharded)
     if rank == 0:
         fresh, _ = models.build(name, layers=2, hidden=32, seed=1, dtype=dtype)
@@ -102,15 +109,17 @@ def case_model(world: int, rank: int, name: str, kind: str, compiled: str = "eag
                 raise AssertionError(f"full_state_dict: {n} differs from the unsharded model's")
 
 
-def case_layer(world: int, rank: int, kind: str, scenarios: str, chunks: str = "1") -> None:
+def case_layer(world: int, rank: int, kind: str, scenarios: str, chunks: str = "1", dtype: str = "float32") -> None:
     """One layer's experts with chosen routings (comma-separated): `plain`, `empty` (rank 1 has no
-    tokens), `one_rank` (every token to rank 0's experts), `idle` (expert 0 gets no token anywhere)."""
+    tokens), `one_rank` (every token to experts only rank 0 holds), `idle` (expert 0 gets no token
+    anywhere). Tolerance: float32 1e-5 of the largest value, bfloat16 3e-2."""
     for scenario in scenarios.split(","):
-        _layer(world, rank, kind, scenario, int(chunks))
+        _layer(world, rank, kind, scenario, int(chunks), dtype)
 
 
-def _layer(world: int, rank: int, kind: str, scenario: str, chunks: int) -> None:
-    reference, _ = models.build("mixtral", layers=1, hidden=32, seed=0)
+def _layer(world: int, rank: int, kind: str, scenario: str, chunks: int, dtype: str) -> None:
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    reference, _ = models.build("mixtral", layers=1, hidden=32, seed=0, dtype=dtype)
     experts = moe_layers(reference)[0][1].experts
     num_experts, top_k, hidden = experts.gate_up_proj.shape[0], 2, 32
     plan = plan_for(kind, world, num_experts, 1)
@@ -120,35 +129,36 @@ def _layer(world: int, rank: int, kind: str, scenario: str, chunks: int) -> None
     for r in range(world):
         g = torch.Generator().manual_seed(200 + r)
         tokens = 0 if scenario == "empty" and r == 1 else 5 + r
-        x = torch.randn(tokens, hidden, generator=g)
+        x = torch.randn(tokens, hidden, generator=g).to(getattr(torch, dtype))
         choice = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)]) \
             if tokens else torch.zeros(0, top_k, dtype=torch.long)
-        if scenario == "one_rank":
-            on_zero = layer.layer.local_experts(0)
-            choice = torch.from_numpy(on_zero[:top_k]).repeat(tokens, 1)
+        if scenario == "one_rank":  # experts with no replica elsewhere: no rank keeps these rows
+            alone = np.bincount(layer.layer.phy2log, minlength=num_experts) == 1
+            on_zero = [e for e in layer.layer.local_experts(0) if alone[e]]
+            choice = torch.tensor(on_zero[:top_k]).repeat(tokens, 1)
         if scenario == "idle":  # experts 1.. only
             choice = torch.stack([torch.randperm(num_experts - 1, generator=g)[:top_k] + 1 for _ in range(tokens)])
         xs.append(x)
         ids.append(choice)
-        ws.append(torch.rand(tokens, top_k, generator=g))
+        ws.append(torch.rand(tokens, top_k, generator=g).to(getattr(torch, dtype)))  # bf16 weights: odd byte offsets
     x = xs[rank].clone().requires_grad_()
     w = ws[rank].clone().requires_grad_()
     y = layer(x, ids[rank], w)
-    proj = torch.randn(hidden, generator=torch.Generator().manual_seed(300 + rank))
+    proj = torch.randn(hidden, generator=torch.Generator().manual_seed(300 + rank)).to(y.dtype)
     (y * proj).sum().backward()
     # the reference: every rank's rows through the unsharded experts
     for r in range(world):
         xr = xs[r].clone().requires_grad_()
         wr = ws[r].clone().requires_grad_()
         yr = experts(xr, ids[r], wr)
-        (yr * torch.randn(hidden, generator=torch.Generator().manual_seed(300 + r))).sum().backward()
+        (yr * torch.randn(hidden, generator=torch.Generator().manual_seed(300 + r)).to(yr.dtype)).sum().backward()
         if r == rank:
-            close("layer output", y.detach(), yr.detach(), 1e-5)
-            close("x grad", x.grad, xr.grad, 1e-5)
-            close("w grad", w.grad, wr.grad, 1e-5)
+            close("layer output", y.detach(), yr.detach(), tol)
+            close("x grad", x.grad, xr.grad, tol)
+            close("w grad", w.grad, wr.grad, tol)
     mine = torch.from_numpy(layer.layer.local_experts(rank))
     for n in layer.expert_params:
-        close(f"grad {n}", getattr(layer.local, n).grad, getattr(experts, n).grad.index_select(0, mine), 1e-5)
+        close(f"grad {n}", getattr(layer.local, n).grad, getattr(experts, n).grad.index_select(0, mine), tol)
 
 
 def case_plans(world: int, rank: int) -> None:
@@ -191,10 +201,10 @@ def case_invariance(world: int, rank: int) -> None:
 
     reference, _ = models.build("mixtral", layers=1, hidden=32, seed=0)
     g = torch.Generator().manual_seed(400)
-    x = torch.randn(40, 32, generator=g)  # the same 40 tokens, split over the ranks
-    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(40)])
-    w = torch.rand(40, 2, generator=g)
-    mine = slice(rank * 40 // world, (rank + 1) * 40 // world)
+    x = torch.randn(200, 32, generator=g)  # the same 200 tokens, split over the ranks: slots of 1-4 tiles
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(200)])
+    w = torch.rand(200, 2, generator=g)
+    mine = slice(rank * 200 // world, (rank + 1) * 200 // world)
     outs = {}
     for kind in ("even", "shuffled", "replicas"):
         for chunks in (1, 2, 3, "auto"):

@@ -26,12 +26,13 @@ activation of the exchange alive between forward and backward.
 Overlap (overlap.py): the tokens are cut into C chunks and the exchanges run asynchronously, so
 chunk c's rows travel while chunk c-1's experts compute and chunk c-2's results travel back; each
 slot's rows are padded to whole 16-row tiles before the experts, so a row's bits depend on nothing
-else that arrived (outputs are bit for bit the same for every C, plan and world size). A
+else that arrived (on CPU, tested: outputs bit for bit the same for every C, plan and world size;
+a GPU library may still pick another GEMM algorithm for 16 rows than for 32). A
 torch.profiler trace shows each chunk's waits and experts as spans named after the layer.
 
-Host syncs, and why: the receive counts of every chunk (`.tolist()`, one exchange per call, forward
-and backward) size the received buffers and the uneven splits of all_to_all_single, which take
-Python lists. Everything else stays on the device.
+Host syncs, and why: the send and receive counts of every chunk (`.tolist()`, one exchange per
+call, forward and backward) size the received buffers and the uneven splits of all_to_all_single,
+which take Python lists (on CUDA, bincount and repeat_interleave without a known size sync too).
 
 Every rank of the group must call each layer the same number of times in the same order (as in
 any data-parallel step); a rank that fails or leaves makes the others' collectives fail when the
@@ -251,7 +252,10 @@ def unpack(rows: Tensor, layout: list[tuple[torch.dtype, int]]) -> list[Tensor]:
     out, at = [], 0
     for dtype, width in layout:
         size = width * torch.empty(0, dtype=dtype).element_size()
-        out.append(rows[:, at:at + size].contiguous().view(dtype))
+        # a fresh buffer: a slice of 0 or 1 rows counts as contiguous and keeps its byte offset,
+        # which a wider dtype's view refuses when it is not a multiple of its size
+        column = rows.new_empty((rows.shape[0], size)).copy_(rows[:, at:at + size])
+        out.append(column.view(dtype))
         at += size
     return out
 

@@ -48,6 +48,7 @@ def layer_of(key: str):
 @torch.library.custom_op("moecompile::ep_experts", mutates_args=())
 def ep_experts(x: Tensor, ids: Tensor, w: Tensor, params: list[Tensor], layer: str) -> Tensor:
     m = layer_of(layer)
+    m.calls += 1
     return exchange.experts_forward(m.layer, m.run_local, m.group, m.chunks(), m.stats, x, ids, w, params)
 
 

@@ -154,8 +154,11 @@ class Stats:
         return self._serial_bytes / self._serial_s if self._serial_s > 0 and self._serial_bytes else None
 
     def reset(self) -> None:
-        """Forget every call (after warm-up steps, whose waits include other ranks' compilation)."""
+        """Forget every call (after warm-up steps, whose waits include other ranks' compilation);
+        the last call's times stay `last`."""
+        last = self.last
         self.__init__(rank=self.rank)
+        self._last = last
 
     def summary(self) -> dict:
         """The numbers a report shows: totals, and communication exposed and hidden (estimated)."""

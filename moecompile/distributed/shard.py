@@ -48,6 +48,7 @@ class ShardedExperts(nn.Module):
         self.full_shapes = full_shapes  # their logical shapes (E, ...)
         self.set_chunks(overlap_chunks)
         self.stats = Stats(rank=dist.get_rank(group))
+        self.calls = 0  # forward calls, counted by the op (statistics can be reset; this is not)
         self.key = ops.register(self)  # how moecompile::ep_experts finds this layer
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -78,26 +79,30 @@ class ShardedExperts(nn.Module):
         self.overlap_chunks = overlap_chunks
         self.chosen = None if overlap_chunks == "auto" else int(overlap_chunks)
         self.trial = None  # "auto": (C the model picked, the slowest rank's whole call with C = 1)
+        self.auto_calls = 0  # "auto": calls since the setting
 
     def chunks(self) -> int:
         """C for this call: the option, or with "auto" (overlap.py) 1 for the first two calls, the
-        model's choice for the third, then that choice if the third call was faster, else 1. Each
-        step is agreed by the group (every rank calls its layers in the same order)."""
+        model's choice for the third, then that choice if the third call was faster, else 1. The
+        steps count this layer's calls (not its statistics, which a reset clears), so every rank
+        takes each step at the same call, and each step is agreed by the group."""
         if self.chosen is not None:
             return self.chosen
-        s = self.stats
-        if s.calls < 2:
+        step, self.auto_calls = self.auto_calls, self.auto_calls + 1
+        if step < 2:
             return 1
-        if self.trial is None:
-            waited, computed, latency, whole = s.last
-            measured = torch.tensor([waited - latency, -computed, latency, -whole], dtype=torch.float64)
+        device = next(iter(self.local.parameters()), torch.empty(0)).device  # NCCL reduces CUDA tensors
+        if step == 2:  # the second call's measurements pick a C
+            waited, computed, latency, whole = self.stats.last
+            measured = torch.tensor([waited - latency, -computed, latency, -whole], dtype=torch.float64,
+                                    device=device)
             dist.all_reduce(measured, op=dist.ReduceOp.MIN, group=self.group)
             comm, computed, latency, whole = measured.tolist()
             self.trial = (choose_chunks(max(comm, 0.0), -computed, 2 * latency), -whole)  # 2 messages a chunk
             if self.trial[0] == 1:
                 self.chosen = 1
             return self.trial[0]
-        slowest = torch.tensor([s.last[3]], dtype=torch.float64)
+        slowest = torch.tensor([self.stats.last[3]], dtype=torch.float64, device=device)  # the trial call
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self.group)
         self.chosen = self.trial[0] if slowest.item() < self.trial[1] else 1
         return self.chosen
@@ -250,8 +255,8 @@ def _layer_maps(layers: list[tuple[str, nn.Module]], plan, world: int) -> list[L
 
 def full_state_dict(model: nn.Module, rank: int = 0) -> dict | None:
     """The model's state dict with every sharded layer's experts gathered back to their logical
-    (E, ...) form, on `rank` (None on the others): it loads into the unsharded model. Every rank
-    must call it."""
+    (E, ...) form, on global rank `rank` (None on the others): it loads into the unsharded model.
+    Every rank must call it."""
     state = {}
     for name, tensor in model.state_dict().items():
         state[name] = tensor
@@ -259,7 +264,7 @@ def full_state_dict(model: nn.Module, rank: int = 0) -> dict | None:
         if not isinstance(module, ShardedExperts):
             continue
         group, layer = module.group, module.layer
-        world, me = dist.get_world_size(group), dist.get_rank(group)
+        world, me = dist.get_world_size(group), dist.get_rank()  # `rank` is a global rank
         first = np.full(layer.num_experts, -1, dtype=np.int64)
         for s in range(layer.phy2log.shape[0] - 1, -1, -1):
             first[layer.phy2log[s]] = s  # each expert's first slot
@@ -292,7 +297,8 @@ def exchange_report(model: nn.Module, group=None) -> list[dict] | None:
 
 
 def reset_exchange_stats(model: nn.Module) -> None:
-    """Forget what the sharded layers' exchanges did so far (warm-up calls wait for compilation)."""
+    """Forget what the sharded layers' exchanges did so far (warm-up calls wait for compilation).
+    Call it on every rank at the same step; the "auto" chunk choice does not depend on it."""
     for m in model.modules():
         if isinstance(m, ShardedExperts):
             m.stats.reset()
@@ -302,7 +308,9 @@ def average_gradients(model: nn.Module, group=None) -> None:
     """Data-parallel gradients of a sharded model, after backward and before the optimizer step:
     every replicated weight's gradient averaged over the group (as DistributedDataParallel does),
     every expert slot's divided by the group's size (its gradient already sums every rank's
-    tokens). Then each rank's step equals one step of the unsharded model on all ranks' batches."""
+    tokens). Then each rank's step equals one step of the unsharded model on all ranks' batches.
+    A replicated weight no rank used gets a zero gradient (every rank must send the same list).
+    `group` must be the one the experts were sharded over."""
     group = group or dist.group.WORLD
     world = dist.get_world_size(group)
     experts = {id(p) for m in model.modules() if isinstance(m, ShardedExperts) for p in m.local.parameters()}
@@ -324,8 +332,8 @@ def average_gradients(model: nn.Module, group=None) -> None:
 
 
 def _buckets(grads: list[torch.Tensor], limit: int = 256 << 20) -> list[list[torch.Tensor]]:
-    """Gradients grouped by dtype and device, in order, each group at most `limit` bytes (one
-    gradient larger than that alone)."""
+    """Runs of consecutive gradients of one dtype and device, each at most `limit` bytes (a
+    gradient larger than that alone): the same buckets on every rank."""
     out, current, size, key = [], [], 0, None
     for g in grads:
         k = (g.dtype, g.device)
