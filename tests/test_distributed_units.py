@@ -183,3 +183,41 @@ def test_auto_chunks_keep_the_models_choice_only_if_it_was_faster(one_rank, tria
     assert layer.chunks() == (trial if kept else 1) == layer.chosen
     layer.set_chunks("auto")  # the same setting again keeps the choice
     assert layer.chosen == (trial if kept else 1)
+
+
+class _Renormalizing(torch.nn.Module):
+    """Experts that renormalize a token's K weights themselves: right as a whole layer, wrong when
+    each (token, k) row runs alone, as a sharded layer runs them."""
+
+    def __init__(self, num_experts=4, hidden=8):
+        super().__init__()
+        self.proj = torch.nn.Parameter(torch.randn(num_experts, hidden, hidden) / hidden)
+
+    def forward(self, x, ids, w):
+        w = w / w.sum(dim=-1, keepdim=True)
+        return torch.einsum("tk,tkh->th", w, torch.einsum("th,tkhg->tkg", x, self.proj[ids]))
+
+
+class _Plain(_Renormalizing):
+    def forward(self, x, ids, w):
+        return torch.einsum("tk,tkh->th", w, torch.einsum("th,tkhg->tkg", x, self.proj[ids]))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.experts = experts
+
+
+def test_a_layer_that_computes_otherwise_when_sharded_stays_whole(one_rank):
+    from moecompile.distributed import ShardedExperts, shard_experts
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": _Block(_Renormalizing()), "b": _Block(_Plain())})
+    x, ids, w = torch.randn(5, 8), torch.tensor([[0, 1], [2, 3], [1, 3], [0, 2], [3, 0]]), torch.rand(5, 2)
+    want = {name: block.experts(x, ids, w) for name, block in model.items()}
+    with pytest.warns(UserWarning, match="layer a left unsharded: its experts module gives other values"):
+        shard_experts(model)
+    assert not isinstance(model["a"].experts, ShardedExperts) and isinstance(model["b"].experts, ShardedExperts)
+    for name, block in model.items():
+        torch.testing.assert_close(block.experts(x, ids, w), want[name], rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserInputError
-from . import ops
+from . import exchange, ops
 from .exchange import LayerMap
 from .overlap import Stats, choose_chunks
 
@@ -212,8 +213,73 @@ def shard_experts(model: nn.Module, plan=None, group=None, overlap_chunks: int |
         for attr in ("num_experts", "num_local_experts"):
             if isinstance(getattr(local, attr, None), int):
                 setattr(local, attr, layer.slots_per_rank)
-        module.experts = ShardedExperts(local, layer, group, tuple(params), full_shapes, overlap_chunks)
+        sharded = ShardedExperts(local, layer, group, tuple(params), full_shapes, overlap_chunks)
+        why = _differs(sharded, experts, group)
+        if why:  # never a wrong answer: this layer keeps every expert on every rank
+            warnings.warn(f"moecompile.distributed: layer {name} left unsharded: {why}", stacklevel=2)
+            continue
+        module.experts = sharded
     return model
+
+
+PROBE_TOKENS = 8  # tokens per rank of the check every sharded layer passes before it replaces the original
+PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}  # of the largest value; bf16 / fp16: 3e-2
+
+
+def _differs(sharded: ShardedExperts, experts: nn.Module, group) -> str | None:
+    """Why the sharded layer does not compute what `experts` computes, or None: every rank runs
+    PROBE_TOKENS random tokens (the same generator everywhere, each its own) through both, and the
+    group agrees on the largest error. It catches an experts module whose rows are not independent
+    (one that renormalizes a token's K weights itself, say): sharded, each row runs alone."""
+    rank = dist.get_rank(group)
+    weight = next(iter(experts.parameters()))
+    num_experts, top_k = sharded.layer.num_experts, min(2, sharded.layer.num_experts)
+    hidden = _hidden_size(experts, sharded.full_shapes)
+    if hidden is None:  # the same on every rank: the same module and weights' shapes
+        return "its hidden size is not an attribute (hidden_dim, hidden_size) nor a size it takes as (1, H) -> (1, H)"
+    gen = torch.Generator().manual_seed(1234 + rank)
+    x = torch.randn(PROBE_TOKENS, hidden, generator=gen).to(weight.device, weight.dtype)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(PROBE_TOKENS)]).to(weight.device)
+    w = torch.rand(PROBE_TOKENS, top_k, generator=gen).to(weight.device)
+    params = [getattr(sharded.local, n) for n in sharded.expert_params]
+    error = torch.zeros(1, dtype=torch.float64, device=weight.device)
+    try:
+        with torch.no_grad():
+            want = experts(x, ids, w)
+            got = exchange.experts_forward(sharded.layer, sharded.run_local, group, 1, None, x, ids, w, params)
+        scale = want.double().abs().max().clamp_min(1e-30)
+        error[0] = (got.double() - want.double()).abs().max() / scale if got.shape == want.shape else float("inf")
+        error = torch.nan_to_num(error, nan=float("inf"))
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:  # the module refused one-row calls
+        if "moecompile.distributed:" in str(err):
+            raise  # a failed collective is not the module's fault: every rank must hear of it
+        error[0] = float("inf")
+    dist.all_reduce(error, op=dist.ReduceOp.MAX, group=group)
+    tolerance = PROBE_RTOL.get(weight.dtype, 3e-2)
+    if error.item() <= tolerance:
+        return None
+    return (f"its experts module gives other values when each of a token's rows runs alone on its slot's rank "
+            f"(largest error {error.item():.3g} of the largest value, over {tolerance:g} allowed)")
+
+
+def _hidden_size(experts: nn.Module, shapes: dict) -> int | None:
+    """H of an experts module: its hidden_dim / hidden_size, else the first of its weights' sizes
+    (past the expert dimension) that it takes as (1, H) -> (1, H); None if none does."""
+    for attr in ("hidden_dim", "hidden_size"):
+        if isinstance(getattr(experts, attr, None), int):
+            return getattr(experts, attr)
+    weight = next(iter(experts.parameters()))
+    one = torch.zeros(1, 1, dtype=torch.long, device=weight.device)
+    for size in dict.fromkeys(d for shape in shapes.values() for d in shape[1:]):
+        try:
+            with torch.no_grad():
+                y = experts(torch.zeros(1, size, dtype=weight.dtype, device=weight.device), one,
+                            torch.ones(1, 1, device=weight.device))
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            continue
+        if isinstance(y, torch.Tensor) and tuple(y.shape) == (1, size):
+            return size
+    return None
 
 
 def _layer_maps(layers: list[tuple[str, nn.Module]], plan, world: int) -> list[LayerMap]:
