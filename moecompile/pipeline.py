@@ -221,9 +221,12 @@ def _sharded(gm: fx.GraphModule, records: list[RegionRecord], graph_id: int, chu
         name, world = m.layer.name, m.layer.world
         world_word = "rank" if world == 1 else "ranks"
         ids, x = shape_of(node.args[1]), shape_of(node.args[0])
+        hidden = int(x[-1]) if x else 0
+        down = m.full_shapes.get("down_proj", ())  # (E, H, I) or (E, I, H)
+        intermediate = next((int(d) for d in down[1:] if d != hidden), 0) if len(down) == 3 else 0
         rows[name] = RegionRecord(
             graph=graph_id, name=name, num_experts=m.layer.num_experts, top_k=int(ids[-1]) if ids else 0,
-            hidden=int(x[-1]) if x else 0, intermediate=0, status="sharded", kernels="distributed",
+            hidden=hidden, intermediate=intermediate, status="sharded", kernels="distributed",
             reason=f"experts sharded over {world} {world_word} by moecompile.distributed ({m.layer.slots_per_rank} slots on "
                    f"each, overlap_chunks {m.overlap_chunks!r}): moecompile::ep_experts exchanges the rows and runs "
                    f"the family's expert code on them; the router is compiled with the rest of the graph")

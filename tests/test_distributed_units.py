@@ -106,8 +106,9 @@ def test_a_sharded_model_compiles_as_one_graph_and_reports_its_layers(one_rank):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     report = moecompile.last_report()
     rows = report.to_dict()["regions"]
-    assert [(r["name"], r["status"], r["kernels"], r["num_experts"], r["top_k"], r["hidden"]) for r in rows] == [
-        ("model.layers.0.mlp", "sharded", "distributed", 8, 2, 32), ("model.layers.1.mlp", "sharded", "distributed", 8, 2, 32)]
+    assert [(r["name"], r["status"], r["kernels"], r["num_experts"], r["top_k"], r["hidden"], r["intermediate"])
+            for r in rows] == [("model.layers.0.mlp", "sharded", "distributed", 8, 2, 32, 64),
+                               ("model.layers.1.mlp", "sharded", "distributed", 8, 2, 32, 64)]
     assert "experts sharded over 1 rank by moecompile.distributed" in rows[0]["reason"]
     assert len(report.to_dict()["graphs"]) == 1  # no graph break around the exchange
     assert "2 sharded, 0 left as traced" in report.table()
