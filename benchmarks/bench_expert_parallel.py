@@ -39,6 +39,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import torch  # noqa: E402
+
+from moecompile.files import check_output, write_json  # noqa: E402
+from moecompile.tools import bench  # noqa: E402
+
 LATENCY = 20e-6  # seconds a collective costs however small (NCCL all-to-all, order of magnitude)
 MEASURE = dict(tokens=2048, top_k=2, experts=16, hidden=1024, intermediate=256, calls=8, warmup=3)
 QUICK = dict(tokens=256, top_k=2, experts=8, hidden=128, intermediate=64, calls=3, warmup=2)
@@ -64,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else MEASURE
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"expert_parallel{'_quick' if args.quick else ''}_{args.date}.json")
-    result = {"date": args.date, "machine": _machine(), "measured": {"sizes": sizes, "rows": []},
+    check_output(out, "--out")
+    result = {"date": args.date, "device": bench.device_name(torch.device("cpu")), "versions": bench.versions(),
+              "measured": {"sizes": sizes, "rows": []},
               "simulated": {"latency_s": LATENCY, "rows": []}}
     if not args.no_measure:
         print(f"gloo, {sizes['tokens']} tokens x top-{sizes['top_k']} per rank, E {sizes['experts']}, "
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["measured"]["rows"].append(r)
                 print(f"{world:5d} {r['chunks']:>5} {r['fwd_ms']:8.1f} {r['fwd_bwd_ms']:10.1f} {r['exposed_ms']:10.1f} "
                       f"{r['hidden_ms']:9.1f} {_pct(r['hidden_fraction']):>7}")
-            _write(out, result)
+            write_json(out, result)
     if not args.no_simulate:
         print(f"\nsimulated H100 nodes (h100 preset), a collective costs {LATENCY * 1e6:.0f} us, 2 a chunk")
         print(f"{'shape':14} {'G':>3} {'N':>2} {'plan':7} {'compute ms':>10} {'comm ms':>8} {'serial ms':>9} "
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['comm_ms']:8.3f} {row['serial_ms']:9.3f} {row['overlap_ms']:10.3f} {row['chunks']:3d} "
                   f"{_pct(row['hidden_fraction']):>7} {row['compute_bound_layers']:>10d} {_pct(row['hidden_compute_bound']):>10}",
                   flush=True)
-            _write(out, result)
+            write_json(out, result)
         bound = [r["hidden_compute_bound"] for r in result["simulated"]["rows"] if r["hidden_compute_bound"] is not None]
         result["simulated"]["target"] = {"min_hidden_where_compute_bound": min(bound) if bound else None,
                                          "met": bool(bound) and min(bound) >= 0.70}
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'met' if result['simulated']['target']['met'] else 'not met'} "
               f"(least {_pct(result['simulated']['target']['min_hidden_where_compute_bound'])})")
         _plot(result, out.removesuffix(".json") + ".png")
-    _write(out, result)
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 
@@ -128,7 +135,6 @@ def _worker(rank: int, world: int, port: int, sizes: dict) -> int:
     import copy
     import datetime as dt
 
-    import torch
     import torch.distributed as dist
     from torch import nn
     from transformers import MixtralConfig
@@ -252,21 +258,6 @@ def _plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
-
-
-def _machine() -> dict:
-    import platform
-
-    import torch
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__}
-
-
-def _write(path: str, result: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

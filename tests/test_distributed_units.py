@@ -58,14 +58,15 @@ def test_stats_count_other_ranks_rows_and_bytes():
     stats.add_call(plan, dispatch_row=100, combine_row=80, clock=clock())
     assert (stats.rows_sent, stats.rows_received) == (7, 2)  # rank 0's own rows stay
     assert stats.bytes_sent == 7 * 100 + 2 * 80 and stats.bytes_received == 2 * 100 + 7 * 80
-    assert stats.chunks == [2] and stats.bandwidth is None  # no C = 1 call measured the link
+    assert stats.chunks == {2: 1} and stats.bandwidth is None  # no C = 1 call measured the link
     one = Route(order=torch.arange(4), bounds=[0, 4], send=[[1, 3]], recv=[[1, 1]])
     stats.add_call(one, 100, 80, clock())
     waited, computed, latency, whole = stats.last  # the counts exchange is a wait too
     assert 0.05 <= waited < 0.2 and 0.02 <= computed < 0.1 and 0.01 <= latency < waited
     assert stats.bandwidth == pytest.approx((3 * 100 + 1 * 80) / waited)  # the larger direction, over its waits
     summary = stats.summary()
-    assert summary["calls"] == 2 and summary["chunks"] == 1 and summary["exposed_s"] >= 2 * 0.05
+    assert summary["calls"] == 2 and summary["chunks"] == 1 and stats.chunks == {2: 1, 1: 1}
+    assert summary["exposed_s"] >= 2 * 0.05
     comm = max(stats.bytes_sent, stats.bytes_received) / stats.bandwidth
     assert summary["hidden_s"] == pytest.approx(max(comm - summary["exposed_s"], 0.0))
 
@@ -155,6 +156,7 @@ def test_a_deep_copy_of_a_sharded_model_runs_on_its_own(one_rank):
 
     from moecompile import models
     from moecompile.distributed import moe_layers, shard_experts
+    from moecompile.distributed.ops import layer_of
 
     model, (ids,) = models.build("mixtral", layers=1, hidden=32)
     want = model(ids).logits
@@ -164,6 +166,7 @@ def test_a_deep_copy_of_a_sharded_model_runs_on_its_own(one_rank):
     torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
     a, b = moe_layers(model)[0][1].experts, moe_layers(twin)[0][1].experts
     assert a.group is b.group and a.key != b.key and (a.stats.calls, b.stats.calls) == (1, 1)
+    assert layer_of(a.key) is a and layer_of(b.key) is b
     assert a.local.gate_up_proj is not b.local.gate_up_proj
 
 

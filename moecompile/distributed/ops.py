@@ -31,12 +31,6 @@ def register(module) -> str:
     return key
 
 
-def owns(key: str, module) -> bool:
-    """Whether `key` finds `module` (a deep copy of a sharded model carries its original's keys)."""
-    ref = _LAYERS.get(key)
-    return ref is not None and ref() is module
-
-
 def layer_of(key: str):
     module = _LAYERS.get(key)
     module = module() if module is not None else None

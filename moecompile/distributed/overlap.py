@@ -97,7 +97,8 @@ class Stats:
     rows_received: int = 0
     bytes_sent: int = 0  # dispatch out and combine back, to other ranks
     bytes_received: int = 0
-    chunks: list = field(default_factory=list)  # C of each call
+    chunks: dict = field(default_factory=dict)  # C -> calls made with it (bounded, however long the run)
+    last_chunks: int | None = None
     _exposed: float = 0.0  # waiting on exchanges
     _compute: float = 0.0  # the local experts
     _serial_bytes: int = 0  # the larger direction's bytes of the calls with C = 1
@@ -115,7 +116,8 @@ class Stats:
         self.rows_received += into
         self.bytes_sent += moved[0]
         self.bytes_received += moved[1]
-        self.chunks.append(plan.chunks)
+        self.chunks[plan.chunks] = self.chunks.get(plan.chunks, 0) + 1
+        self.last_chunks = plan.chunks
         self._pending.append((clock, plan.chunks, max(moved)))
         if len(self._pending) > 64:  # long done by now: reading them stalls nothing
             self._settle()
@@ -167,5 +169,5 @@ class Stats:
         return {"rank": self.rank, "calls": self.calls, "rows_sent": self.rows_sent,
                 "rows_received": self.rows_received, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "exposed_s": self.exposed_s, "compute_s": self.compute_s,
-                "chunks": self.chunks[-1] if self.chunks else None, "comm_estimate_s": comm, "hidden_s": hidden,
+                "chunks": self.last_chunks, "comm_estimate_s": comm, "hidden_s": hidden,
                 "hidden_fraction": None if not comm else min(hidden / comm, 1.0)}

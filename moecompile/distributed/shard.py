@@ -57,19 +57,18 @@ class ShardedExperts(nn.Module):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         ids = top_k_index.reshape(-1, top_k_index.shape[-1])
         w = top_k_weights.reshape(-1, top_k_weights.shape[-1])
-        if not ops.owns(self.key, self):  # a deep copy: its own key, its own statistics
-            self.key = ops.register(self)
         y = torch.ops.moecompile.ep_experts(x, ids, w, params, self.key)
         return y.view(hidden_states.shape)
 
     def __deepcopy__(self, memo):
-        """A copy with its own slots' weights and statistics, on the same process group (which
-        cannot be copied); it registers its own key on its first call."""
+        """A copy with its own slots' weights, statistics and op key, on the same process group
+        (which cannot be copied)."""
         clone = ShardedExperts.__new__(ShardedExperts)
         memo[id(self)] = clone
         memo[id(self.group)] = self.group
         for name, value in self.__dict__.items():
             clone.__dict__[name] = copy.deepcopy(value, memo)
+        clone.key = ops.register(clone)
         return clone
 
     def set_chunks(self, overlap_chunks: int | str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import sys
 import time
@@ -34,6 +33,8 @@ import torch.distributed as dist
 
 from .. import models
 from ..errors import UserInputError
+from ..files import check_output, write_json
+from . import bench
 from .train_demo import corpus
 
 DEFAULTS = dict(model="mixtral", steps=20, batch=2, tokens=32, layers=2, hidden=64, lr=3e-3, seed=0,
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check(args) -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise UserInputError("launch it with torchrun, e.g. torchrun --nproc-per-node 2 -m moecompile.tools.ep_demo")
+    check_output(args.json, "--json")
     models.check_sizes(batch=args.batch, tokens=args.tokens, layers=args.layers)
     if args.steps < 1 or args.redundant < 0 or args.plan_seconds <= 0 or not args.lr > 0:
         raise UserInputError("--steps must be >= 1, --redundant >= 0, --plan-seconds and --lr > 0")
@@ -129,11 +131,10 @@ def run(args) -> int:
             _print_report(rows, say)
             if args.json:
                 record = {"date": datetime.date.today().isoformat(), "world": world, "backend": dist.get_backend(),
+                          "device": bench.device_name(device), "versions": bench.versions(),
                           "config": {k: getattr(args, k) for k in DEFAULTS}, "plan": plan.metrics,
                           "steps": steps, "exchanges": rows}
-                with open(args.json + ".tmp", "w") as f:
-                    json.dump(record, f, indent=1)
-                os.replace(args.json + ".tmp", args.json)
+                write_json(args.json, record)
                 say(f"wrote {args.json}")
     finally:
         dist.destroy_process_group()
@@ -156,22 +157,20 @@ def _one_process(model, batches, args, world) -> list[float]:
 
 def _plan(model, batches, args, rank, world, say):
     """Rank 0 records routing on `batches` and places the experts; every rank gets the plan."""
+    from ..distributed import moe_layers
     from ..placement import place
     from ..routing import RoutingRecorder
-
-    from ..distributed import moe_layers
 
     plan = None
     if rank == 0:
         recorder = RoutingRecorder()
         hooks = []
         for name, module in moe_layers(model):
-            hidden = module.experts  # the experts see (x (T, H), top-k ids (T, K), weights (T, K))
-
-            def seen(_mod, inputs, name=name):
+            # the experts see (x (T, H), top-k ids (T, K), weights (T, K)): what a routing trace records
+            def seen(experts, inputs, name=name):
                 x, ids = inputs[0], inputs[1]
-                recorder(name, ids, next(_mod.parameters()).shape[0], hidden=x.shape[-1], dtype=x.dtype)
-            hooks.append(hidden.register_forward_pre_hook(seen))
+                recorder(name, ids, next(experts.parameters()).shape[0], hidden=x.shape[-1], dtype=x.dtype)
+            hooks.append(module.experts.register_forward_pre_hook(seen))
         with torch.no_grad():
             for b in batches.reshape(-1, batches.shape[-2], batches.shape[-1]):
                 model(b)
