@@ -31,7 +31,10 @@ from ..ir import MoESpec
 def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec, ids: torch.Tensor | None = None):
     """Router: (T, H) -> top-k weights (T, K) and expert ids (T, K) int64, as the traced code did.
     With `ids` (the forward's choice, saved for the backward) the experts are those: the weights are
-    the same function of the logits, and their gradient the same, as when top-k picks them."""
+    the same function of the logits, and their gradient the same, as when top-k picks them.
+    A traced router (spec.router == "traced") computed them outside the op: they are its inputs."""
+    if spec.router == "traced":
+        return weights["routing_weights"], (weights["routing_ids"] if ids is None else ids).long()
     return topk_of_logits(router_logits(x, weights, spec), weights, spec, ids)
 
 

@@ -34,7 +34,12 @@ def check_inputs(x: Tensor, weights: list[Tensor], spec: MoESpec) -> None:
         raise ValueError(f"moecompile::moe: x must be (T, {spec.hidden}), got {tuple(x.shape)}")
     moe_torch.named_weights(weights, spec)  # the weight count
     for name, w in zip(spec.weight_names(), weights):
-        if w.dtype != x.dtype and not name.startswith("router"):
+        if name.startswith("routing_"):  # a traced router's top-k weights and ids, per token
+            if tuple(w.shape) != (x.shape[0], spec.top_k) or w.is_floating_point() != (name == "routing_weights"):
+                raise ValueError(f"moecompile::moe: {name} must be ({x.shape[0]}, {spec.top_k}) "
+                                 f"{'float' if name == 'routing_weights' else 'integer'}, got "
+                                 f"{tuple(w.shape)} {w.dtype}")
+        elif w.dtype != x.dtype and not name.startswith("router"):
             raise ValueError(f"moecompile::moe: {name} is {w.dtype} but x is {x.dtype}")
 
 
@@ -109,10 +114,16 @@ def _setup_context(ctx, inputs, output):
     ctx.program, ctx.kernels = program, kernels
 
 
+def _weight_grads(grads: list[Tensor], weights: list[Tensor]) -> list[Tensor | None]:
+    """moe_backward's weight gradients for autograd: None for an integer input (a traced router's
+    expert ids), which moe_backward fills with a placeholder of its dtype."""
+    return [g if w.is_floating_point() else None for g, w in zip(grads, weights)]
+
+
 def _backward(ctx, grad):
     x, *weights = ctx.saved_tensors
     grads = moe_backward(grad, x, weights, ctx.program, ctx.kernels, [])
-    return grads[0], grads[1:], None, None, None
+    return grads[0], _weight_grads(grads[1:], weights), None, None, None
 
 
 moe.register_autograd(_backward, setup_context=_setup_context)
@@ -129,7 +140,7 @@ def _setup_saving(ctx, inputs, output):
 def _backward_saving(ctx, grad, _grad_ids, _grad_pre):
     x, ids, pre, *weights = ctx.saved_tensors
     grads = moe_backward(grad, x, weights, ctx.program, ctx.kernels, [ids, pre])
-    return grads[0], grads[1:], None, None, None, None
+    return grads[0], _weight_grads(grads[1:], weights), None, None, None, None
 
 
 moe_saving.register_autograd(_backward_saving, setup_context=_setup_saving)

@@ -76,6 +76,10 @@ def topk(ctx: Context, stage, logits, correction_bias=None):
     return w, ids.to(torch.int32)
 
 
+def route(ctx: Context, stage, routing_weights, routing_ids):
+    return routing_weights, routing_ids.to(torch.int32)
+
+
 def gate(ctx: Context, stage, x, router_weight, *biases):
     names = (["router_bias"] if stage.router_bias else []) + (["router_correction_bias"] if stage.correction_bias else [])
     weights = {"router_weight": router_weight, **dict(zip(names, biases))}
@@ -229,6 +233,6 @@ def _dtype(spec: MoESpec) -> torch.dtype:
 
 
 STAGE_FNS: dict[str, StageFn] = {
-    "RouterGemm": router_gemm, "TopK": topk, "Gate": gate, "Align": align, "Gather": gather,
+    "RouterGemm": router_gemm, "TopK": topk, "Gate": gate, "Route": route, "Align": align, "Gather": gather,
     "Activation": activation, "GroupedGemm": grouped_gemm, "SharedMLP": shared_mlp, "Combine": combine,
 }

@@ -112,15 +112,25 @@ def _backward(grad, x, weights, program, kernels, saved):
         except ValueError as err:  # a launcher's input check: never a crash, the recompute instead
             plan.warn_once(program, f"backward {err}")
     forward = plan.differentiable_forward(kernels)
+    # only floating inputs are differentiated; an integer one (a traced router's expert ids) gets
+    # a zero placeholder of its dtype, which the op's autograd formula turns into None
+    floating = [i for i, w in enumerate(weights) if w.is_floating_point()]
 
     def f(x_, *ws):
-        return forward(x_, list(ws), spec)
+        full = list(weights)
+        for i, w in zip(floating, ws):
+            full[i] = w
+        return forward(x_, full, spec)
 
-    _, vjp = torch.func.vjp(f, x, *weights)
-    return list(vjp(grad.to(x.dtype)))
+    _, vjp = torch.func.vjp(f, x, *[weights[i] for i in floating])
+    dx, *dws = vjp(grad.to(x.dtype))
+    grads = [torch.zeros_like(w) for w in weights]
+    for i, g in zip(floating, dws):
+        grads[i] = g
+    return [dx] + grads
 
 
-_ROUTER = ("router_weight", "router_bias", "router_correction_bias")
+_ROUTER = ("router_weight", "router_bias", "router_correction_bias", "routing_weights")
 
 
 def triton_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: MoESpec, *, ids: Tensor | None = None,
@@ -141,8 +151,10 @@ def triton_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: MoESpe
     # experts); vjp rather than torch.autograd, which records nothing inside a custom op's kernel
     side_names = [n for n in named if n in _ROUTER or n.startswith("shared")]
 
+    fixed = {"routing_ids": named["routing_ids"]} if spec.router == "traced" else {}
+
     def routed(x_, *side_):
-        side = dict(zip(side_names, side_))
+        side = dict(zip(side_names, side_), **fixed)
         topk_w, ids_ = moe_torch.route(x_, side, spec, ids)
         if spec.shared_intermediate:
             return (topk_w, moe_torch._shared_expert(x_, side, spec)), ids_
@@ -175,7 +187,7 @@ def triton_backward(grad: Tensor, x: Tensor, weights: list[Tensor], spec: MoESpe
     grads = dict(side_grads)
     for n in spec.weight_names():
         if n not in grads:
-            grads[n] = torch.empty_like(named[n])
+            grads[n] = (torch.empty_like if named[n].is_floating_point() else torch.zeros_like)(named[n])
     dwg, dwu, dbg, dbu, _ = gemm_k._gate_up_views(x, grads[name], grads.get("up_proj") if w_up is not None else None,
                                                   grads.get(name + "_bias"),
                                                   grads.get("up_proj_bias") if bias_up is not None else None,

@@ -5,11 +5,11 @@ program  MoEProgram (how a layer's op computes it: typed stages that layer passe
 """
 
 from .program import (STAGES, Activation, Align, Combine, Dims, Gate, Gather, GroupedGemm, MoEProgram,
-                      ProgramError, RouterGemm, SharedMLP, Stage, TopK, ValueType, build)
-from .spec import (ACTIVATIONS, CAPACITY_ORDERS, DTYPES, GROUP_SCORES, LAYOUTS, SCORINGS, TOPK_ORDERS,
+                      ProgramError, Route, RouterGemm, SharedMLP, Stage, TopK, ValueType, build)
+from .spec import (ACTIVATIONS, CAPACITY_ORDERS, DTYPES, GROUP_SCORES, LAYOUTS, ROUTERS, SCORINGS, TOPK_ORDERS,
                    WEIGHTS_FROM, MoERegion, MoESpec, PassResult)
 
-__all__ = ["ACTIVATIONS", "CAPACITY_ORDERS", "DTYPES", "GROUP_SCORES", "LAYOUTS", "SCORINGS", "STAGES",
+__all__ = ["ACTIVATIONS", "CAPACITY_ORDERS", "DTYPES", "GROUP_SCORES", "LAYOUTS", "ROUTERS", "SCORINGS", "STAGES",
            "TOPK_ORDERS", "WEIGHTS_FROM", "Activation", "Align", "Combine", "Dims", "Gate", "Gather",
-           "GroupedGemm", "MoEProgram", "MoERegion", "MoESpec", "PassResult", "ProgramError", "RouterGemm",
+           "GroupedGemm", "MoEProgram", "MoERegion", "MoESpec", "PassResult", "ProgramError", "Route", "RouterGemm",
            "SharedMLP", "Stage", "TopK", "ValueType", "build"]

@@ -215,6 +215,21 @@ class Gate(_Routing):
 
 
 @dataclass(frozen=True)
+class Route(Stage):
+    """The routing a traced router computed, as the op's inputs: routing_weights (T, K) and
+    routing_ids (T, K) integer -> w (T, K) as given, ids (T, K) int32. The router's code runs
+    outside the op, as the model wrote it, compiled with the rest of the graph; this stage only
+    says where w and ids come from (router=traced, the spec's field)."""
+
+    router: str = "traced"
+    op: ClassVar[str] = "Route"
+
+    def signature(self, d):
+        ins = (_t("T", "K", dtype="any"), _t("T", "K", dtype="any"))
+        return ins, (_t("T", "K", dtype="any"), _t("T", "K", dtype="int32"))
+
+
+@dataclass(frozen=True)
 class Align(Stage):
     """Pairs sorted by expert, each expert padded to whole tiles of tile_m rows:
     ids (T, K) [, counts (E,)] -> rows (P,) int32 (pair t*K+k per row, -1 padding),
@@ -362,7 +377,7 @@ class Combine(Stage):
 
 
 STAGES: dict[str, type[Stage]] = {cls.op: cls for cls in (
-    RouterGemm, TopK, Gate, Align, Gather, Activation, GroupedGemm, SharedMLP, Combine)}
+    RouterGemm, TopK, Gate, Route, Align, Gather, Activation, GroupedGemm, SharedMLP, Combine)}
 
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(MoESpec)}
 
@@ -460,7 +475,7 @@ class MoEProgram:
         unread = [n for s in self.stages for n in s.outs if n not in read and n != "y"]
         if unread:  # a dropped shared expert, a weight nobody applies: the program says another layer
             raise ProgramError(f"value {unread[0]!r} is computed but never read")
-        weights = next((s.outs[0] for s in self.stages if s.op in ("TopK", "Gate")), None)
+        weights = next((s.outs[0] for s in self.stages if s.op in ("TopK", "Gate", "Route")), None)
         applied = sum(1 for s in self.stages if weights in s.ins and (
             (s.op == "GroupedGemm" and s.epilogue == "topk_weight") or (s.op == "Combine" and s.weighted)))
         if applied != 1:
@@ -482,9 +497,9 @@ def _weight_types(spec: MoESpec, dtype: str) -> dict[str, ValueType]:
         "down_proj": expert("H", "I"), "gate_up_proj_bias": ("E", up_rows), "up_proj_bias": ("E", up_rows),
         "gate_proj_bias": ("E", "I"), "down_proj_bias": ("E", "H"),
         "shared_gate_proj": (Ish, "H"), "shared_up_proj": (Ish, "H"), "shared_down_proj": ("H", Ish),
-        "shared_expert_gate": ("1", "H"),
+        "shared_expert_gate": ("1", "H"), "routing_weights": ("T", "K"), "routing_ids": ("T", "K"),
     }
-    return {n: ValueType(shapes[n], "any" if n.startswith("router") else dtype) for n in spec.weight_names()}
+    return {n: ValueType(shapes[n], "any" if n.startswith("rout") else dtype) for n in spec.weight_names()}
 
 
 @lru_cache(maxsize=512)
@@ -573,11 +588,14 @@ def build(spec: MoESpec) -> MoEProgram:
     names = spec.weight_names()
     router = ("router_weight",) + (("router_bias",) if spec.router_bias else ())
     routing = {f: getattr(spec, f) for f in _ROUTING}
-    stages: list[Stage] = [
-        RouterGemm(("logits",), ("x",) + router, spec.router_bias, spec.router_gemm_fp32),
-        TopK(("w", "ids"), ("logits",) + (("router_correction_bias",) if spec.correction_bias else ()),
-             router_gemm_fp32=spec.router_gemm_fp32, **routing),
-    ]
+    if spec.router == "traced":
+        stages: list[Stage] = [Route(("w", "ids"), ("routing_weights", "routing_ids"))]
+    else:
+        stages = [
+            RouterGemm(("logits",), ("x",) + router, spec.router_bias, spec.router_gemm_fp32),
+            TopK(("w", "ids"), ("logits",) + (("router_correction_bias",) if spec.correction_bias else ()),
+                 router_gemm_fp32=spec.router_gemm_fp32, **routing),
+        ]
     shared = ()
     if spec.shared_intermediate:
         stages.append(SharedMLP(("s",), ("x",) + tuple(n for n in names if n.startswith("shared_")),

@@ -31,6 +31,12 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 GROUP_SCORES = ("max", "top2_sum")
 WEIGHTS_FROM = ("topk", "gather")
 CAPACITY_ORDERS = ("token_major", "k_major")
+ROUTERS = ("fused", "traced")
+# The routing fields a traced router leaves at their defaults: the model's own code decides them.
+ROUTING_FIELDS = ("scoring", "topk_order", "renormalize", "router_bias", "router_fp32", "router_gemm_fp32",
+                  "weights_in_input_dtype", "routed_scaling", "renorm_eps", "correction_bias", "groups",
+                  "top_groups", "group_score", "masked_score", "weights_from", "capacity_factor",
+                  "capacity_order", "capacity_rounding")
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,11 @@ class MoESpec:
     hidden: int  # H
     intermediate: int  # I (per expert)
     # -- router --
+    # fused: the router is the one the fields below describe (RouterGemm + TopK, the Gate kernel).
+    # traced: the model's own routing code stays in the graph as traced (softplus, soft-capping, a
+    # separately normalized router input, ...) and hands the op its top-k weights and ids
+    # (`routing_weights`, `routing_ids`, both (T, K)); the routing fields below keep their defaults.
+    router: str = "fused"
     scoring: str = "softmax"  # softmax | sigmoid over the E logits (or over the K selected ones)
     topk_order: str = "score_then_topk"  # score all E then top-k | top-k logits then score those K
     renormalize: bool = False  # w /= w.sum(-1) after top-k
@@ -107,6 +118,13 @@ class MoESpec:
             raise ValueError("MoESpec: clamped_swiglu needs gated experts and act_limit > 0")
         if self.layout != "concat" and not self.gated:
             raise ValueError(f"MoESpec.layout={self.layout!r} needs gated experts")
+        if self.router not in ROUTERS:
+            raise ValueError(f"MoESpec.router={self.router!r} not in {ROUTERS}")
+        if self.router == "traced":
+            said = [f for f in ROUTING_FIELDS if _differs(getattr(self, f), _DEFAULTS[f])]
+            if said:
+                raise ValueError(f"MoESpec: a traced router leaves the routing fields at their defaults; "
+                                 f"{said[0]}={getattr(self, said[0])!r}")
 
     def capacity(self, tokens: int) -> int:
         """C for `tokens` tokens (capacity_factor > 0)."""
@@ -116,9 +134,14 @@ class MoESpec:
         return math.ceil(exact - 1e-9) if self.capacity_rounding == "ceil" else math.floor(exact + 1e-9)
 
     def weight_names(self) -> tuple[str, ...]:
-        """Names of the op's weight list, in order; shapes are in `weight_shapes`."""
-        names = ["router_weight"] + (["router_bias"] if self.router_bias else [])
-        names += ["router_correction_bias"] if self.correction_bias else []
+        """Names of the op's weight list, in order; shapes are in `weight_shapes`. A traced router's
+        list starts with its routing inputs instead of router weights: `routing_weights` (T, K) and
+        `routing_ids` (T, K) integer, computed per call by the router code left in the graph."""
+        if self.router == "traced":
+            names = ["routing_weights", "routing_ids"]
+        else:
+            names = ["router_weight"] + (["router_bias"] if self.router_bias else [])
+            names += ["router_correction_bias"] if self.correction_bias else []
         if self.layout == "separate":
             names += ["gate_proj", "up_proj"] + (["gate_proj_bias", "up_proj_bias"] if self.expert_bias else [])
         else:
@@ -131,6 +154,8 @@ class MoESpec:
         return tuple(names)
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the weights in `weight_names()` order; a traced router's routing inputs, whose
+        first dimension is T, are not weights and are left out."""
         E, H, I, Ish = self.num_experts, self.hidden, self.intermediate, self.shared_intermediate
         up_rows = 2 * I if (self.gated and self.layout != "separate") else I
 
@@ -147,7 +172,7 @@ class MoESpec:
             "shared_gate_proj": (Ish, H), "shared_up_proj": (Ish, H), "shared_down_proj": (H, Ish),
             "shared_expert_gate": (1, H),
         }
-        return {name: shapes[name] for name in self.weight_names()}
+        return {name: shapes[name] for name in self.weight_names() if name in shapes}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -159,7 +184,7 @@ class MoESpec:
     def summary(self) -> dict[str, Any]:
         """The fields a person wants in a report row."""
         return {
-            "scoring": self.scoring, "topk_order": self.topk_order, "renormalize": self.renormalize,
+            "router": self.router, "scoring": self.scoring, "topk_order": self.topk_order, "renormalize": self.renormalize,
             "activation": self.activation + (f"(alpha={self.act_alpha:g}, limit={self.act_limit:g})"
                                              if self.activation == "clamped_swiglu" else ""),
             "gated": self.gated, "layout": self.layout, "expert_bias": self.expert_bias,
@@ -170,6 +195,13 @@ class MoESpec:
             "capacity": (f"{self.capacity_factor:g} x T*K/E ({self.capacity_rounding}, {self.capacity_order})"
                          if self.capacity_factor else None),
         }
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoESpec)}
+
+
+def _differs(a, b) -> bool:
+    return a != b and not (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 @lru_cache(maxsize=256)
