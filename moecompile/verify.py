@@ -107,8 +107,9 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, mean_rtol: 
     return worst <= rtol and (mean_rtol is None or err.mean().item() <= mean_rtol), worst
 
 
-def _probes(cand: Candidate, shapes: dict, router_weight: torch.Tensor, graph_id: int) -> list:
-    """[(name, sizes, x)] probe inputs; `sizes` are the values of the graph's size inputs."""
+def _probes(cand: Candidate, shapes: dict, router_weight: torch.Tensor | None, graph_id: int) -> list:
+    """[(name, sizes, x)] probe inputs; `sizes` are the values of the graph's size inputs. A traced
+    router's routing values come with each probe (`_routing_probe`)."""
     x_val = value_of(cand.x)
     dtype, device = x_val.dtype, x_val.device
     gen = torch.Generator(device="cpu").manual_seed(1234 + graph_id)
@@ -131,11 +132,14 @@ def _probes(cand: Candidate, shapes: dict, router_weight: torch.Tensor, graph_id
     channels = torch.randperm(H, generator=gen)[:max(1, H // 64)]
     large[1::2, channels] *= 1000.0
     probes = [("randn", traced["sizes"], make(randn(T, H))), ("large", traced["sizes"], make(large))]
-    # rows along router rows e0 / e1: logit e0 (or e1) beats the rest by |W_e|^2 against W_e . W_j
-    w = router_weight.detach().float().cpu()
-    pick = torch.randperm(w.shape[0], generator=gen)[:2]
-    directions = w[pick] / w[pick].norm(dim=-1, keepdim=True).clamp_min(1e-12) * H ** 0.5
-    few = directions[torch.arange(T) % len(pick)] * 4.0 + 0.1 * randn(T, H)
+    if router_weight is not None:
+        # rows along router rows e0 / e1: logit e0 (or e1) beats the rest by |W_e|^2 against W_e . W_j
+        w = router_weight.detach().float().cpu()
+        pick = torch.randperm(w.shape[0], generator=gen)[:2]
+        directions = w[pick] / w[pick].norm(dim=-1, keepdim=True).clamp_min(1e-12) * H ** 0.5
+        few = directions[torch.arange(T) % len(pick)] * 4.0 + 0.1 * randn(T, H)
+    else:  # a traced router: the routing values send every token to a few experts
+        few = randn(T, H)
     probes.append(("few_experts", traced["sizes"], make(few)))
     probes.append(("one_token", traced["sizes"], make(randn(1, H).expand(T, H).clone())))
     if small is not None:
@@ -144,6 +148,23 @@ def _probes(cand: Candidate, shapes: dict, router_weight: torch.Tensor, graph_id
             t_small *= d
         probes.append(("small_t", small["sizes"], make(randn(t_small, H) * 8.0, small["x"])))
     return probes
+
+
+def _routing_probe(cand: Candidate, spec, probe: str, x: torch.Tensor, graph_id: int) -> dict:
+    """A traced router's routing values for one probe, {weights node: (T, K), ids node: (T, K)}
+    ({} for a fused router): K distinct experts per token, positive weights; on few_experts every
+    token picks among K + 1 experts, on one_token every token the same K experts and weights."""
+    if not cand.routing:
+        return {}
+    w_node, ids_node = cand.routing
+    E, K, T = spec.num_experts, spec.top_k, x.numel() // x.shape[-1]
+    gen = torch.Generator(device="cpu").manual_seed(2024 + graph_id)
+    pool = torch.randperm(E, generator=gen)[:K + 1] if probe == "few_experts" else torch.arange(E)
+    rows = 1 if probe == "one_token" else T
+    ids = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:K]] for _ in range(rows)]).expand(T, K)
+    w = (torch.rand(rows, K, generator=gen) + 0.1).expand(T, K)
+    return {w_node: w.to(value_of(w_node).dtype).to(x.device).contiguous(),
+            ids_node: ids.to(value_of(ids_node).dtype).to(x.device).contiguous()}
 
 
 def _shapes(cand: Candidate, placeholder_values: dict) -> dict | None:
@@ -203,15 +224,15 @@ def verify(cand: Candidate, graph_id: int, placeholder_values: dict, config: Con
 def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
     x_nodes = [cand.x] + sorted({w for _, ws in cand.options for w in ws}, key=lambda n: n.name)
     shapes = _shapes(cand, placeholder_values)
-    try:
-        weights = {n: stacked.input_value(n, placeholder_values) for n in x_nodes[1:]}
+    try:  # a traced router's routing values are made per probe
+        weights = {n: stacked.input_value(n, placeholder_values) for n in x_nodes[1:] if n not in cand.routing}
     except KeyError:
         weights = None
     if shapes is None or weights is None:
         return Verdict(None, "verification could not evaluate the layer's inputs")
     module = _subgraph(cand, x_nodes + list(cand.extra_inputs))
-    router = cand.options[0][1][0]
-    probes = _probes(cand, shapes, weights[router], graph_id)
+    router = None if cand.routing else weights[cand.options[0][1][0]]
+    probes = _probes(cand, shapes, router, graph_id)
     runs, best, failed = 0, (1, float("inf"), ""), None
     for spec, spec_weights in cand.options:
         rtol, mean_rtol = config.verify_rtol[spec.dtype]["out"]
@@ -219,10 +240,11 @@ def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
         failed = None
         for passed, (name, sizes, x) in enumerate(probes):
             runs += 1
+            inputs = {**weights, **_routing_probe(cand, spec, name, x, graph_id)}
             with torch.no_grad():
-                expected = module(x, *[weights[n] for n in x_nodes[1:]], *sizes)
+                expected = module(x, *[inputs[n] for n in x_nodes[1:]], *sizes)
                 try:
-                    actual = ops.run_forward(x.reshape(-1, x.shape[-1]), [weights[w] for w in spec_weights],
+                    actual = ops.run_forward(x.reshape(-1, x.shape[-1]), [inputs[w] for w in spec_weights],
                                              spec, config.verify_kernels())
                 except ValueError as err:
                     return Verdict(None, str(err), runs)
@@ -231,7 +253,7 @@ def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
                                      f"{expected.dtype}", runs)
             ok, err = close(actual.reshape(expected.shape), expected, rtol, mean_rtol)
             if ok and training and name in _GRAD_PROBES:
-                ok, err, what = _grads_close(cand, module, x, sizes, weights, x_nodes, spec, spec_weights,
+                ok, err, what = _grads_close(cand, module, x, sizes, inputs, x_nodes, spec, spec_weights,
                                              config, *grad_rtol)
                 name = f"{name} ({what})" if not ok else name
             if not ok:
@@ -240,7 +262,7 @@ def _verify(cand, graph_id, placeholder_values, config, training) -> Verdict:
         if failed is None:
             region = MoERegion(graph_id=graph_id, name=cand.name, spec=spec, x=cand.x,
                                weights=tuple(spec_weights), output=cand.output, nodes=cand.nodes,
-                               experts_impl=cand.experts_impl)
+                               experts_impl=cand.experts_impl, op_input=cand.x2d if cand.routing else None)
             return Verdict(region, None, runs)
         best = min(best, failed)
     _, err, probe = best
@@ -262,11 +284,14 @@ def _grads_close(cand, module, x, sizes, weights, x_nodes, spec, spec_weights, c
         weights = {n: w.float() if w.is_floating_point() else w for n, w in weights.items()}
         spec = dataclasses.replace(spec, dtype="float32")
     gen = torch.Generator(device="cpu").manual_seed(4321)
-    leaves = [x.detach().requires_grad_()] + [weights[n].detach().requires_grad_() for n in x_nodes[1:]]
+    leaves = [x.detach().requires_grad_()] + [weights[n].detach().requires_grad_(weights[n].is_floating_point())
+                                              for n in x_nodes[1:]]
     with torch.enable_grad():
         out = module(*leaves, *sizes)
         grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out)
-        traced = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        floating = [leaf for leaf in leaves if leaf.requires_grad]  # not a traced router's expert ids
+        got = iter(torch.autograd.grad(out, floating, grad_out, allow_unused=True))
+        traced = [next(got) if leaf.requires_grad else None for leaf in leaves]
     by_node = dict(zip(x_nodes, traced))
     x2d = x.reshape(-1, x.shape[-1])
     ours = ops.moe_backward(grad_out.reshape(x2d.shape).to(x2d.dtype), x2d, [weights[w] for w in spec_weights],
@@ -279,6 +304,8 @@ def _grads_close(cand, module, x, sizes, weights, x_nodes, spec, spec_weights, c
     largest = max((float(w.abs().max()) for w in wants if w is not None and w.numel()), default=0.0)
     floor = 64 * torch.finfo(getattr(torch, spec.dtype)).eps * largest  # bf16 / fp16: compared in fp32
     for name, want, got in zip(names, wants, ours):
+        if not got.is_floating_point():  # a traced router's expert ids have no gradient
+            continue
         want = torch.zeros_like(got) if want is None else want.reshape(got.shape)
         ok, err = close(got, want, rtol, mean_rtol, floor)
         if not ok:

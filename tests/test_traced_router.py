@@ -108,3 +108,118 @@ def test_program_check_needs_the_routing_weights_applied_once():
     broken = MoEProgram(program.dims, program.stages[:-1] + (combine.replace(ins=combine.ins[:2], weighted=False),))
     with pytest.raises(ProgramError, match="never read"):
         broken.check()
+
+
+# --- detection: routers the fused gate does not model, kept as traced ---------------------------
+
+import torch.nn as nn  # noqa: E402
+
+import moecompile  # noqa: E402
+from helpers_moe import capture  # noqa: E402
+from moecompile import detect  # noqa: E402
+
+
+class Experts(nn.Module):
+    """transformers' form: experts(hidden (T, H), top_k_index (T, K), top_k_weights (T, K)), here
+    over expert weights gathered per (token, k); `tamper` adds an op the spec does not model."""
+
+    def __init__(self, tamper=False):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * I, H) / H ** 0.5)
+        self.down_proj = nn.Parameter(torch.randn(E, H, I) / I ** 0.5)
+        self.tamper = tamper
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        T = hidden.shape[0]
+        flat_ids = top_k_index.reshape(-1)
+        rows = hidden.repeat_interleave(K, dim=0).unsqueeze(1)  # (T*K, 1, H)
+        gate, up = torch.bmm(rows, self.gate_up_proj[flat_ids].transpose(1, 2)).squeeze(1).chunk(2, dim=-1)
+        y = torch.bmm((F.silu(gate) * up).unsqueeze(1), self.down_proj[flat_ids].transpose(1, 2)).squeeze(1)
+        if self.tamper:
+            y = y.clamp(-0.5, 0.5)
+        return (y * top_k_weights.reshape(-1, 1)).view(T, K, H).sum(dim=1)
+
+
+class OddRouterMoE(nn.Module):
+    """A router no fused gate models: softplus scores with tanh soft-capping of the logits, or a
+    router that reads its own normalized input ("other_input"); the experts as transformers writes
+    them, with a shared expert."""
+
+    def __init__(self, router="softcap", tamper=False):
+        super().__init__()
+        self.router_kind = router
+        self.router = nn.Linear(H, E, bias=False)
+        self.router_norm = nn.LayerNorm(H)
+        self.experts = Experts(tamper)
+        self.shared_gate = nn.Linear(H, I, bias=False)
+        self.shared_up = nn.Linear(H, I, bias=False)
+        self.shared_down = nn.Linear(I, H, bias=False)
+
+    def shared(self, x):
+        return self.shared_down(F.silu(self.shared_gate(x)) * self.shared_up(x))
+
+    def forward(self, x):  # (B, S, H)
+        flat = x.view(-1, H)
+        if self.router_kind == "softcap":
+            scores = F.softplus(torch.tanh(self.router(flat) / 3.0) * 3.0)
+        else:
+            scores = torch.softmax(self.router(self.router_norm(flat)), dim=-1)
+        w, ids = torch.topk(scores, K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        return self.experts(flat, ids, w).view(x.shape) + self.shared(x)
+
+
+@pytest.mark.parametrize("router", ["softcap", "other_input"])
+def test_an_unmodeled_router_is_kept_as_traced(router):
+    torch.manual_seed(0)
+    model = OddRouterMoE(router)
+    gm, _ = capture(model, torch.randn(2, 8, H))
+    (cand,) = detect.find_candidates(gm)
+    assert cand.reason is None, cand.reason
+    spec = cand.options[0][0]
+    assert spec.router == "traced" and spec.shared_intermediate == I
+    w, ids = cand.routing
+    assert [n.name for n in cand.options[0][1][:2]] == [w.name, ids.name]
+    assert not any(n in cand.router_nodes for n in cand.nodes)  # the router stays out of the op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("router", ["softcap", "other_input"])
+def test_traced_router_layer_matches_eager_forward_and_backward(router, dtype):
+    torch.manual_seed(1)
+    model = OddRouterMoE(router).to(dtype)
+    twin = OddRouterMoE(router).to(dtype)
+    twin.load_state_dict(model.state_dict())
+    moecompile.report.reset()
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="moe", options={"inner": "aot_eager"})
+    x = (torch.randn(3, 7, H) * 2).to(dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = compiled(x1)
+    want = model(x2)
+    (row,) = moecompile.last_report().regions
+    assert row["status"] == "optimized", row["reason"]
+    assert row["spec"]["router"] == "traced"
+    assert_close(got, want, dtype, what="forward")
+    gen = torch.Generator().manual_seed(5)
+    grad = torch.randn(got.shape, generator=gen).to(dtype)
+    got.backward(grad)
+    want.backward(grad)
+    assert_close(x1.grad, x2.grad, dtype, "grad", what="dx")
+    for (name, p), q in zip(twin.named_parameters(), model.parameters()):
+        assert (p.grad is None) == (q.grad is None), name  # the unused norm of the softcap router
+        if q.grad is not None:
+            assert_close(p.grad, q.grad, dtype, "grad", what=name)  # the router's weight among them
+
+
+def test_an_unmodeled_op_inside_the_experts_still_falls_back():
+    torch.manual_seed(0)
+    model = OddRouterMoE("softcap", tamper=True)
+    moecompile.report.reset()
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, H)
+    with torch.no_grad():
+        got = torch.compile(model, backend="moe", options={"inner": "eager"})(x)
+        assert torch.equal(got, model(x))
+    (row,) = moecompile.last_report().regions
+    assert row["status"] == "fallback" and "clamp" in row["reason"], row

@@ -67,7 +67,7 @@ def test_probes_catch_large_activation_ops_without_the_cover(monkeypatch, site, 
         clean(torch.randn(4, 16, 16) * 2.0)  # limit above what 2x N(0, 1) inputs reach
     model = NearMoE(site=site, op=op, limit=clean.record[site] * 1.5)
     model.load_state_dict(clean.state_dict())
-    monkeypatch.setattr(cover, "build", lambda nodes, topk, explained=(): cover.Cover((), topk))
+    monkeypatch.setattr(cover, "build", lambda nodes, topk, explained=(), index_inputs=(): cover.Cover((), topk))
     monkeypatch.setattr(cover, "unexplained", lambda c, spec: None)
     with torch.no_grad():  # forward probes only (a training graph would also compare gradients)
         gm, inputs, outcome = _run(model, torch.randn(4, 16, 16))

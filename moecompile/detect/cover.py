@@ -85,13 +85,14 @@ class Uncovered(Exception):
     """A node of the region that no MoE spec models; the message names it."""
 
 
-def build(nodes, topk: fx.Node, explained=frozenset()) -> Cover:
+def build(nodes, topk: fx.Node, explained=frozenset(), index_inputs=()) -> Cover:
     """Classify every node of a region (graph order); raise Uncovered at the first op no spec has.
 
     Inputs from outside the region (x, weights, sizes) are numeric if they are tensors, else shape.
     `explained` nodes were matched op by op against a form the spec models (the expert-group mask
-    of a group-limited router, see router.match_selection): they are routing decisions (index)."""
-    cls: dict = {}  # node -> class, or a tuple of classes for tuple-valued nodes
+    of a group-limited router, see router.match_selection): they are routing decisions (index).
+    `index_inputs` come from outside as routing decisions: a traced router's expert ids."""
+    cls: dict = dict.fromkeys(index_inputs, INDEX)  # node -> class, or a tuple of classes for tuple-valued nodes
     out = []
     for node in nodes:
         k = kind(node)
@@ -118,8 +119,9 @@ def build(nodes, topk: fx.Node, explained=frozenset()) -> Cover:
 
 def unexplained(cover: Cover, spec: MoESpec) -> str | None:
     """Why `spec` does not model every node of the cover, or None if it does."""
-    if cover.count("topk") != 1:
-        return f"{cover.count('topk')} top-k ops on the layer's values; the spec models one"
+    fused = spec.router == "fused"
+    if cover.count("topk") != fused:  # a traced router's top-k runs before the op
+        return f"{cover.count('topk')} top-k ops on the layer's values; the spec models {int(fused)}"
     clamps = [(node, clamp_bounds(node)) for node, k, c in cover.nodes if k == "clamp" and c == NUMERIC]
     L = spec.act_limit
     if clamps and (spec.activation != "clamped_swiglu" or len(clamps) != 2
@@ -127,9 +129,9 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
         node, bounds = clamps[0]
         return (f"clamp ({node.name}, min={bounds[0]}, max={bounds[1]}) on the layer's values is not part "
                 f"of any MoE layer the compiler models")
-    scoring_ok = {"softmax": spec.scoring == "softmax",
+    scoring_ok = {"softmax": fused and spec.scoring == "softmax",
                   # sigmoid: router scoring, the shared expert's gate, or silu spelled x * sigmoid(x)
-                  "sigmoid": spec.scoring == "sigmoid" or spec.shared_gate or spec.activation in (
+                  "sigmoid": fused and spec.scoring == "sigmoid" or spec.shared_gate or spec.activation in (
                       "silu", "clamped_swiglu"),
                   "silu": spec.activation == "silu", "relu": spec.activation == "relu",
                   "gelu": spec.activation in ("gelu", "gelu_tanh")}

@@ -17,7 +17,8 @@ from ..ir import MoESpec
 def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, router_bias: bool,
                  has_shared, dtype) -> list:
     """All (spec, weights) that fit the shapes and the ops seen; verification picks among them.
-    `router` is the router's weight inputs in `MoESpec.weight_names()` order."""
+    `router` is the router's weight inputs in `MoESpec.weight_names()` order, or with
+    facts["router"] == "traced" the routing values (top-k weights, ids) the experts read."""
     kinds = {kind(n) for n in nodes}
     acts = [a for a in ("silu", "gelu", "relu") if a in kinds]
     activations = []  # names, or (name, {fields})
@@ -30,19 +31,13 @@ def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, r
             activations += ["gelu_tanh" if ap == "tanh" else "gelu" for ap in sorted(approx)]
         else:
             activations.append(a)
-    scoring = facts["scoring_before"] or facts["scoring_after"]
-    if scoring is None:
-        return []
-    base = dict(
-        num_experts=E, top_k=K, hidden=H, intermediate=1, scoring=scoring,
-        topk_order="score_then_topk" if facts["scoring_before"] else "topk_then_score",
-        renormalize=facts["renormalize"], router_bias=router_bias,
-        router_fp32=facts["fp32"] or dtype == torch.float32, router_gemm_fp32=facts.get("gemm_fp32", False),
-        weights_in_input_dtype=facts["to_input_dtype"], routed_scaling=facts["scale"],
-        dtype=str(dtype).replace("torch.", ""), renorm_eps=facts["renorm_eps"],
-        weights_from=facts["weights_from"], correction_bias=len(router) > 1 + router_bias,
-        **{k: facts[k] for k in ("groups", "top_groups", "group_score", "masked_score") if k in facts},
-    )
+    if facts.get("router") == "traced":
+        base = dict(num_experts=E, top_k=K, hidden=H, intermediate=1, router="traced",
+                    dtype=str(dtype).replace("torch.", ""))
+    else:
+        base = _routing_fields(E, K, H, facts, router, router_bias, dtype)
+        if base is None:
+            return []
     router = list(router)
     layouts = ["interleaved", "concat"] if any(
         op_kind(n) == "getitem" and _has_step2(n) for n in nodes) else ["concat", "interleaved"]
@@ -88,9 +83,27 @@ def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, r
         except ValueError:
             continue
         weights = tuple(router + list(weights_e) + list(weights_s))
-        if [shape_of(w) for w in weights] == list(spec.weight_shapes().values()):
+        params = weights[2:] if spec.router == "traced" else weights  # routing inputs are not weights
+        if [shape_of(w) for w in params] == list(spec.weight_shapes().values()):
             options.append((spec, weights))
     return options
+
+
+def _routing_fields(E, K, H, facts, router, router_bias: bool, dtype) -> dict | None:
+    """The spec fields of a fused router, from what the router chain shows; None without a scoring."""
+    scoring = facts["scoring_before"] or facts["scoring_after"]
+    if scoring is None:
+        return None
+    return dict(
+        num_experts=E, top_k=K, hidden=H, intermediate=1, scoring=scoring,
+        topk_order="score_then_topk" if facts["scoring_before"] else "topk_then_score",
+        renormalize=facts["renormalize"], router_bias=router_bias,
+        router_fp32=facts["fp32"] or dtype == torch.float32, router_gemm_fp32=facts.get("gemm_fp32", False),
+        weights_in_input_dtype=facts["to_input_dtype"], routed_scaling=facts["scale"],
+        dtype=str(dtype).replace("torch.", ""), renorm_eps=facts["renorm_eps"],
+        weights_from=facts["weights_from"], correction_bias=len(router) > 1 + router_bias,
+        **{k: facts[k] for k in ("groups", "top_groups", "group_score", "masked_score") if k in facts},
+    )
 
 
 def _is_expert_bias(node: fx.Node, E: int) -> bool:

@@ -3,8 +3,8 @@ suggests about its spec.
 
 Two tables, read top to bottom; the first row whose test fits names the layer:
 
-    ROUTERS    how experts are chosen (plain top-k, top-k of logits, DeepSeek's biased group choice,
-               capacity drops)
+    ROUTERS    how experts are chosen (the model's own routing code kept as traced, plain top-k,
+               top-k of logits, DeepSeek's biased group choice, capacity drops)
     DISPATCH   how tokens reach experts, from the ops of the region (grouped GEMM, batched GEMM over
                gathered weights, every expert on every token, one-hot dispatch einsums)
 
@@ -24,6 +24,7 @@ from ..fx import kind, shape_of
 from ..ir import MoESpec
 
 ROUTERS = (
+    ("traced-router", lambda s: s.router == "traced"),
     ("capacity", lambda s: s.capacity_factor > 0),
     ("group-limited", lambda s: s.groups > 1),
     ("biased-choice", lambda s: s.correction_bias),

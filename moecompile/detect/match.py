@@ -56,6 +56,10 @@ class Candidate:
     idiom: str = ""  # which known pattern matched (detect/idioms.py)
     family: str = ""  # the transformers model family the layer's code comes from, if any
     selection: Selection | None = None  # a DeepSeek-style expert choice before top-k
+    # a traced router: (top-k weights (T, K), expert ids (T, K)) as the experts read them; the nodes
+    # that compute them stay in the graph (router_nodes), the op takes both as inputs
+    routing: tuple = ()
+    router_nodes: frozenset = frozenset()
 
     @property
     def shape(self) -> tuple:
@@ -87,10 +91,19 @@ def find_candidates(gm: fx.GraphModule) -> list[Candidate]:
             _match(flow, cand, index)
         except _Reject as why:
             cand.reason = str(why)
+            # the router is not one the fused gate models: keep it as traced, if the experts show
+            # where its choice enters them
+            cand = _match_traced_router(flow, node, index) or cand
         if autocast and cand.x is not None:
             cand.reason = "graph runs under torch.autocast, which the moe op does not follow yet"
         found.append(cand)
     inner = {n for c in found if c.selection for n in c.selection.explained}
+    # a traced router's other top-ks (expert groups, say) are part of its routing: the layer is
+    # the candidate of the last top-k before its experts
+    traced = sorted((c for c in found if c.routing), key=lambda c: flow.order[c.topk])
+    for c in reversed(traced):
+        if c.topk not in inner:
+            inner |= {n for n in c.router_nodes - flow.ancestors(c.x) if op_kind(n) == "topk"} - {c.topk}
     return [c for c in found if c.topk not in inner]  # group top-ks belong to their layer
 
 
@@ -130,12 +143,65 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
 
     # 2. Output: the first value after top-k, shaped like x2d, that every expert weight feeds.
     x_anc = flow.ancestors(x)
-    after_topk = flow.descendants(topk)
-    x_numel = shape_of(x2d)
-    expert_weights = None
     # The combine weights expert outputs by the top-k values when the layer uses them: with K = 1
     # (or T = 1) the unweighted expert output is already (T, H) and must not pass for the output.
     routing_weights = [v for v in getitem_users(topk, 0) if v.users]
+    expert_weights = _find_output(flow, cand, E, x_anc, routing_weights, w_router)
+    routed_out = cand.output
+
+    # 3. Shared expert: routed + [sigmoid(linear(x, g)) *] mlp(x), all of it fed by x and 2D weights.
+    shared = _match_shared(flow, routed_out, x_anc, topk)
+    if shared is not None:
+        cand.output = shared
+
+    # 4. Region: what the output needs that x does not; its free inputs must be x and weights.
+    params = _region(flow, cand, x_anc, E, {w_router, b_router})
+    nodes, inside = list(cand.nodes), set(cand.nodes)
+
+    # 5. Specs that fit.
+    facts = router_facts(flow, topk, chain, inside, router, selection.scores if selection else None)
+    facts["gemm_fp32"] = value_of(x2d).dtype == torch.float32 != value_of(x).dtype
+    facts["capacities"] = capacity_options(nodes, _traced_tokens(x2d), K, E)
+    bias = selection.correction_bias if selection else None
+    if selection:
+        facts.update(groups=selection.groups, top_groups=selection.top_groups,
+                     group_score=selection.group_score, masked_score=selection.masked_score)
+    expert_weights.sort(key=lambda n: min(flow.order[u] for u in n.users))
+    shared_params = sorted(params - set(expert_weights) - {w_router, b_router, bias},
+                           key=lambda n: min(flow.order[u] for u in n.users))
+    options = spec_options(E, K, H, facts, nodes, expert_weights, shared_params,
+                           [w_router] + [b for b in (b_router, bias) if b is not None],
+                           b_router is not None, shared is not None, value_of(x).dtype)
+    if not options:
+        shapes = [(n.name, shape_of(n)) for n in expert_weights + shared_params]
+        raise _Reject(f"weights {shapes} fit no expert layout")
+
+    # 6. Cover: every node must be something the spec models (verification cannot see a clamp
+    #    that random inputs never reach).
+    _keep_covered(cand, options, selection.explained if selection else frozenset())
+
+
+def _keep_covered(cand: Candidate, options: list, explained=frozenset()) -> None:
+    """cand.options: the spec options whose cover explains every node of the region, in the order
+    the family's hints prefer; else the reason the first option leaves."""
+    try:
+        region_cover = cover.build(cand.nodes, cand.topk, explained, index_inputs=cand.routing[1:])
+    except cover.Uncovered as why:
+        raise _Reject(str(why)) from None
+    cand.options = [(s, w) for s, w in options if cover.unexplained(region_cover, s) is None]
+    if not cand.options:
+        raise _Reject(cover.unexplained(region_cover, options[0][0]))
+    cand.family = idioms.family_of(cand.topk)
+    cand.options = idioms.by_hints(cand.options, cand.family)
+    cand.idiom = idioms.idiom_of(cand.options[0][0], cand.nodes)
+
+
+def _find_output(flow: Flow, cand: Candidate, E: int, x_anc: set, routing_weights: list, named_by) -> list:
+    """Set cand.output: the first (T, H) value after the routing (cand.topk's choice) that at least
+    two 3D expert weights (E, *, *) feed, weighted by `routing_weights` when given. -> those weights."""
+    topk, x = cand.topk, cand.x
+    after_topk = flow.descendants(topk)
+    x_numel = shape_of(cand.x2d)
     for node in sorted(after_topk, key=flow.order.__getitem__):
         if shape_of(node) != x_numel or node is topk:
             continue
@@ -148,10 +214,10 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         weights3d = list({d for n in anc for d in n.all_input_nodes if is_weight_input(d) and d is not x
                           and len(shape_of(d) or ()) == 3 and shape_of(d)[0] == E})
         if len(weights3d) >= 2:
-            cand.output, expert_weights = node, weights3d
-            cand.name = _block_name(w_router, weights3d, cand.name)
+            cand.output = node
+            cand.name = _block_name(named_by, weights3d, cand.name)
             break
-    if cand.output is None:
+    else:
         if not any(len(shape_of(n) or ()) == 3 and (shape_of(n) or (0,))[0] == E and is_weight_input(n)
                    for d in after_topk for n in d.all_input_nodes):
             raise _Reject("top-k's routing leaves this graph before any 3D expert weight is used: the "
@@ -160,15 +226,17 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
                       + cut_after_topk(flow, topk))
     while len(cand.output.users) == 1 and op_kind(next(iter(cand.output.users))) == "cast":
         cand.output = next(iter(cand.output.users))
-    routed_out = cand.output
+    return weights3d
 
-    # 3. Shared expert: routed + [sigmoid(linear(x, g)) *] mlp(x), all of it fed by x and 2D weights.
-    shared = _match_shared(flow, routed_out, x_anc, topk)
-    if shared is not None:
-        cand.output = shared
 
-    # 4. Region: what the output needs that x does not; its free inputs must be x and weights.
-    nodes = [n for n in flow.ancestors(cand.output) - x_anc
+def _region(flow: Flow, cand: Candidate, x_anc: set, E: int, router_params: set,
+            routing: tuple = (), outside: frozenset = frozenset()) -> set:
+    """cand.nodes: what the output needs that x (and a traced router: its routing values and the
+    nodes computing them, `outside`) does not. Checks that nothing writes into the layer from
+    outside or out of it, grad mode stays, the output keeps x's dtype, and the free inputs are x,
+    its (T, H) view, the routing values and weights. -> the weights among the free inputs."""
+    x, x2d = cand.x, cand.x2d
+    nodes = [n for n in flow.ancestors(cand.output) - x_anc - outside
              if n.op not in ("placeholder", "get_attr") and not is_stacked_weight(n)]
     nodes.sort(key=flow.order.__getitem__)
     cand.nodes = tuple(nodes)
@@ -194,44 +262,115 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         raise _Reject(f"layer output is {out_dtype} but its input is {value_of(x).dtype}")
     tensors = {n for n in free if value_of(n) is not None}
     params = {n for n in tensors if is_weight_input(n) and n is not x
-              and (_is_weight(n) or n is w_router or n is b_router or (shape_of(n) or (0,))[0] == E)}
-    stray = tensors - params - {x} - x_anc
-    if stray or (tensors & x_anc) - {x} - params:
-        bad = sorted(n.name for n in (stray | ((tensors & x_anc) - {x} - params)))
+              and (_is_weight(n) or n in router_params or (shape_of(n) or (0,))[0] == E)}
+    given = {x, *routing} | ({x2d} if routing else set())
+    stray = tensors - params - given - x_anc
+    if stray or (tensors & x_anc) - given - params:
+        bad = sorted(n.name for n in (stray | ((tensors & x_anc) - given - params)))
         raise _Reject(f"layer reads activations other than its input: {bad}")
     cand.extra_inputs = tuple(sorted(free - tensors, key=flow.order.__getitem__))
     cand.experts_impl = _experts_impl(nodes)
+    return params
 
-    # 5. Specs that fit.
-    facts = router_facts(flow, topk, chain, inside, router, selection.scores if selection else None)
-    facts["gemm_fp32"] = value_of(x2d).dtype == torch.float32 != value_of(x).dtype
-    facts["capacities"] = capacity_options(nodes, _traced_tokens(x2d), K, E)
-    bias = selection.correction_bias if selection else None
-    if selection:
-        facts.update(groups=selection.groups, top_groups=selection.top_groups,
-                     group_score=selection.group_score, masked_score=selection.masked_score)
+
+# --- a traced router ----------------------------------------------------------------------------
+
+
+def _match_traced_router(flow: Flow, topk: fx.Node, index: int) -> Candidate | None:
+    """The layer of `topk` with its router kept as traced, or None where its experts do not show
+    where the routing enters them (then the fused match's reason stands).
+
+    Matches:     <any routing code reading x2d (or another input)> -> w (T, K) float, ids (T, K) int
+                 experts(x2d (T, H), ids, w): the nodes of one module holding the 3D expert weights,
+                 whose inputs from outside are exactly x2d, ids and w
+                 y = combine [+ shared expert(x2d)]
+    Rewrites to: Candidate(routing=(w, ids), router_nodes=what computes them, nodes=the rest)"""
+    cand = Candidate(name=f"topk{index}", topk=topk)
+    entry = _experts_entry(flow, topk)
+    if entry is None:
+        return None
+    hidden, w, ids, weights3d = entry
+    cand.routing = (w, ids)
+    # what computes the routing from the layer's input (x2d and what makes it stay in the region)
+    cand.router_nodes = frozenset((flow.ancestors(w) | flow.ancestors(ids)) - flow.ancestors(hidden))
+    cand.x2d, cand.x = hidden, _layer_input(hidden)
+    cand.name = region_name(weights3d[0], index)
+    try:
+        _match_traced(flow, cand, weights3d)
+    except _Reject as why:
+        cand.reason = str(why)
+    return cand
+
+
+def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
+    """(x2d, w, ids, 3D weights) where top-k's choice enters the module that holds the expert
+    weights (transformers' `experts(hidden_states, top_k_index, top_k_weights)`), or None."""
+    after = flow.descendants(topk)
+    # the first node after top-k that reads a 3D weight (or a view of one: values of weights alone)
+    # names the experts module
+    derived: set = set()
+    first = None
+    for n in flow.graph.nodes:
+        reads = not derived.isdisjoint(n.all_input_nodes)
+        if is_weight_input(n) and len(shape_of(n) or ()) == 3:
+            derived.add(n)
+        elif n in after and reads:
+            first = n
+            break
+        elif reads and all(a in derived or value_of(a) is None for a in n.all_input_nodes):
+            derived.add(n)
+    key = _module_key(first) if first is not None else None
+    if key is None:
+        return None
+    weights3d = sorted((d for d in derived if is_weight_input(d) and any(
+        key in (u.meta.get("nn_module_stack") or {}) for u in d.users)), key=lambda n: n.name)
+    if len(weights3d) < 2:
+        return None
+    inside = {n for n in flow.graph.nodes if key in (n.meta.get("nn_module_stack") or {})}
+    entering = {d for n in inside for d in flow.deps(n) if d not in inside and value_of(d) is not None
+                and not is_weight_input(d)}
+    ints = [d for d in entering if not value_of(d).is_floating_point()]
+    floats = [d for d in entering if value_of(d).is_floating_point()]
+    if len(ints) != 1 or len(floats) != 2 or len(shape_of(ints[0]) or ()) != 2:
+        return None
+    ids = ints[0]
+    w = [d for d in floats if shape_of(d) == shape_of(ids)]
+    hidden = [d for d in floats if d not in w]
+    E = shape_of(weights3d[0])[0]
+    if (len(w) != 1 or len(hidden) != 1 or len(shape_of(hidden[0]) or ()) != 2 or topk not in flow.ancestors(ids)
+            or not isinstance(shape_of(ids)[1], int) or any(shape_of(d)[0] != E for d in weights3d)):
+        return None
+    return hidden[0], w[0], ids, weights3d
+
+
+def _module_key(node: fx.Node) -> str | None:
+    """The innermost module whose forward ran `node` (its key in Dynamo's module stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack), None) if stack else None
+
+
+def _match_traced(flow: Flow, cand: Candidate, weights3d: list) -> None:
+    w, ids = cand.routing
+    x, x2d = cand.x, cand.x2d
+    E, K, H = shape_of(weights3d[0])[0], shape_of(ids)[1], shape_of(x2d)[-1]
+    dtype_name = str(value_of(x).dtype).replace("torch.", "")
+    if dtype_name not in DTYPES:
+        raise _Reject(f"dtype {dtype_name} is not supported (supported: {', '.join(DTYPES)})")
+    x_anc = flow.ancestors(x)
+    expert_weights = _find_output(flow, cand, E, x_anc, [w], weights3d[0])
+    shared = _match_shared(flow, cand.output, x_anc, cand.topk)
+    if shared is not None:
+        cand.output = shared
+    # x2d and the views making it stay in the region (the op reads x); the router reads them too
+    params = _region(flow, cand, x_anc, E, set(), cand.routing, cand.router_nodes)
     expert_weights.sort(key=lambda n: min(flow.order[u] for u in n.users))
-    shared_params = sorted(params - set(expert_weights) - {w_router, b_router, bias},
-                           key=lambda n: min(flow.order[u] for u in n.users))
-    options = spec_options(E, K, H, facts, nodes, expert_weights, shared_params,
-                           [w_router] + [b for b in (b_router, bias) if b is not None],
-                           b_router is not None, shared is not None, value_of(x).dtype)
+    shared_params = sorted(params - set(expert_weights), key=lambda n: min(flow.order[u] for u in n.users))
+    options = spec_options(E, K, H, {"router": "traced"}, cand.nodes, expert_weights, shared_params,
+                           [w, ids], False, shared is not None, value_of(x).dtype)
     if not options:
         shapes = [(n.name, shape_of(n)) for n in expert_weights + shared_params]
         raise _Reject(f"weights {shapes} fit no expert layout")
-
-    # 6. Cover: every node must be something the spec models (verification cannot see a clamp
-    #    that random inputs never reach).
-    try:
-        region_cover = cover.build(nodes, topk, selection.explained if selection else frozenset())
-    except cover.Uncovered as why:
-        raise _Reject(str(why)) from None
-    cand.options = [(s, w) for s, w in options if cover.unexplained(region_cover, s) is None]
-    if not cand.options:
-        raise _Reject(cover.unexplained(region_cover, options[0][0]))
-    cand.family = idioms.family_of(topk)
-    cand.options = idioms.by_hints(cand.options, cand.family)
-    cand.idiom = idioms.idiom_of(cand.options[0][0], nodes)
+    _keep_covered(cand, options)
 
 
 def _layer_input(x2d: fx.Node) -> fx.Node:

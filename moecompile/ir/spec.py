@@ -229,6 +229,7 @@ class MoERegion:
     experts_impl: str = ""  # how the traced code ran its experts (grouped_mm, batched_mm, loop, ...)
     program: Any = None  # the layer's MoEProgram once the layer passes ran (lower calls the op with it)
     saved: str = "inputs"  # what the op keeps for the backward (codegen.train.SAVES); lower picks the op by it
+    op_input: Any = None  # the (T, H) view of x the op takes, where no router linear in the region reads it
 
 
 @dataclass

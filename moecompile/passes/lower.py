@@ -46,7 +46,10 @@ class Lower:
 
 def _op_input(region: MoERegion) -> fx.Node | None:
     """The (T, H) view of x the op takes: the router's input, which the region already computes,
-    before any cast (DeepSeek's router reads `x.view(-1, H).type(torch.float32)`)."""
+    before any cast (DeepSeek's router reads `x.view(-1, H).type(torch.float32)`); with a traced
+    router, the view its experts read."""
+    if region.op_input is not None:
+        return region.op_input
     inside = set(region.nodes)
     users = list(region.weights[0].users)
     while users and all(kind(u) == "cast" for u in users):  # self.weight.type(torch.float32)
@@ -71,9 +74,12 @@ def _cannot_lower(region: MoERegion) -> str | None:
 
 def _rewrite(graph: fx.Graph, region: MoERegion, kernels: str) -> None:
     x2d = _op_input(region)
-    # Right after its input: the op reads x where the traced router read it, before any later write.
+    # Right after its inputs: the op reads x where the traced router read it, before any later
+    # write (and a traced router's weights and ids, which come later).
     args = (x2d, list(region.weights), (region.program or build(region.spec)).text(), kernels, region.name)
-    with graph.inserting_after(x2d):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max([x2d] + [w for w in region.weights if w.op != "placeholder"], key=order.__getitem__)
+    with graph.inserting_after(last):
         if region.saved == "inputs":
             out = graph.call_function(torch.ops.moecompile.moe.default, args)
         else:  # (y, ids, pre): autograd keeps ids and pre for the backward; the graph reads y
