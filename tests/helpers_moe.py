@@ -296,6 +296,10 @@ SPECS = {
                        transposed=True, expert_bias=True, activation="clamped_swiglu", act_alpha=1.702,
                        act_limit=0.5),
     "separate_bias": MoESpec(5, 2, 16, 8, layout="separate", expert_bias=True),
+    # DeepSeek-V4: SiLU of the gate clamped at the limit, up clamped both ways, in the shared expert too
+    "clamped_silu_shared": MoESpec(6, 2, 16, 8, activation="clamped_silu", act_limit=0.5, shared_intermediate=12),
+    # Nemotron-H: relu(h)^2, not gated
+    "relu2": MoESpec(4, 2, 16, 8, gated=False, activation="relu2"),
     "plain_bias": MoESpec(4, 2, 16, 8, gated=False, activation="relu", expert_bias=True),
     # DeepSeek-V3: sigmoid, correction bias, 2 of 4 groups by top-2 sum, gathered weights, fp32 router
     "deepseek_v3": MoESpec(16, 4, 32, 16, scoring="sigmoid", correction_bias=True, groups=4, top_groups=2,
@@ -318,4 +322,6 @@ GATE_UP_CASES = [
     ("clamped_swiglu", True, "separate", False, False),
     ("gelu", False, "concat", False, True),
     ("relu", False, "concat", True, False),
+    ("clamped_silu", True, "concat", True, False),
+    ("relu2", False, "concat", False, True),
 ]

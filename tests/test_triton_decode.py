@@ -46,7 +46,7 @@ def _close(actual, expected, tol, what=""):
 
 
 def _spec(E, K, H, I, dtype, **kw):
-    if kw.get("activation") == "clamped_swiglu":
+    if kw.get("activation") in ("clamped_swiglu", "clamped_silu"):
         kw = {"act_alpha": 1.702, "act_limit": 0.5, **kw}  # a limit the random gate/up values reach
     return MoESpec(num_experts=E, top_k=K, hidden=H, intermediate=I, dtype=str(dtype).split(".")[1], **kw)
 

@@ -78,7 +78,7 @@ def _live(tile_expert):  # (P,) bool: rows of tiles the kernels compute
 
 
 def _spec(E, K, H, I, dtype, **kw):
-    if kw.get("activation") == "clamped_swiglu":
+    if kw.get("activation") in ("clamped_swiglu", "clamped_silu"):
         kw = {"act_alpha": 1.702, "act_limit": 0.5, **kw}  # a limit the random gate/up values reach
     return MoESpec(num_experts=E, top_k=K, hidden=H, intermediate=I, dtype=str(dtype).split(".")[1], **kw)
 
@@ -365,7 +365,7 @@ def build(fn, types, consts, cfg, div16=()):
 bf = "*bf16"
 cfg = gg.default_config("gate_up", 8, 2048, 7168, torch.bfloat16)
 blocks = {b: cfg[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-for act, save_pre in [(act, False) for act in range(5)] + [(0, True)]:  # save_pre: pre-activations kept
+for act, save_pre in [(act, False) for act in range(len(gg._ACT_CODES))] + [(0, True)]:  # save_pre: pre-activations kept
     ir = build(gg._gate_up_kernel, dict.fromkeys(["x_ptr", "wg_ptr", "wu_ptr", "bg_ptr", "bu_ptr", "a_ptr", "pre_ptr"], bf)
                | {"pairs_ptr": "*i32", "tile_expert_ptr": "*i32", "alpha": "fp32", "limit": "fp32"},
                dict(ACT=act, GATED=True, HAS_BIAS=True, SAVE_PRE=save_pre, INTERPRET=False, PRECISION="ieee", stride_xh=1,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir import MoESpec
+from ..ir.spec import CLAMPED
 
 
 def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec, ids: torch.Tensor | None = None):
@@ -116,6 +117,7 @@ _ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda t: F.relu(t).square(),
 }
 
 
@@ -241,12 +243,22 @@ def _gated(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor, inplace: bool) -
     """act(gate) * up; with `inplace` (gate a view of a fresh GEMM output, rows of unit stride),
     written over gate: no (T*K, I) allocation, the costly part of an elementwise op on CPU."""
     act_name = spec.activation
-    if act_name == "clamped_swiglu":
-        return clamped_swiglu(gate, up, spec.act_alpha, spec.act_limit)
+    if act_name in CLAMPED:
+        return gated_activation(gate, up, act_name, spec.act_alpha, spec.act_limit)
     if inplace and gate.stride(-1) == 1:
         act = F.silu(gate, inplace=True) if act_name == "silu" else _ACTIVATIONS[act_name](gate)
         return act.mul_(up)
     return _ACTIVATIONS[act_name](gate) * up
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.0,
+                     limit: float = 0.0) -> torch.Tensor:
+    """act(gate) * up for every gated activation of the spec, the clamped ones included."""
+    if activation == "clamped_swiglu":
+        return clamped_swiglu(gate, up, alpha, limit)
+    if activation == "clamped_silu":
+        return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+    return _ACTIVATIONS[activation](gate) * up
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

@@ -148,9 +148,7 @@ def activate(h: Tensor, activation: str, gated: bool, layout: str, alpha: float,
     if not gated:
         return moe_torch._ACTIVATIONS[activation](h)
     g, u = (h[..., ::2], h[..., 1::2]) if layout == "interleaved" else h.chunk(2, dim=-1)
-    if activation == "clamped_swiglu":
-        return moe_torch.clamped_swiglu(g, u, alpha, limit)
-    return moe_torch._ACTIVATIONS[activation](g) * u
+    return moe_torch.gated_activation(g, u, activation, alpha, limit)
 
 
 def activation(ctx: Context, stage, h):

@@ -36,6 +36,7 @@ import torch.fx as fx
 from ..fx import is_inplace, kind, meta_value
 from .experts import clamp_bounds
 from ..ir import MoESpec
+from ..ir.spec import CLAMPED
 
 NUMERIC, INDEX, SHAPE = "numeric", "index", "shape"
 
@@ -54,7 +55,7 @@ _ARITH = {"mul", "add", "div", "truediv", "sum"}
 # Value-level selects are routing when their condition is.
 _SELECTS = {"where", "masked_fill"}
 # Ops the spec decides (checked by `unexplained`).
-_SPEC_OPS = {"softmax", "sigmoid", "silu", "gelu", "relu", "topk"}
+_SPEC_OPS = {"softmax", "sigmoid", "silu", "gelu", "relu", "topk", "square", "pow"}
 # Clamps are numeric only where the spec models them (GPT-OSS's clamped SwiGLU, `unexplained`).
 NUMERIC_OPS = _GEMMS | _MOVEMENT | _SCATTER | _CREATE | _ARITH | _SELECTS | _SPEC_OPS | {"dropout", "clamp"}
 
@@ -124,7 +125,9 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
         return f"{cover.count('topk')} top-k ops on the layer's values; the spec models {int(fused)}"
     clamps = [(node, clamp_bounds(node)) for node, k, c in cover.nodes if k == "clamp" and c == NUMERIC]
     L = spec.act_limit
-    if clamps and (spec.activation != "clamped_swiglu" or len(clamps) != 2
+    # a clamped activation clamps gate and up: two clamps, four when the shared expert has it too
+    # (the spec's shared expert runs the layer's activation)
+    if clamps and (spec.activation not in CLAMPED or len(clamps) != 2 * (1 + bool(spec.shared_intermediate))
                    or {b for _, b in clamps} != {(None, L), (-L, L)}):
         node, bounds = clamps[0]
         return (f"clamp ({node.name}, min={bounds[0]}, max={bounds[1]}) on the layer's values is not part "
@@ -132,8 +135,10 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
     scoring_ok = {"softmax": fused and spec.scoring == "softmax",
                   # sigmoid: router scoring, the shared expert's gate, or silu spelled x * sigmoid(x)
                   "sigmoid": fused and spec.scoring == "sigmoid" or spec.shared_gate or spec.activation in (
-                      "silu", "clamped_swiglu"),
-                  "silu": spec.activation == "silu", "relu": spec.activation == "relu",
+                      "silu", "clamped_swiglu", "clamped_silu"),
+                  "silu": spec.activation in ("silu", "clamped_silu"), "relu": spec.activation in ("relu", "relu2"),
+                  # relu2 squares: square(h), or h ** 2 / pow(h, 2) (exponent checked below)
+                  "square": spec.activation == "relu2", "pow": spec.activation == "relu2",
                   "gelu": spec.activation in ("gelu", "gelu_tanh")}
     for node, k, c in cover.nodes:
         if c != NUMERIC or k not in scoring_ok:
@@ -141,6 +146,8 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
         if not scoring_ok[k]:
             return (f"{k} ({node.name}) is not modeled by the spec "
                     f"({spec.scoring} scoring, {spec.activation} experts)")
+        if k == "pow" and node.args[1:2] != (2,):
+            return f"pow ({node.name}) with exponent {node.args[1:2]} is not the spec's relu2"
         if k == "gelu":
             approx = node.kwargs.get("approximate", "none")
             if (approx == "tanh") != (spec.activation == "gelu_tanh"):

@@ -23,8 +23,11 @@ def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, r
     acts = [a for a in ("silu", "gelu", "relu") if a in kinds]
     activations = []  # names, or (name, {fields})
     clamped = _clamped_swiglu(nodes)
-    if clamped is not None:
-        activations.append(("clamped_swiglu", clamped))
+    if clamped is not None:  # silu of the clamped gate (DeepSeek-V4), else GPT-OSS's own form
+        activations.append(("clamped_silu", {"act_limit": clamped["act_limit"]}) if "silu" in kinds
+                           else ("clamped_swiglu", clamped))
+    if "relu" in kinds and kinds & {"square", "pow"}:
+        activations.append("relu2")  # relu(h)^2 (Nemotron-H); the cover checks the exponent
     for a in acts or ([] if clamped else ["silu"]):
         if a == "gelu":
             approx = {n.kwargs.get("approximate", "none") for n in nodes if op_kind(n) == "gelu"}
@@ -127,7 +130,7 @@ def _clamped_swiglu(nodes) -> dict | None:
     gate.clamp(max=L), up.clamp(-L, L), gate * sigmoid(gate * alpha)."""
     bounds = [clamp_bounds(n) for n in nodes if kind(n) == "clamp"]
     limits = {hi for lo, hi in bounds if lo is None} & {hi for lo, hi in bounds if lo is not None and lo == -hi}
-    if len(bounds) != 2 or len(limits) != 1:
+    if len(bounds) not in (2, 4) or len(limits) != 1:  # 4: the shared expert clamps too (the cover checks)
         return None
     alphas = [a for n in nodes if kind(n) == "mul" and any(kind(u) == "sigmoid" for u in n.users)
               for a in n.args if isinstance(a, float)]

@@ -215,7 +215,8 @@ def _find_output(flow: Flow, cand: Candidate, E: int, x_anc: set, routing_weight
                           and len(shape_of(d) or ()) == 3 and shape_of(d)[0] == E})
         if len(weights3d) >= 2:
             cand.output = node
-            cand.name = _block_name(named_by, weights3d, cand.name)
+            if named_by is not None:
+                cand.name = _block_name(named_by, weights3d, cand.name)
             break
     else:
         if not any(len(shape_of(n) or ()) == 3 and (shape_of(n) or (0,))[0] == E and is_weight_input(n)
@@ -294,7 +295,7 @@ def _match_traced_router(flow: Flow, topk: fx.Node, index: int) -> Candidate | N
     # what computes the routing from the layer's input (x2d and what makes it stay in the region)
     cand.router_nodes = frozenset((flow.ancestors(w) | flow.ancestors(ids)) - flow.ancestors(hidden))
     cand.x2d, cand.x = hidden, _layer_input(hidden)
-    cand.name = region_name(weights3d[0], index)
+    cand.name = region_name(weights3d[0], index)  # the block holding `experts`
     try:
         _match_traced(flow, cand, weights3d)
     except _Reject as why:
@@ -357,17 +358,21 @@ def _match_traced(flow: Flow, cand: Candidate, weights3d: list) -> None:
     if dtype_name not in DTYPES:
         raise _Reject(f"dtype {dtype_name} is not supported (supported: {', '.join(DTYPES)})")
     x_anc = flow.ancestors(x)
-    expert_weights = _find_output(flow, cand, E, x_anc, [w], weights3d[0])
-    shared = _match_shared(flow, cand.output, x_anc, cand.topk)
-    if shared is not None:
-        cand.output = shared
-    # x2d and the views making it stay in the region (the op reads x); the router reads them too
-    params = _region(flow, cand, x_anc, E, set(), cand.routing, cand.router_nodes)
+    expert_weights = _find_output(flow, cand, E, x_anc, [w], None)
     expert_weights.sort(key=lambda n: min(flow.order[u] for u in n.users))
-    shared_params = sorted(params - set(expert_weights), key=lambda n: min(flow.order[u] for u in n.users))
-    options = spec_options(E, K, H, {"router": "traced"}, cand.nodes, expert_weights, shared_params,
-                           [w, ids], False, shared is not None, value_of(x).dtype)
-    if not options:
+    routed = cand.output
+    shared = _match_shared(flow, routed, x_anc, cand.topk)
+    # the shared expert joins the op where the spec has its form; else it stays as traced beside it
+    for output in ([shared] if shared is not None else []) + [routed]:
+        cand.output = output
+        # x2d and the views making it stay in the region (the op reads x); the router reads them too
+        params = _region(flow, cand, x_anc, E, set(), cand.routing, cand.router_nodes)
+        shared_params = sorted(params - set(expert_weights), key=lambda n: min(flow.order[u] for u in n.users))
+        options = spec_options(E, K, H, {"router": "traced"}, cand.nodes, expert_weights, shared_params,
+                               [w, ids], False, output is not routed, value_of(x).dtype)
+        if options:
+            break
+    else:
         shapes = [(n.name, shape_of(n)) for n in expert_weights + shared_params]
         raise _Reject(f"weights {shapes} fit no expert layout")
     _keep_covered(cand, options)

@@ -47,6 +47,13 @@ def _act_backward(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
         dg = tl.where(g <= limit, (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
         du = tl.where((u >= -limit) & (u <= limit), gc * s, 0.0)
         return dg, du
+    elif ACT == 5:  # clamped_silu: a = silu(gc) * clamp(u), gc = min(g, limit)
+        gc = tl.minimum(g, limit)
+        s = tl.sigmoid(gc)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        dg = tl.where(g <= limit, uc * s * (1.0 + gc * (1.0 - s)), 0.0)
+        du = tl.where((u >= -limit) & (u <= limit), gc * s, 0.0)
+        return dg, du
     else:
         if ACT == 0:  # silu
             s = tl.sigmoid(g)
@@ -61,6 +68,10 @@ def _act_backward(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
             t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
             act = 0.5 * g * (1.0 + t)
             dact = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+        elif ACT == 6:  # relu2
+            r = tl.maximum(g, 0.0)
+            act = r * r
+            dact = 2.0 * r
         else:  # relu
             act = tl.maximum(g, 0.0)
             dact = tl.where(g > 0.0, 1.0, 0.0)
@@ -439,10 +450,10 @@ def _act_backward_reference(g: Tensor, u: Tensor | None, activation: str, alpha:
     g = g.detach().requires_grad_()
     u = u.detach().requires_grad_() if u is not None else None
     with torch.enable_grad():
-        if activation == "clamped_swiglu":
-            a = moe_torch.clamped_swiglu(g, u, alpha, limit)
+        if u is not None:
+            a = moe_torch.gated_activation(g, u, activation, alpha, limit)
         else:
-            a = moe_torch._ACTIVATIONS[activation](g) * (u if u is not None else 1)
+            a = moe_torch._ACTIVATIONS[activation](g)
         grads = torch.autograd.grad(a.sum(), [g] + ([u] if u is not None else []))
     return a.detach(), grads[0], grads[1] if u is not None else None
 

@@ -384,8 +384,7 @@ def decode_gate_up_reference(x, ids, w, bias, *, top_k, activation, gated, layou
             h = moe_torch._ACTIVATIONS[activation](g)
         else:
             u = xs @ wu[e].float().T + (bu[e].float() if bu is not None else 0)
-            h = (moe_torch.clamped_swiglu(g, u, act_alpha, act_limit) if activation == "clamped_swiglu"
-                 else moe_torch._ACTIVATIONS[activation](g) * u)
+            h = moe_torch.gated_activation(g, u, activation, act_alpha, act_limit)
         a[rows] = h.to(x.dtype)
     return order, a
 

@@ -46,7 +46,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the forward GEMMs (p
 _GRAD_DTYPES = _DTYPES + (torch.float64,)
 _LAYOUTS = ("concat", "interleaved", "separate")
 # activation -> the ACT code the kernels branch on at compile time
-_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "clamped_swiglu": 4}
+_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "clamped_swiglu": 4, "clamped_silu": 5, "relu2": 6}
 # Programs on a device without an SM count (the CPU interpreter): few enough that every program
 # walks several work items, so tests exercise the strided loop.
 _CPU_PROGRAMS = 4
@@ -94,6 +94,10 @@ def _activation(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)
         return (u + 1.0) * (g * tl.sigmoid(alpha * g))
+    elif ACT == 5:  # clamped_silu (DeepSeek-V4); needs gated experts
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        return g * tl.sigmoid(g) * u
     else:
         if ACT == 0:  # silu
             h = g * tl.sigmoid(g)
@@ -101,6 +105,9 @@ def _activation(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
             h = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
         elif ACT == 2:  # gelu_tanh: 0.5 * (1 + tanh(z)) == sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3)
             h = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+        elif ACT == 6:  # relu2
+            h = tl.maximum(g, 0.0)
+            h = h * h
         else:  # relu
             h = tl.maximum(g, 0.0)
         if GATED:
@@ -387,7 +394,7 @@ def _gate_up_views(x, w, w_up, bias, bias_up, *, activation, gated, layout, tran
     if activation not in _ACT_CODES or layout not in _LAYOUTS:
         raise ValueError(f"{what}: activation {activation!r} / layout {layout!r} not in "
                          f"{tuple(_ACT_CODES)} / {_LAYOUTS}")
-    if (not gated) and (layout != "concat" or activation == "clamped_swiglu"):
+    if (not gated) and (layout != "concat" or activation in ("clamped_swiglu", "clamped_silu")):
         raise ValueError(f"{what}: layout {layout!r} and activation {activation!r} need gated experts")
     if (layout == "separate") != (w_up is not None):
         raise ValueError(f"{what}: w_up is given exactly when layout == 'separate' (layout {layout!r})")
@@ -585,8 +592,7 @@ def gemm_gate_up_reference(x, sorted_pairs, tile_expert, w, bias, *, top_k, tile
             u = xs @ wu[e].float().T + (bu[e].float() if bu is not None else 0)
             if pre is not None:
                 pre[rows, I:] = u.to(pre.dtype)
-            h = (moe_torch.clamped_swiglu(g, u, act_alpha, act_limit) if activation == "clamped_swiglu"
-                 else moe_torch._ACTIVATIONS[activation](g) * u)
+            h = moe_torch.gated_activation(g, u, activation, act_alpha, act_limit)
         a[rows] = h.to(x.dtype)
     return a
 
