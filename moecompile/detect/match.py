@@ -215,8 +215,7 @@ def _find_output(flow: Flow, cand: Candidate, E: int, x_anc: set, routing_weight
                           and len(shape_of(d) or ()) == 3 and shape_of(d)[0] == E})
         if len(weights3d) >= 2:
             cand.output = node
-            if named_by is not None:
-                cand.name = _block_name(named_by, weights3d, cand.name)
+            cand.name = _block_name(named_by, weights3d, cand.name)
             break
     else:
         if not any(len(shape_of(n) or ()) == 3 and (shape_of(n) or (0,))[0] == E and is_weight_input(n)
@@ -290,22 +289,23 @@ def _match_traced_router(flow: Flow, topk: fx.Node, index: int) -> Candidate | N
     entry = _experts_entry(flow, topk)
     if entry is None:
         return None
-    hidden, w, ids, weights3d = entry
+    hidden, w, ids, weights3d, out = entry
     cand.routing = (w, ids)
     # what computes the routing from the layer's input (x2d and what makes it stay in the region)
     cand.router_nodes = frozenset((flow.ancestors(w) | flow.ancestors(ids)) - flow.ancestors(hidden))
     cand.x2d, cand.x = hidden, _layer_input(hidden)
     cand.name = region_name(weights3d[0], index)  # the block holding `experts`
     try:
-        _match_traced(flow, cand, weights3d)
+        _match_traced(flow, cand, weights3d, out)
     except _Reject as why:
         cand.reason = str(why)
     return cand
 
 
 def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
-    """(x2d, w, ids, 3D weights) where top-k's choice enters the module that holds the expert
-    weights (transformers' `experts(hidden_states, top_k_index, top_k_weights)`), or None."""
+    """(x2d, w, ids, 3D weights, output) where top-k's choice enters the module that holds the
+    expert weights (transformers' `experts(hidden_states, top_k_index, top_k_weights)`) and the
+    value it returns, or None."""
     after = flow.descendants(topk)
     # the first node after top-k that reads a 3D weight (or a view of one: values of weights alone)
     # names the experts module
@@ -338,10 +338,12 @@ def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
     w = [d for d in floats if shape_of(d) == shape_of(ids)]
     hidden = [d for d in floats if d not in w]
     E = shape_of(weights3d[0])[0]
+    leaving = [n for n in inside if any(u not in inside for u in n.users)]
     if (len(w) != 1 or len(hidden) != 1 or len(shape_of(hidden[0]) or ()) != 2 or topk not in flow.ancestors(ids)
-            or not isinstance(shape_of(ids)[1], int) or any(shape_of(d)[0] != E for d in weights3d)):
+            or not isinstance(shape_of(ids)[1], int) or any(shape_of(d)[0] != E for d in weights3d)
+            or len(leaving) != 1 or shape_of(leaving[0]) != shape_of(hidden[0])):
         return None
-    return hidden[0], w[0], ids, weights3d
+    return hidden[0], w[0], ids, weights3d, leaving[0]
 
 
 def _module_key(node: fx.Node) -> str | None:
@@ -350,7 +352,7 @@ def _module_key(node: fx.Node) -> str | None:
     return next(reversed(stack), None) if stack else None
 
 
-def _match_traced(flow: Flow, cand: Candidate, weights3d: list) -> None:
+def _match_traced(flow: Flow, cand: Candidate, weights3d: list, out: fx.Node) -> None:
     w, ids = cand.routing
     x, x2d = cand.x, cand.x2d
     E, K, H = shape_of(weights3d[0])[0], shape_of(ids)[1], shape_of(x2d)[-1]
@@ -358,9 +360,12 @@ def _match_traced(flow: Flow, cand: Candidate, weights3d: list) -> None:
     if dtype_name not in DTYPES:
         raise _Reject(f"dtype {dtype_name} is not supported (supported: {', '.join(DTYPES)})")
     x_anc = flow.ancestors(x)
-    expert_weights = _find_output(flow, cand, E, x_anc, [w], None)
-    expert_weights.sort(key=lambda n: min(flow.order[u] for u in n.users))
-    routed = cand.output
+    # the experts module's output, not the first (T, H) value after top-k: with K = 1 the weighted
+    # rows before they are put back in token order have that shape too
+    while len(out.users) == 1 and op_kind(next(iter(out.users))) == "cast":
+        out = next(iter(out.users))
+    cand.output = routed = out
+    expert_weights = sorted(weights3d, key=lambda n: min(flow.order[u] for u in n.users))
     shared = _match_shared(flow, routed, x_anc, cand.topk)
     # the shared expert joins the op where the spec has its form; else it stays as traced beside it
     for output in ([shared] if shared is not None else []) + [routed]:
