@@ -223,3 +223,42 @@ def test_an_unmodeled_op_inside_the_experts_still_falls_back():
         assert torch.equal(got, model(x))
     (row,) = moecompile.last_report().regions
     assert row["status"] == "fallback" and "clamp" in row["reason"], row
+
+
+class HashRoutedMoE(nn.Module):
+    """DeepSeek-V4's hash layers: no top-k at all, each token's experts looked up by its token id."""
+
+    def __init__(self, vocab=11):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.register_buffer("table", torch.stack([torch.randperm(E)[:K] for _ in range(vocab)]))
+        self.experts = Experts()
+
+    def forward(self, x, token_ids):
+        flat = x.view(-1, H)
+        ids = self.table[token_ids.reshape(-1)]
+        w = torch.sigmoid(self.router(flat)).gather(1, ids)
+        return self.experts(flat, ids, w / w.sum(-1, keepdim=True)).view(x.shape)
+
+
+def test_experts_routed_without_a_topk_are_optimized():
+    torch.manual_seed(2)
+    model, twin = HashRoutedMoE(), HashRoutedMoE()
+    twin.load_state_dict(model.state_dict())
+    x, token_ids = torch.randn(2, 9, H), torch.randint(0, 11, (2, 9))
+    gm, _ = capture(model, x, token_ids)
+    (cand,) = [c for c in detect.find_candidates(gm) if c.x is not None]
+    assert cand.reason is None and cand.options[0][0].router == "traced", cand.reason
+    moecompile.report.reset()
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="moe", options={"inner": "aot_eager"})
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = compiled(x1, token_ids), model(x2, token_ids)
+    (row,) = moecompile.last_report().regions
+    assert row["status"] == "optimized", row["reason"]
+    assert_close(got, want, torch.float32, what="forward")
+    got.sum().backward()
+    want.sum().backward()
+    assert_close(x1.grad, x2.grad, torch.float32, "grad", what="dx")
+    for (name, p), q in zip(twin.named_parameters(), model.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, "grad", what=name)

@@ -94,9 +94,11 @@ def find_candidates(gm: fx.GraphModule) -> list[Candidate]:
             # the router is not one the fused gate models: keep it as traced, if the experts show
             # where its choice enters them
             cand = _match_traced_router(flow, node, index) or cand
+        found.append(cand)
+    found += _routed_without_topk(flow, found)
+    for cand in found:
         if autocast and cand.x is not None:
             cand.reason = "graph runs under torch.autocast, which the moe op does not follow yet"
-        found.append(cand)
     inner = {n for c in found if c.selection for n in c.selection.explained}
     # a traced router's other top-ks (expert groups, say) are part of its routing: the layer is
     # the candidate of the last top-k before its experts
@@ -285,10 +287,13 @@ def _match_traced_router(flow: Flow, topk: fx.Node, index: int) -> Candidate | N
                  whose inputs from outside are exactly x2d, ids and w
                  y = combine [+ shared expert(x2d)]
     Rewrites to: Candidate(routing=(w, ids), router_nodes=what computes them, nodes=the rest)"""
-    cand = Candidate(name=f"topk{index}", topk=topk)
     entry = _experts_entry(flow, topk)
     if entry is None:
         return None
+    return _traced_candidate(flow, Candidate(name=f"topk{index}", topk=topk), entry, index)
+
+
+def _traced_candidate(flow: Flow, cand: Candidate, entry: tuple, index: int) -> Candidate:
     hidden, w, ids, weights3d, out = entry
     cand.routing = (w, ids)
     # what computes the routing from the layer's input (x2d and what makes it stay in the region)
@@ -321,13 +326,18 @@ def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
         elif reads and all(a in derived or value_of(a) is None for a in n.all_input_nodes):
             derived.add(n)
     key = _module_key(first) if first is not None else None
-    if key is None:
-        return None
-    weights3d = sorted((d for d in derived if is_weight_input(d) and any(
-        key in (u.meta.get("nn_module_stack") or {}) for u in d.users)), key=lambda n: n.name)
+    entry = _experts_module(flow, key) if key is not None else None
+    return entry if entry is not None and topk in flow.ancestors(entry[2]) else None
+
+
+def _experts_module(flow: Flow, key: str) -> tuple | None:
+    """(x2d, w, ids, 3D weights, output) of the module `key` (in Dynamo's module stack) when it holds
+    3D expert weights and takes exactly a (T, H) input, (T, K) weights and (T, K) integer ids."""
+    inside = {n for n in flow.graph.nodes if key in (n.meta.get("nn_module_stack") or {})}
+    weights3d = sorted({d for n in inside for d in n.all_input_nodes if is_weight_input(d)
+                        and len(shape_of(d) or ()) == 3}, key=lambda n: n.name)
     if len(weights3d) < 2:
         return None
-    inside = {n for n in flow.graph.nodes if key in (n.meta.get("nn_module_stack") or {})}
     entering = {d for n in inside for d in flow.deps(n) if d not in inside and value_of(d) is not None
                 and not is_weight_input(d)}
     ints = [d for d in entering if not value_of(d).is_floating_point()]
@@ -339,11 +349,32 @@ def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
     hidden = [d for d in floats if d not in w]
     E = shape_of(weights3d[0])[0]
     leaving = [n for n in inside if any(u not in inside for u in n.users)]
-    if (len(w) != 1 or len(hidden) != 1 or len(shape_of(hidden[0]) or ()) != 2 or topk not in flow.ancestors(ids)
+    if (len(w) != 1 or len(hidden) != 1 or len(shape_of(hidden[0]) or ()) != 2
             or not isinstance(shape_of(ids)[1], int) or any(shape_of(d)[0] != E for d in weights3d)
             or len(leaving) != 1 or shape_of(leaving[0]) != shape_of(hidden[0])):
         return None
     return hidden[0], w[0], ids, weights3d, leaving[0]
+
+
+def _routed_without_topk(flow: Flow, found: list) -> list[Candidate]:
+    """Traced-router candidates for expert modules whose ids no top-k chose (DeepSeek-V4's hash
+    routing by token id, PhiMoE's sparsemixer): the ids node stands in for the top-k."""
+    claimed = {c.routing[1] for c in found if c.routing} | {n for c in found for n in c.nodes}
+    keys = []
+    for n in flow.graph.nodes:
+        if is_weight_input(n) and len(shape_of(n) or ()) == 3:
+            keys += [k for k in (_module_key(u) for u in n.users) if k is not None and k not in keys]
+    out = []
+    for index, key in enumerate(keys):
+        entry = _experts_module(flow, key)
+        if entry is None or entry[2] in claimed or any(op_kind(n) == "topk" for n in flow.ancestors(entry[2])
+                                                         - flow.ancestors(entry[0])):
+            continue
+        hidden, w, ids, weights3d, output = entry
+        cand = Candidate(name=f"experts{index}", topk=ids)
+        _traced_candidate(flow, cand, entry, index)
+        out.append(cand)
+    return out
 
 
 def _module_key(node: fx.Node) -> str | None:

@@ -109,8 +109,8 @@ def unmatched_expert_layers(gm: fx.GraphModule, candidates) -> list[UnmatchedLay
             after_routing.update(weights)
     has_topk = any(c.topk is not None for c in candidates)
     out = []
-    widths = {shape_of(c.topk.args[0])[-1] for c in candidates
-              if isinstance(c.topk.args[0], fx.Node) and shape_of(c.topk.args[0])}
+    widths = {shape_of(c.topk.args[0])[-1] for c in candidates if kind(c.topk) == "topk"
+              and isinstance(c.topk.args[0], fx.Node) and shape_of(c.topk.args[0])}
     for layer, entry in _expert_params(gm, widths).items():
         if layer in covered_names or any(n in after_routing or set(n.users) & after_routing
                                          for n in entry["nodes"]):
