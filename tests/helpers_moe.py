@@ -300,6 +300,8 @@ SPECS = {
     "clamped_silu_shared": MoESpec(6, 2, 16, 8, activation="clamped_silu", act_limit=0.5, shared_intermediate=12),
     # Nemotron-H: relu(h)^2, not gated
     "relu2": MoESpec(4, 2, 16, 8, gated=False, activation="relu2"),
+    # Inkling-2: tanh softcaps on the gate (1.5) and up (2.0) factors, sigmoid of the raw gate
+    "softcap_swiglu": MoESpec(6, 2, 16, 8, activation="softcap_swiglu", act_alpha=1.5, act_limit=2.0),
     "plain_bias": MoESpec(4, 2, 16, 8, gated=False, activation="relu", expert_bias=True),
     # DeepSeek-V3: sigmoid, correction bias, 2 of 4 groups by top-2 sum, gathered weights, fp32 router
     "deepseek_v3": MoESpec(16, 4, 32, 16, scoring="sigmoid", correction_bias=True, groups=4, top_groups=2,
@@ -324,4 +326,5 @@ GATE_UP_CASES = [
     ("relu", False, "concat", True, False),
     ("clamped_silu", True, "concat", True, False),
     ("relu2", False, "concat", False, True),
+    ("softcap_swiglu", True, "interleaved", False, True),
 ]

@@ -48,6 +48,8 @@ def _close(actual, expected, tol, what=""):
 def _spec(E, K, H, I, dtype, **kw):
     if kw.get("activation") in ("clamped_swiglu", "clamped_silu"):
         kw = {"act_alpha": 1.702, "act_limit": 0.5, **kw}  # a limit the random gate/up values reach
+    if kw.get("activation") == "softcap_swiglu":
+        kw = {"act_alpha": 1.5, "act_limit": 2.0, **kw}  # softcaps the random gate/up values bend at
     return MoESpec(num_experts=E, top_k=K, hidden=H, intermediate=I, dtype=str(dtype).split(".")[1], **kw)
 
 

@@ -243,7 +243,7 @@ def _gated(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor, inplace: bool) -
     """act(gate) * up; with `inplace` (gate a view of a fresh GEMM output, rows of unit stride),
     written over gate: no (T*K, I) allocation, the costly part of an elementwise op on CPU."""
     act_name = spec.activation
-    if act_name in CLAMPED:
+    if act_name in CLAMPED or act_name == "softcap_swiglu":
         return gated_activation(gate, up, act_name, spec.act_alpha, spec.act_limit)
     if inplace and gate.stride(-1) == 1:
         act = F.silu(gate, inplace=True) if act_name == "silu" else _ACTIVATIONS[act_name](gate)
@@ -258,6 +258,8 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str, alph
         return clamped_swiglu(gate, up, alpha, limit)
     if activation == "clamped_silu":
         return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+    if activation == "softcap_swiglu":
+        return alpha * torch.tanh(gate / alpha) * torch.sigmoid(gate) * (limit * torch.tanh(up / limit))
     return _ACTIVATIONS[activation](gate) * up
 
 

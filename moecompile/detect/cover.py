@@ -55,7 +55,7 @@ _ARITH = {"mul", "add", "div", "truediv", "sum"}
 # Value-level selects are routing when their condition is.
 _SELECTS = {"where", "masked_fill"}
 # Ops the spec decides (checked by `unexplained`).
-_SPEC_OPS = {"softmax", "sigmoid", "silu", "gelu", "relu", "topk", "square", "pow"}
+_SPEC_OPS = {"softmax", "sigmoid", "silu", "gelu", "relu", "topk", "square", "pow", "tanh"}
 # Clamps are numeric only where the spec models them (GPT-OSS's clamped SwiGLU, `unexplained`).
 NUMERIC_OPS = _GEMMS | _MOVEMENT | _SCATTER | _CREATE | _ARITH | _SELECTS | _SPEC_OPS | {"dropout", "clamp"}
 
@@ -135,10 +135,12 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
     scoring_ok = {"softmax": fused and spec.scoring == "softmax",
                   # sigmoid: router scoring, the shared expert's gate, or silu spelled x * sigmoid(x)
                   "sigmoid": fused and spec.scoring == "sigmoid" or spec.shared_gate or spec.activation in (
-                      "silu", "clamped_swiglu", "clamped_silu"),
+                      "silu", "clamped_swiglu", "clamped_silu", "softcap_swiglu"),
                   "silu": spec.activation in ("silu", "clamped_silu"), "relu": spec.activation in ("relu", "relu2"),
                   # relu2 squares: square(h), or h ** 2 / pow(h, 2) (exponent checked below)
                   "square": spec.activation == "relu2", "pow": spec.activation == "relu2",
+                  # the softcaps of softcap_swiglu: tanh(g / A), tanh(u / L) (their count checked below)
+                  "tanh": spec.activation == "softcap_swiglu",
                   "gelu": spec.activation in ("gelu", "gelu_tanh")}
     for node, k, c in cover.nodes:
         if c != NUMERIC or k not in scoring_ok:
@@ -146,6 +148,8 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
         if not scoring_ok[k]:
             return (f"{k} ({node.name}) is not modeled by the spec "
                     f"({spec.scoring} scoring, {spec.activation} experts)")
+        if k == "tanh" and not _softcap_of(node, (spec.act_alpha, spec.act_limit)):
+            return f"tanh ({node.name}) is not a softcap of the spec's {spec.activation} experts"
         if k == "pow" and node.args[1:2] != (2,):
             return f"pow ({node.name}) with exponent {node.args[1:2]} is not the spec's relu2"
         if k == "gelu":
@@ -156,6 +160,14 @@ def unexplained(cover: Cover, spec: MoESpec) -> str | None:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _softcap_of(node: fx.Node, caps: tuple) -> bool:
+    """tanh(v / c) * c with c one of `caps`: the softcap form, not any tanh of the values."""
+    div = node.args[0] if node.args else None
+    if not isinstance(div, fx.Node) or kind(div) not in ("div", "truediv") or div.args[1] not in caps:
+        return False
+    return all(kind(u) == "mul" and div.args[1] in u.args for u in node.users)
 
 
 def _class_of(arg: fx.Node, cls: dict, index=None) -> str:

@@ -26,6 +26,9 @@ def spec_options(E, K, H, facts, nodes, expert_weights, shared_params, router, r
     if clamped is not None:  # silu of the clamped gate (DeepSeek-V4), else GPT-OSS's own form
         activations.append(("clamped_silu", {"act_limit": clamped["act_limit"]}) if "silu" in kinds
                            else ("clamped_swiglu", clamped))
+    softcaps = _softcaps(nodes)
+    if softcaps is not None:
+        activations.append(("softcap_swiglu", softcaps))
     if "relu" in kinds and kinds & {"square", "pow"}:
         activations.append("relu2")  # relu(h)^2 (Nemotron-H); the cover checks the exponent
     for a in acts or ([] if clamped else ["silu"]):
@@ -135,6 +138,24 @@ def _clamped_swiglu(nodes) -> dict | None:
     alphas = [a for n in nodes if kind(n) == "mul" and any(kind(u) == "sigmoid" for u in n.users)
               for a in n.args if isinstance(a, float)]
     return {"act_limit": float(limits.pop()), "act_alpha": alphas[0] if len(set(alphas)) == 1 else 1.0}
+
+
+def _softcaps(nodes) -> dict | None:
+    """Inkling-2's softcapped SwiGLU, A tanh(g / A) * sigmoid(g) * L tanh(u / L): the caps A (of the
+    gate, whose tanh input also feeds a sigmoid) and L, read off the tanh nodes' divisions."""
+    caps = {}
+    for n in nodes:
+        if kind(n) != "tanh" or not isinstance(n.args[0], fx.Node) or kind(n.args[0]) not in ("div", "truediv"):
+            continue
+        value, cap = n.args[0].args[:2]
+        if not isinstance(cap, (int, float)) or not isinstance(value, fx.Node):
+            return None
+        sources = {value} | ({value.args[0]} if kind(value) == "cast" and value.args else set())
+        gate = any(kind(u) == "sigmoid" for v in sources for u in v.users)
+        caps.setdefault("act_alpha" if gate else "act_limit", set()).add(float(cap))
+    if set(caps) != {"act_alpha", "act_limit"} or any(len(v) != 1 for v in caps.values()):
+        return None
+    return {k: v.pop() for k, v in caps.items()}
 
 
 def clamp_bounds(node: fx.Node) -> tuple:

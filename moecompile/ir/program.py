@@ -257,7 +257,8 @@ class Gather(Stage):
 
 def _act_shown(names, activation: str) -> tuple[str, ...]:
     """`names` without act_alpha / act_limit unless the activation reads them (clamped SwiGLU)."""
-    keep = {"clamped_swiglu": ("act_alpha", "act_limit"), "clamped_silu": ("act_limit",)}.get(activation, ())
+    keep = {"clamped_swiglu": ("act_alpha", "act_limit"), "clamped_silu": ("act_limit",),
+            "softcap_swiglu": ("act_alpha", "act_limit")}.get(activation, ())
     return tuple(n for n in names if n in keep or n not in ("act_alpha", "act_limit"))
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 SCORINGS = ("softmax", "sigmoid")
 TOPK_ORDERS = ("score_then_topk", "topk_then_score")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu", "clamped_silu", "relu2")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu", "clamped_silu", "relu2", "softcap_swiglu")
 CLAMPED = ("clamped_swiglu", "clamped_silu")  # gated activations that clamp gate and up at act_limit
 LAYOUTS = ("concat", "interleaved", "separate")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -82,7 +82,8 @@ class MoESpec:
     activation: str = "silu"
     # clamped_swiglu (GPT-OSS): g = gate.clamp(max=act_limit), u = up.clamp(-act_limit, act_limit),
     # h = (u + 1) * g * sigmoid(act_alpha * g); clamped_silu (DeepSeek-V4, Hunyuan-V4): the same
-    # clamps, h = silu(g) * u; relu2 (Nemotron-H): relu(h)^2, not gated
+    # clamps, h = silu(g) * u; relu2 (Nemotron-H): relu(h)^2, not gated; softcap_swiglu (Inkling-2):
+    # h = A tanh(g / A) * sigmoid(g) * L tanh(u / L), A = act_alpha, L = act_limit (the two softcaps)
     act_alpha: float = 1.0
     act_limit: float = 0.0
     expert_bias: bool = False  # gate/up and down projections add a per-expert bias (E, out)
@@ -118,6 +119,8 @@ class MoESpec:
             raise ValueError("MoESpec: grouped or biased expert choice needs topk_order='score_then_topk'")
         if self.activation in CLAMPED and not (self.gated and self.act_limit > 0):
             raise ValueError(f"MoESpec: {self.activation} needs gated experts and act_limit > 0")
+        if self.activation == "softcap_swiglu" and not (self.gated and self.act_limit > 0 and self.act_alpha > 0):
+            raise ValueError("MoESpec: softcap_swiglu needs gated experts and softcaps act_alpha, act_limit > 0")
         if self.layout != "concat" and not self.gated:
             raise ValueError(f"MoESpec.layout={self.layout!r} needs gated experts")
         if self.router not in ROUTERS:
@@ -188,7 +191,7 @@ class MoESpec:
         return {
             "router": self.router, "scoring": self.scoring, "topk_order": self.topk_order, "renormalize": self.renormalize,
             "activation": self.activation + (f"(alpha={self.act_alpha:g}, limit={self.act_limit:g})"
-                                             if self.activation == "clamped_swiglu" else
+                                             if self.activation in ("clamped_swiglu", "softcap_swiglu") else
                                              f"(limit={self.act_limit:g})" if self.activation in CLAMPED else ""),
             "gated": self.gated, "layout": self.layout, "expert_bias": self.expert_bias,
             "transposed": self.transposed, "shared_expert": self.shared_intermediate,

@@ -54,6 +54,12 @@ def _act_backward(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
         dg = tl.where(g <= limit, uc * s * (1.0 + gc * (1.0 - s)), 0.0)
         du = tl.where((u >= -limit) & (u <= limit), gc * s, 0.0)
         return dg, du
+    elif ACT == 7:  # softcap_swiglu: a = A tanh(g / A) * sigmoid(g) * L tanh(u / L)
+        tg = 2.0 * tl.sigmoid(2.0 * g / alpha) - 1.0
+        tu = 2.0 * tl.sigmoid(2.0 * u / limit) - 1.0
+        s = tl.sigmoid(g)
+        cg, cu = alpha * tg, limit * tu
+        return cu * ((1.0 - tg * tg) * s + cg * s * (1.0 - s)), cg * s * (1.0 - tu * tu)
     else:
         if ACT == 0:  # silu
             s = tl.sigmoid(g)

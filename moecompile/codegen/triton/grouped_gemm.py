@@ -46,7 +46,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the forward GEMMs (p
 _GRAD_DTYPES = _DTYPES + (torch.float64,)
 _LAYOUTS = ("concat", "interleaved", "separate")
 # activation -> the ACT code the kernels branch on at compile time
-_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "clamped_swiglu": 4, "clamped_silu": 5, "relu2": 6}
+_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "clamped_swiglu": 4, "clamped_silu": 5, "relu2": 6,
+              "softcap_swiglu": 7}
 # Programs on a device without an SM count (the CPU interpreter): few enough that every program
 # walks several work items, so tests exercise the strided loop.
 _CPU_PROGRAMS = 4
@@ -98,6 +99,10 @@ def _activation(g, u, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)
         return g * tl.sigmoid(g) * u
+    elif ACT == 7:  # softcap_swiglu (Inkling-2): alpha, limit are the gate's and up's softcaps
+        tg = 2.0 * tl.sigmoid(2.0 * g / alpha) - 1.0  # tanh(g / alpha)
+        tu = 2.0 * tl.sigmoid(2.0 * u / limit) - 1.0
+        return (alpha * tg) * tl.sigmoid(g) * (limit * tu)
     else:
         if ACT == 0:  # silu
             h = g * tl.sigmoid(g)
@@ -394,7 +399,7 @@ def _gate_up_views(x, w, w_up, bias, bias_up, *, activation, gated, layout, tran
     if activation not in _ACT_CODES or layout not in _LAYOUTS:
         raise ValueError(f"{what}: activation {activation!r} / layout {layout!r} not in "
                          f"{tuple(_ACT_CODES)} / {_LAYOUTS}")
-    if (not gated) and (layout != "concat" or activation in ("clamped_swiglu", "clamped_silu")):
+    if (not gated) and (layout != "concat" or activation in ("clamped_swiglu", "clamped_silu", "softcap_swiglu")):
         raise ValueError(f"{what}: layout {layout!r} and activation {activation!r} need gated experts")
     if (layout == "separate") != (w_up is not None):
         raise ValueError(f"{what}: w_up is given exactly when layout == 'separate' (layout {layout!r})")
