@@ -157,7 +157,15 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
         cand.output = shared
 
     # 4. Region: what the output needs that x does not; its free inputs must be x and weights.
-    params = _region(flow, cand, x_anc, E, {w_router, b_router})
+    #    (What looked like a shared expert may read more: a parallel block's attention added to
+    #    the same sum. The layer is then the routed experts alone.)
+    try:
+        params = _region(flow, cand, x_anc, E, {w_router, b_router})
+    except _Reject:
+        if shared is None:
+            raise
+        cand.output, shared = routed_out, None
+        params = _region(flow, cand, x_anc, E, {w_router, b_router})
     nodes, inside = list(cand.nodes), set(cand.nodes)
 
     # 5. Specs that fit.
@@ -399,10 +407,16 @@ def _match_traced(flow: Flow, cand: Candidate, weights3d: list, out: fx.Node) ->
     expert_weights = sorted(weights3d, key=lambda n: min(flow.order[u] for u in n.users))
     shared = _match_shared(flow, routed, x_anc, cand.topk)
     # the shared expert joins the op where the spec has its form; else it stays as traced beside it
+    # (what looks like one may be more: a parallel block's attention added to the same sum)
     for output in ([shared] if shared is not None else []) + [routed]:
         cand.output = output
-        # x2d and the views making it stay in the region (the op reads x); the router reads them too
-        params = _region(flow, cand, x_anc, E, set(), cand.routing, cand.router_nodes)
+        try:
+            # x2d and the views making it stay in the region (the op reads x); the router reads them too
+            params = _region(flow, cand, x_anc, E, set(), cand.routing, cand.router_nodes)
+        except _Reject:
+            if output is routed:
+                raise
+            continue
         shared_params = sorted(params - set(expert_weights), key=lambda n: min(flow.order[u] for u in n.users))
         options = spec_options(E, K, H, {"router": "traced"}, cand.nodes, expert_weights, shared_params,
                                [w, ids], False, output is not routed, value_of(x).dtype)
