@@ -91,21 +91,23 @@ def summarize(result: dict, prepare: dict | None = None) -> dict:
     covered = {e: [r for r in regions if any(_covers(n, e) for n in names(r))] for e in experts}
     extra = [r for r in regions if not any(r in rows for rows in covered.values())]
     silent = [e for e in ran if not covered[e]]
-    optimized = sum(any(r["status"] == "optimized" for r in rows) for rows in covered.values())
+    # the layers that ran (a vision MoE does not run on the text input the table compiles with)
+    optimized = sum(any(r["status"] == "optimized" for r in covered[e]) for e in ran)
     reasons = Counter(short(r["reason"]) for r in regions if r["status"] == "fallback")
     passed_over = Counter(f"{_pattern([c['module']]) if c['module'] else '?'}: {short(c['reason'])}"
                           for c in result["unreported_topk"])
     return {
         "family": result["family"], "builds": True, "model_class": result["model_class"],
         "experts_kind": result["experts_kind"], "expert_modules": experts,
-        "moe_layers": len(experts), "optimized": min(optimized, len(experts)),
+        "moe_layers": len(ran), "optimized": min(optimized, len(ran)),
         "fallback_reasons": dict(reasons), "not_reported": silent,
         "rows_on_other_modules": [{"name": r["name"], "status": r["status"], "reason": short(r["reason"])}
                                   for r in extra],
         "unreported_topk": dict(passed_over), "graphs": len(result["graphs"]),
         "graph_errors": [g["reason"] for g in result["graphs"] if g["status"] == "error"],
         "match": result["match"], "max_abs_diff": result["max_abs_diff"], "seconds": result["seconds"],
-        "regions": result["regions"], "after_prepare": _after_prepare(prepare, experts),
+        "regions": result["regions"], "after_prepare": _after_prepare(prepare, ran),
+        "routers": sorted({r.get("router") for r in regions if r["status"] == "optimized" and r.get("router")}),
     }
 
 
@@ -119,20 +121,25 @@ def _prepare_cell(r: dict) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# MoE families of transformers {meta['transformers']} (moecompile support, {meta['date']})", "",
+             f"**{meta['optimized_all'] + meta['prepared_all']} of {meta['builds']} families optimized** (every MoE "
+             f"layer; {meta['prepared_all']} of them after `moecompile.prepare`), {meta['left']} left as traced "
+             "(below: why, and whether it is a limit of what the op computes or work to do).", "",
              f"{meta['families']} families enumerated from transformers; {meta['builds']} build tiny "
-             f"(hidden 64, 2 layers, 8 experts top-2), {meta['optimized_all']} have every MoE layer optimized. "
-             "Compiled with `backend=\"moe\", options={\"inner\": \"eager\"}`, fp32, 2 x 8 tokens.", "",
+             f"(hidden 64, 2 layers, 8 experts top-2), {meta['optimized_all']} have every MoE layer optimized "
+             "as they are. Compiled with `backend=\"moe\", options={\"inner\": \"eager\"}`, fp32, 2 x 8 tokens.", "",
              "Columns: *experts* is how transformers writes them (`eager/grouped_mm/batched_mm`: "
-             "`@use_experts_implementation`, switchable); *optimized* counts expert modules with an optimized "
-             "row; *not reported* counts expert modules that ran and have no report row, with the top-k ops detection passed over without a row; *graphs* is the "
+             "`@use_experts_implementation`, switchable); *optimized* counts the expert modules that ran (a vision MoE "
+             "does not run on text input) with an optimized row; *router* is how the optimized layers route (fused: the Gate kernel computes the router the spec "
+             "names; traced: the model's own routing code runs as traced and hands the op its top-k weights and "
+             "ids); *not reported* counts expert modules that ran and have no report row, with the top-k ops detection passed over without a row; *graphs* is the "
              "number of graphs Dynamo captured (more than 1: graph breaks); *after prepare* is the same run "
              "after `moecompile.prepare(model)` where prepare changes something (optimized, graphs, reasons).",
-             "", "| family | experts | MoE layers found (expert modules) | optimized | fallback reasons | "
+             "", "| family | experts | MoE layers found (expert modules) | optimized | router | fallback reasons | "
              "not reported | graphs | matches eager | after prepare |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["builds"]:
-            lines.append(f"| {r['family']} | - | does not build: {r['unavailable']} | - | - | - | - | - | - |")
+            lines.append(f"| {r['family']} | - | does not build: {r['unavailable']} | - | - | - | - | - | - | - |")
             continue
         reasons = "; ".join(f"{why} (x{n})" if n > 1 else why for why, n in r["fallback_reasons"].items()) or "-"
         silent = str(len(r["not_reported"]))
@@ -143,8 +150,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
             reasons += "; rows on modules without experts: " + ", ".join(
                 sorted({_pattern([x["name"]]) for x in r["rows_on_other_modules"]}))
         lines.append(f"| {r['family']} | {r['experts_kind']} | {_pattern(r['expert_modules'])} | "
-                     f"{r['optimized']}/{r['moe_layers']} | {reasons} | {silent} | {r['graphs']} | "
+                     f"{r['optimized']}/{r['moe_layers']} | {'+'.join(r['routers']) or '-'} | {reasons} | {silent} | {r['graphs']} | "
                      f"{'yes' if r['match'] else 'NO'} | {_prepare_cell(r)} |")
+    lines += ["", "## Left as traced", "", "| family | kind | why |", "|---|---|---|"]
+    lines += [f"| {family} | {kind} | {why} |" for family, (kind, why) in sorted(meta["left_as_traced"].items())]
     if meta["dropped"]:
         lines += ["", "Modeling code names an expert count but the tiny build holds no expert weights: "
                   + ", ".join(meta["dropped"]) + "."]
@@ -179,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
             "families": len(rows), "builds": len(built),
             "optimized_all": sum(r["optimized"] == r["moe_layers"] for r in built),
+            "prepared_all": sum(r["optimized"] < r["moe_layers"] and (r["after_prepare"] or {}).get("optimized")
+                                == r["moe_layers"] for r in built),
+            "left": sum(r["optimized"] < r["moe_layers"] and (r["after_prepare"] or {}).get("optimized")
+                        != r["moe_layers"] for r in built),
+            "left_as_traced": families.LEFT_AS_TRACED,
             "dropped": sorted(set(families.candidate_families()) - set(families.moe_families()))}
     text = markdown(rows, meta)
     print(text)

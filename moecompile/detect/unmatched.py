@@ -64,6 +64,7 @@ def _expert_params(gm: fx.GraphModule, routed_widths: set) -> dict[str, dict]:
             entry = layers.setdefault(layer, {"nodes": [], "ids": set(), "E": 0, "H": 0})
             entry["ids"].add(int(listed.group(3)))
             entry["E"] = len(entry["ids"])
+            entry["mlps"] = listed.group(2).startswith("mlp")  # maybe dense sublayers (LongCat-Flash's)
         elif (len(shape) == 3 and all(isinstance(d, int) for d in shape) and shape[0] > 1
               and (_EXPERTISH.search(name) or shape[0] in routed_widths or _used_as_experts(node))):
             parts = name.split(".")[:-1]  # the module holding the parameter
@@ -115,6 +116,8 @@ def unmatched_expert_layers(gm: fx.GraphModule, candidates) -> list[UnmatchedLay
         if layer in covered_names or any(n in after_routing or set(n.users) & after_routing
                                          for n in entry["nodes"]):
             continue
+        if entry.get("mlps") and entry["E"] > 1 and entry["E"] not in widths:
+            continue  # a list of MLPs as many as no top-k picks among: dense sublayers, not experts
         if entry.get("slice"):
             what = "expert weights read one expert at a time (a loop over the experts)"
         elif entry["ids"]:

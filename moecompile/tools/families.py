@@ -408,3 +408,30 @@ def moe_families() -> list[str]:
         if expert_modules(model):
             kept.append(model_type)
     return kept
+
+
+# Families whose MoE layers stay as traced (correct: the rewrite declines), each with what it would
+# take: "limit" where the layer is not one the op computes, "work" where it could be with more code.
+# tests/test_families.py holds every other family to every MoE layer optimized (after
+# moecompile.prepare where PREPARED says so), and each family here to at least one layer left, so
+# the list only shrinks; scripts/family_table.py prints it beside the support table.
+LEFT_AS_TRACED: dict[str, tuple[str, str]] = {
+    "doge": ("limit", "DogeCDMoE retrieves per-token expert vectors by product keys (an embedding lookup "
+                      "per expert, no expert MLP), which the grouped GEMMs do not compute"),
+    "dbrx": ("work", "experts stored as (E*I, H) matrices viewed per expert, the down one read transposed "
+                     "against gate and up; the spec has one transposition for both GEMMs"),
+    "ergo": ("work", "each expert's output goes through its own RMS norm (post_expert_norm, (E, H) "
+                     "weights) before the weighted sum; the spec has no expert norm"),
+    "muse_spark": ("work", "an RMS norm of each expert's intermediate activation (post_expert_norm) "
+                           "between the two GEMMs; the spec has no expert norm"),
+    "llama4": ("work", "every expert runs on every token, its input scaled by the router score "
+                       "(expert(s * x), s = 0 off the top-k); the op scales expert outputs"),
+    "jetmoe": ("work", "attention heads as experts (MoA) and an MLP layer split over graphs by a loop over "
+                       "the experts that prepare has no form for"),
+    "nllb-moe": ("work", "capacity-limited top-2 over a ModuleDict of biased experts, with token dropout "
+                         "scaling, each expert traced on its own; prepare has no form for it"),
+    "switch_transformers": ("work", "capacity-limited top-1 over a ModuleDict of experts given a one-hot "
+                                    "dispatch mask, each expert traced on its own; prepare has no form for it"),
+}
+# Families optimized only after moecompile.prepare (their layer is split over graphs otherwise).
+PREPARED = {"openai_privacy_filter"}
