@@ -202,6 +202,36 @@ def test_family_prepared_forward_matches_eager(name):
         assert report.regions and all(r["status"] == "optimized" for r in report.regions), report.regions
 
 
+# bf16 in the default run: one family per router or expert form the traced-router path added
+BF16_DEFAULT = {"mixtral", "deepseek_v4", "ernie4_5_moe", "inkling2", "nemotron_h", "phimoe", "zaya"}
+
+
+@pytest.mark.parametrize("name", [n if n in BF16_DEFAULT else pytest.param(
+    n, marks=slow("bf16 forward + backward of every family; the default run covers each router and expert form"))
+    for n in FAMILIES])
+def test_family_bf16_matches_eager(name):
+    """bf16 weights and activations, forward + backward: the output and every parameter's gradient
+    within bf16 tolerance of eager bf16 (conftest.TOLERANCE), every layer not left as traced
+    optimized."""
+    model, inputs = _build(name, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    moecompile.report.reset()
+    twin = copy.deepcopy(model)
+    with _unless_torch_fails_alone(name, inputs, dtype=torch.bfloat16):
+        got_out = torch.compile(twin, backend="moe", options={"inner": "aot_eager"})(**inputs)[0]
+        want_out = model(**inputs)[0]
+        probe = _loss_probe(want_out)
+        (got_out.float() * probe).sum().backward()
+    (want_out.float() * probe).sum().backward()
+    assert_close(got_out, want_out, torch.bfloat16, what=f"{name} bf16")
+    names = [n for n, _ in twin.named_parameters()]
+    assert_grads_close([p.grad for p in twin.parameters()], [q.grad for q in model.parameters()], names,
+                       torch.bfloat16, what=f"{name} bf16")
+    rows = moecompile.last_report().regions
+    if name not in families.LEFT_AS_TRACED and name not in families.PREPARED:
+        assert rows and all(r["status"] == "optimized" for r in rows), [(r["name"], r["reason"]) for r in rows]
+
+
 @pytest.mark.slow(reason="75 families under the Triton interpreter; the default run puts the demo models on the kernels")
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_on_triton_kernels_matches_eager(name):
@@ -242,7 +272,7 @@ def test_family_trains_on_triton_kernels(name):
 
 
 @contextlib.contextmanager
-def _unless_torch_fails_alone(name: str, inputs: dict, impl: str | None = None):
+def _unless_torch_fails_alone(name: str, inputs: dict, impl: str | None = None, dtype=torch.float32):
     """A backward that raises is a failure, unless the same family under plain
     torch.compile(backend="aot_eager"), without moecompile, raises too: then it is PyTorch's
     (doge in torch 2.13: a view of a non-contiguous softplus gradient), an xfail that names it."""
@@ -250,7 +280,7 @@ def _unless_torch_fails_alone(name: str, inputs: dict, impl: str | None = None):
         yield
     except RuntimeError as err:
         torch._dynamo.reset()
-        model, _ = _build(name, experts_impl=impl)
+        model, _ = _build(name, experts_impl=impl, dtype=dtype)
         try:
             out = torch.compile(model, backend="aot_eager")(**inputs)[0]
             (out.float() * _loss_probe(out)).sum().backward()

@@ -162,6 +162,12 @@ class OddRouterMoE(nn.Module):
         flat = x.view(-1, H)
         if self.router_kind == "softcap":
             scores = F.softplus(torch.tanh(self.router(flat) / 3.0) * 3.0)
+        elif self.router_kind == "no_grad_choice":  # PhiMoE-style: the choice made under no_grad, last
+            scores = torch.sigmoid(self.router(flat))
+            w = torch.topk(scores, K, dim=-1).values
+            with torch.no_grad():
+                ids = torch.topk(scores, K, dim=-1).indices
+            return self.experts(flat, ids, w).view(x.shape) + self.shared(x)
         else:
             scores = torch.softmax(self.router(self.router_norm(flat)), dim=-1)
         w, ids = torch.topk(scores, K, dim=-1)
@@ -184,7 +190,7 @@ def test_an_unmodeled_router_is_kept_as_traced(router):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("router", ["softcap", "other_input"])
+@pytest.mark.parametrize("router", ["softcap", "other_input", "no_grad_choice"])
 def test_traced_router_layer_matches_eager_forward_and_backward(router, dtype):
     torch.manual_seed(1)
     model = OddRouterMoE(router).to(dtype)

@@ -262,11 +262,17 @@ def _region(flow: Flow, cand: Candidate, x_anc: set, E: int, router_params: set,
             target, _ = walk_back(n.args[0], ("reshape",))
             if n.args[0] not in inside or target is x or target.op == "placeholder":
                 raise _Reject(f"{n.name} writes in place into {n.args[0].name}, which outlives the layer")
-    lo, hi = flow.order[x2d] if x2d in flow.order else 0, flow.order[cand.output]
-    for n in flow.between(lo, hi):
-        if is_grad_mode(n):
-            raise _Reject(f"grad mode changes inside the layer ({n.name}: torch.no_grad or "
+    if routing:  # a traced router may change grad mode (its own no_grad), the experts may not
+        changed = _grad_mode_changed(flow, inside)
+        if changed is not None:
+            raise _Reject(f"grad mode changes inside the layer ({changed.name}: torch.no_grad or "
                           "enable_grad), which the op does not follow")
+    else:
+        lo, hi = flow.order[x2d] if x2d in flow.order else 0, flow.order[cand.output]
+        for n in flow.between(lo, hi):
+            if is_grad_mode(n):
+                raise _Reject(f"grad mode changes inside the layer ({n.name}: torch.no_grad or "
+                              "enable_grad), which the op does not follow")
     out_dtype = value_of(cand.output).dtype if value_of(cand.output) is not None else None
     if out_dtype != value_of(x).dtype:
         raise _Reject(f"layer output is {out_dtype} but its input is {value_of(x).dtype}")
@@ -281,6 +287,26 @@ def _region(flow: Flow, cand: Candidate, x_anc: set, E: int, router_params: set,
     cand.extra_inputs = tuple(sorted(free - tensors, key=flow.order.__getitem__))
     cand.experts_impl = _experts_impl(nodes)
     return params
+
+
+def _grad_mode_changed(flow: Flow, nodes: set) -> fx.Node | None:
+    """The grad-mode node under which some node of `nodes` runs in another mode than the graph's
+    own (torch.is_grad_enabled() while it compiles), or None: a router's `with torch.no_grad()`
+    before or around the experts' inputs is fine, the experts' nodes inside it are not."""
+    outer = ("grad", torch.is_grad_enabled())
+    mode, since, stack = outer, None, []
+    for n in flow.graph.nodes:
+        if is_grad_mode(n):
+            if n.target is torch._C._set_grad_enabled:
+                mode, since = ("grad", bool(n.args[0])), n
+            elif "enter" in n.target.__name__:
+                stack.append((mode, since))
+                mode, since = ("inference", True), n
+            elif stack:
+                mode, since = stack.pop()
+        elif n in nodes and mode != outer:
+            return since
+    return None
 
 
 # --- a traced router ----------------------------------------------------------------------------
@@ -335,7 +361,10 @@ def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
             derived.add(n)
     key = _module_key(first) if first is not None else None
     entry = _experts_module(flow, key) if key is not None else None
-    return entry if entry is not None and topk in flow.ancestors(entry[2]) else None
+    # the top-k chooses the ids, and is not upstream of the layer's input (an attention indexer's is)
+    if entry is None or topk not in flow.ancestors(entry[2]) or topk in flow.ancestors(entry[0]):
+        return None
+    return entry
 
 
 def _experts_module(flow: Flow, key: str) -> tuple | None:

@@ -79,7 +79,15 @@ def _rewrite(graph: fx.Graph, region: MoERegion, kernels: str) -> None:
     args = (x2d, list(region.weights), (region.program or build(region.spec)).text(), kernels, region.name)
     order = {n: i for i, n in enumerate(graph.nodes)}
     last = max([x2d] + [w for w in region.weights if w.op != "placeholder"], key=order.__getitem__)
-    with graph.inserting_after(last):
+    if region.op_input is not None:
+        # a traced router: where the experts' first node after its inputs ran (a router's
+        # `torch.no_grad()` around the ids ends before it; detection checked the experts' grad mode)
+        after = [n for n in region.nodes if order[n] > order[last]]
+        first = min(after, key=order.__getitem__) if after else region.output
+        insert = graph.inserting_before(first)
+    else:
+        insert = graph.inserting_after(last)
+    with insert:
         if region.saved == "inputs":
             out = graph.call_function(torch.ops.moecompile.moe.default, args)
         else:  # (y, ids, pre): autograd keeps ids and pre for the backward; the graph reads y
