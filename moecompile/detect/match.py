@@ -122,7 +122,7 @@ def _match(flow: Flow, cand: Candidate, index: int) -> None:
             cand.x = _layer_input(cand.x2d)
         raise _Reject(selection.reason)
     if not isinstance(router, fx.Node) or op_kind(router) != "linear":
-        _reject_router_path(cand, router, index)
+        _reject_router_path(flow, cand, router, index)
     w_router, _ = walk_back(router.args[1], ("cast",))  # DeepSeek: self.weight.type(torch.float32)
     b_router = router.args[2] if len(router.args) > 2 else router.kwargs.get("bias")
     router_shape = shape_of(w_router)
@@ -345,9 +345,17 @@ def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
     """(x2d, w, ids, 3D weights, output) where top-k's choice enters the module that holds the
     expert weights (transformers' `experts(hidden_states, top_k_index, top_k_weights)`) and the
     value it returns, or None."""
+    entry = _first_experts(flow, topk)
+    # the top-k chooses the ids, and is not upstream of the layer's input (an attention indexer's is)
+    if entry is None or topk not in flow.ancestors(entry[2]) or topk in flow.ancestors(entry[0]):
+        return None
+    return entry
+
+
+def _first_experts(flow: Flow, topk: fx.Node) -> tuple | None:
+    """_experts_module of the first experts module after `topk`: the module of the first node after
+    it that reads a 3D weight (or a view of one: values of weights alone)."""
     after = flow.descendants(topk)
-    # the first node after top-k that reads a 3D weight (or a view of one: values of weights alone)
-    # names the experts module
     derived: set = set()
     first = None
     for n in flow.graph.nodes:
@@ -360,11 +368,7 @@ def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
         elif reads and all(a in derived or value_of(a) is None for a in n.all_input_nodes):
             derived.add(n)
     key = _module_key(first) if first is not None else None
-    entry = _experts_module(flow, key) if key is not None else None
-    # the top-k chooses the ids, and is not upstream of the layer's input (an attention indexer's is)
-    if entry is None or topk not in flow.ancestors(entry[2]) or topk in flow.ancestors(entry[0]):
-        return None
-    return entry
+    return _experts_module(flow, key) if key is not None else None
 
 
 def _experts_module(flow: Flow, key: str) -> tuple | None:
@@ -440,18 +444,22 @@ def _match_traced(flow: Flow, cand: Candidate, weights3d: list, out: fx.Node) ->
     for output in ([shared] if shared is not None else []) + [routed]:
         cand.output = output
         try:
-            # x2d and the views making it stay in the region (the op reads x); the router reads them too
-            params = _region(flow, cand, x_anc, E, set(), cand.routing, cand.router_nodes)
+            _traced_options(flow, cand, x_anc, E, K, H, expert_weights, with_shared=output is not routed)
+            return
         except _Reject:
             if output is routed:
                 raise
-            continue
-        shared_params = sorted(params - set(expert_weights), key=lambda n: min(flow.order[u] for u in n.users))
-        options = spec_options(E, K, H, {"router": "traced"}, cand.nodes, expert_weights, shared_params,
-                               [w, ids], False, output is not routed, value_of(x).dtype)
-        if options:
-            break
-    else:
+
+
+def _traced_options(flow: Flow, cand: Candidate, x_anc: set, E: int, K: int, H: int, expert_weights: list,
+                    with_shared: bool) -> None:
+    """cand.nodes and cand.options of a traced-router layer ending at cand.output; _Reject if none."""
+    # x2d and the views making it stay in the region (the op reads x); the router reads them too
+    params = _region(flow, cand, x_anc, E, set(), cand.routing, cand.router_nodes)
+    shared_params = sorted(params - set(expert_weights), key=lambda n: min(flow.order[u] for u in n.users))
+    options = spec_options(E, K, H, {"router": "traced"}, cand.nodes, expert_weights, shared_params,
+                           list(cand.routing), False, with_shared, value_of(cand.x).dtype)
+    if not options:
         shapes = [(n.name, shape_of(n)) for n in expert_weights + shared_params]
         raise _Reject(f"weights {shapes} fit no expert layout")
     _keep_covered(cand, options)
@@ -500,7 +508,7 @@ def _is_upcast(cast: fx.Node) -> bool:
         torch.float32, torch.bfloat16, torch.float16)
 
 
-def _reject_router_path(cand: Candidate, stop, index: int) -> None:
+def _reject_router_path(flow: Flow, cand: Candidate, stop, index: int) -> None:
     """Top-k's input does not come from a router linear by scoring and casts alone. If a router
     linear is a few ops further up, the layer is still reported, naming the op in between."""
     node, path = stop, []
@@ -508,6 +516,9 @@ def _reject_router_path(cand: Candidate, stop, index: int) -> None:
         path.append(node)
         node = node.args[0]
     routes = any(ids.users for ids in getitem_users(cand.topk, 1))  # the expert ids pick something
+    experts = _first_experts(flow, cand.topk)
+    if experts is not None and cand.topk in flow.ancestors(experts[0]):
+        routes = False  # upstream of the experts' input, not their router (an attention indexer)
     if not (routes and isinstance(node, fx.Node) and op_kind(node) == "linear" and len(node.args) > 1
             and isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder"
             and len(shape_of(node.args[1]) or ()) == 2 and path):
