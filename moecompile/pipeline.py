@@ -54,7 +54,8 @@ def _record(graph_id, cand: detect.Candidate, spec, status, reason, kernels, ver
                         status=status, reason=reason, kernels=kernels, spec=spec.summary() if spec else {},
                         experts_impl=cand.experts_impl, verify_ms=round(verify_ms, 1),
                         idiom=_idiom(cand, spec), family=cand.family,
-                        spec_full=_json_safe(dataclasses.asdict(spec)) if spec else {})
+                        spec_full=_json_safe(dataclasses.asdict(spec)) if spec else {},
+                        router=spec.router if spec and status == "optimized" else "")
 
 
 def _idiom(cand: detect.Candidate, spec) -> str:

@@ -6,6 +6,7 @@ report.json (stable; tests and users read it):
                   "intermediate": I, "status": "optimized" | "fallback" | "sharded", "reason": str | null,
                   "kernels": str, "passes": [str], "spec": {...}, "experts_impl": str,
                   "verify_ms": float, "serves": [str], "program_key": str,
+                  "router": "fused" | "traced" | "",
                   "backward": "triton" | "recompute" | "",
                   "saved": "inputs" | "routing" | "activations" | ""}],
      "passes":  [{"graph": int, "name": str, "changed": bool, "ms": float, "counters": {...}}],
@@ -74,10 +75,13 @@ class RegionRecord(_Row):
     # what the op keeps for its backward (codegen.train.SAVES): inputs | routing | activations; ""
     # when traced. Beyond inputs only in training graphs whose backward runs on Triton.
     saved: str = ""
+    # fused: the spec's router, run by the op (the Gate kernel); traced: the model's own routing code,
+    # left in the graph, hands the op its top-k weights and ids; "" when the layer is traced whole
+    router: str = ""
 
     def fallback(self, reason: str) -> "RegionRecord":
         return dataclasses.replace(self, status="fallback", reason=reason, kernels="traced", program_key="",
-                                   passes=(), backward="", saved="")
+                                   passes=(), backward="", saved="", router="")
 
 
 @dataclass(frozen=True)
@@ -124,9 +128,10 @@ class Report:
         rows = [head, "-" * len(head)]
         for r in self.regions:
             spec = r.spec
+            routing = ("traced router " if r.router == "traced" else
+                       f"{spec.get('scoring')}/{spec.get('topk_order', '')[:5]} {'renorm ' if spec.get('renormalize') else ''}")
             detail = r.reason or (
-                f"{r.idiom + ': ' if r.idiom else ''}{spec.get('scoring')}/{spec.get('topk_order', '')[:5]} "
-                f"{'renorm ' if spec.get('renormalize') else ''}{spec.get('activation')} "
+                f"{r.idiom + ': ' if r.idiom else ''}{routing}{spec.get('activation')} "
                 f"{spec.get('layout')}{' +shared' if spec.get('shared_expert') else ''} "
                 f"[{r.experts_impl}]")
             rows.append(f"{r.graph:>5}  {r.name[:28]:<28} {r.num_experts:>4} {r.top_k:>3} "

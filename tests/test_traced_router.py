@@ -203,9 +203,11 @@ def test_traced_router_layer_matches_eager_forward_and_backward(router, dtype):
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     got = compiled(x1)
     want = model(x2)
-    (row,) = moecompile.last_report().regions
+    report = moecompile.last_report()
+    (row,) = report.regions
     assert row["status"] == "optimized", row["reason"]
-    assert row["spec"]["router"] == "traced"
+    assert row["spec"]["router"] == row["router"] == "traced"
+    assert "traced router" in report.table()
     assert_close(got, want, dtype, what="forward")
     gen = torch.Generator().manual_seed(5)
     grad = torch.randn(got.shape, generator=gen).to(dtype)
@@ -268,3 +270,18 @@ def test_experts_routed_without_a_topk_are_optimized():
     assert_close(x1.grad, x2.grad, torch.float32, "grad", what="dx")
     for (name, p), q in zip(twin.named_parameters(), model.parameters()):
         assert_close(p.grad, q.grad, torch.float32, "grad", what=name)
+
+
+def test_a_known_router_stays_fused():
+    """The traced path is a fallback: a router the Gate kernel models is fused, as before."""
+    from helpers_moe import TinyMoE
+
+    torch.manual_seed(0)
+    model = TinyMoE()
+    moecompile.report.reset()
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        assert_close(torch.compile(model, backend="moe", options={"inner": "eager"})(x), model(x), torch.float32)
+    (row,) = moecompile.last_report().regions
+    assert row["status"] == "optimized" and row["router"] == "fused" and row["spec"]["router"] == "fused"
