@@ -27,7 +27,7 @@ import torch
 
 import moecompile
 import moecompile.report
-from conftest import assert_close, assert_grads_close
+from conftest import TOLERANCE, assert_close, assert_grads_close
 from moecompile import detect
 from moecompile.tools import families
 from moecompile.files import write_text
@@ -202,6 +202,31 @@ def test_family_prepared_forward_matches_eager(name):
         assert report.regions and all(r["status"] == "optimized" for r in report.regions), report.regions
 
 
+@pytest.mark.parametrize("name", sorted(families.PREPARED))
+def test_prepared_family_trains_like_eager(name):
+    """The families optimized after moecompile.prepare, forward + backward: the loss and every
+    parameter's gradient match eager, every MoE layer optimized."""
+    model, inputs = _build(name)
+    moecompile.prepare(model)
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    moecompile.report.reset()
+    got_out = torch.compile(twin, backend="moe", options={"inner": "aot_eager"})(**inputs)[0]
+    want_out = model(**inputs)[0]
+    probe = _loss_probe(want_out)
+    (got_out.float() * probe).sum().backward()
+    (want_out.float() * probe).sum().backward()
+    assert_close(got_out, want_out, torch.float32, what=f"{name} prepared")
+    # an expert no token reached has no gradient in eager and a zero one once prepared (its weight
+    # is read through torch.stack): the same values, compared as such
+    for p, q in zip(twin.parameters(), model.parameters()):
+        if q.grad is None and p.grad is not None and not p.grad.any():
+            p.grad = None
+    assert _same_grads(twin, model, f"{name} prepared")
+    rows = moecompile.last_report().regions
+    assert rows and all(r["status"] == "optimized" for r in rows), [(r["name"], r["reason"]) for r in rows]
+
+
 # bf16 in the default run: one family per router or expert form the traced-router path added
 BF16_DEFAULT = {"mixtral", "deepseek_v4", "ernie4_5_moe", "inkling2", "nemotron_h", "phimoe", "zaya"}
 
@@ -324,4 +349,39 @@ def test_family_gradients_match_eager(name, impl):
     want.backward()
     with _unless_torch_fails_alone(name, inputs, impl):
         got.backward()
-    assert _same_grads(twin, model, f"{name} {impl}"), f"{name}: no gradients"
+    if name in EAGER_SPREAD:
+        _within_eager_spread(name, twin, model, inputs, impl)
+    else:
+        assert _same_grads(twin, model, f"{name} {impl}"), f"{name}: no gradients"
+
+
+# Families whose eager implementations disagree with one another beyond the fp32 gradient
+# tolerance on some parameter (measured: eager grouped_mm vs batched_mm vs eager loop); their
+# compiled gradients are held to no more than twice that spread, parameter by parameter.
+EAGER_SPREAD = {
+    "deepseek_v4": "the hyper-connection head's hc_fn gradient (max 0.033) differs by 5e-7 between "
+                   "transformers' own experts implementations (mHC's Sinkhorn steps amplify the order "
+                   "of additions), against an fp32 tolerance of 3.3e-7",
+}
+
+
+def _within_eager_spread(name: str, compiled, eager, inputs: dict, impl: str | None) -> None:
+    """Each gradient within 2x the largest difference between two eager experts implementations
+    of the same model (or within the usual tolerance where that is looser)."""
+    grads = []
+    for other in ("grouped_mm", "batched_mm", "eager"):
+        if other == (impl or "grouped_mm"):
+            continue
+        model, _ = _build(name, experts_impl=other)
+        out = model(**inputs)[0]
+        (out.float() * _loss_probe(out)).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    names = [n for n, _ in eager.named_parameters()]
+    for i, (n, p, q) in enumerate(zip(names, compiled.parameters(), eager.parameters())):
+        assert (p.grad is None) == (q.grad is None), n
+        if q.grad is None:
+            continue
+        spread = max(float((g[i] - q.grad).abs().max()) for g in grads)
+        rtol, atol_rel = TOLERANCE[torch.float32]["grad"]
+        atol = max(2 * spread, atol_rel * float(q.grad.abs().max()))
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=lambda m: f"{name} d{n}: {m}")

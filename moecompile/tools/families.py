@@ -430,8 +430,6 @@ LEFT_AS_TRACED: dict[str, tuple[str, str]] = {
                        "the experts that prepare has no form for"),
     "nllb-moe": ("work", "capacity-limited top-2 over a ModuleDict of biased experts, with token dropout "
                          "scaling, each expert traced on its own; prepare has no form for it"),
-    "switch_transformers": ("work", "capacity-limited top-1 over a ModuleDict of experts given a one-hot "
-                                    "dispatch mask, each expert traced on its own; prepare has no form for it"),
 }
 # Families optimized only after moecompile.prepare (their layer is split over graphs otherwise).
-PREPARED = {"openai_privacy_filter"}
+PREPARED = {"openai_privacy_filter", "switch_transformers"}

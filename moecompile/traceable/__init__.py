@@ -10,6 +10,8 @@ Dynamo breaks the graph inside either loop, so no captured graph holds a whole l
     moecompile.prepared(model)                 # [Prepared(name, what), ...]: what prepare changed
 
     Matches:     hf_experts.is_experts(m)          transformers @use_experts_implementation experts
+                 expert_loop.find_form(m)          stacked experts with a loop over the experts hit
+                 dispatch_mask.find_form(m)        a router handing a list of experts a dispatch mask
                  expert_list.find_layout(m)        router Linear + ModuleList of per-expert MLPs
     Rewrites to: m.forward = a callable that runs, under torch.compile only, a formulation without
                  a Python loop (transformers' grouped_mm; stacked weights + moecompile::grouped_mm),
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from . import expert_list, expert_loop, hf_experts
+from . import dispatch_mask, expert_list, expert_loop, hf_experts
 
 log = logging.getLogger("moecompile.prepare")
 
@@ -81,6 +83,19 @@ def prepare(model: nn.Module) -> nn.Module:
             warnings.warn(f"moecompile.prepare: {name} ({type(module).__name__}) looks like an experts "
                           f"module with a loop over the experts, but {why}; left as it is", stacklevel=2)
             continue
+        mask_form, why = dispatch_mask.find_form(module)
+        if mask_form is not None:
+            dispatch_mask.install(module, mask_form)
+            seen.add(f"{name}.experts")
+            rows.append(Prepared(name, f"router + {len(dispatch_mask._experts_of(module))} experts given a dispatch "
+                                       f"mask ({type(module).__name__}, {mask_form.describe()}): the router as it is, "
+                                       "the experts stacked, without a Python loop under torch.compile"))
+            continue
+        if why is not None:
+            warnings.warn(f"moecompile.prepare: {name} ({type(module).__name__}) looks like an MoE block "
+                          f"whose router hands its experts a dispatch mask, but {why}; left as it is",
+                          stacklevel=2)
+            continue
         layout, why = expert_list.find_layout(module)
         if layout is None and why is None:
             continue
@@ -113,7 +128,8 @@ def prepared(model: nn.Module) -> list[Prepared]:
 
 def _is_prepared(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("forward"), (hf_experts.ExpertsForward, expert_list.ListForward,
-                                                          expert_loop.LoopFreeForward))
+                                                          expert_loop.LoopFreeForward, dispatch_mask.MaskForward,
+                                                          dispatch_mask.StackedExpertsForward))
 
 
 __all__ = ["Prepared", "prepare", "prepared"]
