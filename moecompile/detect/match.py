@@ -29,7 +29,7 @@ from .capacity import capacity_options
 from .experts import spec_options
 from .graph_break import cut_after_topk
 from .router import Selection, match_selection, router_facts
-from .stacked import is_stacked_weight, is_weight_input
+from .stacked import is_derived_weight, is_weight_input
 
 
 class _Reject(Exception):
@@ -247,7 +247,7 @@ def _region(flow: Flow, cand: Candidate, x_anc: set, E: int, router_params: set,
     its (T, H) view, the routing values and weights. -> the weights among the free inputs."""
     x, x2d = cand.x, cand.x2d
     nodes = [n for n in flow.ancestors(cand.output) - x_anc - outside
-             if n.op not in ("placeholder", "get_attr") and not is_stacked_weight(n)]
+             if n.op not in ("placeholder", "get_attr") and not is_derived_weight(n)]
     nodes.sort(key=flow.order.__getitem__)
     cand.nodes = tuple(nodes)
     inside = set(nodes)
@@ -390,11 +390,18 @@ def _experts_module(flow: Flow, key: str) -> tuple | None:
     hidden = [d for d in floats if d not in w]
     E = shape_of(weights3d[0])[0]
     leaving = [n for n in inside if any(u not in inside for u in n.users)]
-    if (len(w) != 1 or len(hidden) != 1 or len(shape_of(hidden[0]) or ()) != 2
-            or not isinstance(shape_of(ids)[1], int) or any(shape_of(d)[0] != E for d in weights3d)
+    if (len(w) != 1 or len(hidden) != 1 or not isinstance(shape_of(ids)[1], int)
+            or any(shape_of(d)[0] != E for d in weights3d)
             or len(leaving) != 1 or shape_of(leaving[0]) != shape_of(hidden[0])):
         return None
-    return hidden[0], w[0], ids, weights3d, leaving[0]
+    x2d = hidden[0]
+    if len(shape_of(x2d) or ()) != 2:  # (B, S, H) in, flattened inside (DBRX): the op reads the (T, H) view
+        flat = [u for u in x2d.users if u in inside and op_kind(u) == "reshape" and len(shape_of(u) or ()) == 2
+                and shape_of(u)[-1] == shape_of(x2d)[-1]]
+        if len(flat) != 1:
+            return None
+        x2d = flat[0]
+    return x2d, w[0], ids, weights3d, leaving[0]
 
 
 def _routed_without_topk(flow: Flow, found: list) -> list[Candidate]:

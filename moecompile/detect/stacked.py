@@ -34,9 +34,40 @@ def is_stacked_weight(node) -> bool:
                for p in items)
 
 
+# views that keep a weight a weight: W.view(E, I, H), W.view(...).transpose(1, 2)
+_VIEWS = {"view", "reshape", "transpose", "permute"}
+
+
+def _view_root(node) -> fx.Node | None:
+    """The 2D parameter input `node` is a chain of views of (DBRX's (E*I, H) matrices viewed
+    (E, I, H), then transposed), or None."""
+    chain = 0
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and node.args \
+            and getattr(node.target, "__name__", node.target) in _VIEWS \
+            and all(not isinstance(a, fx.Node) for a in node.args[1:]) and not node.kwargs:
+        node, chain = node.args[0], chain + 1
+    if chain and isinstance(node, fx.Node) and node.op == "placeholder" and len(shape_of(node) or ()) == 2 \
+            and (node.type is torch.nn.Parameter or "_parameters_" in node.name):
+        return node
+    return None
+
+
+def is_viewed_weight(node) -> bool:
+    """A 3D view of a 2D parameter (the expert dimension made by the view) that something other than
+    another view reads: the end of the chain, which detection treats as the weight."""
+    return (_view_root(node) is not None and len(shape_of(node) or ()) == 3
+            and any(_view_root(u) is None for u in node.users))
+
+
+def is_derived_weight(node) -> bool:
+    """A stacked weight, or any link of a chain of views of a 2D parameter: weights, not layer nodes."""
+    return is_stacked_weight(node) or _view_root(node) is not None
+
+
 def is_weight_input(node) -> bool:
-    """A graph input, or a stacked expert weight (which detection treats as one)."""
-    return isinstance(node, fx.Node) and (node.op == "placeholder" or is_stacked_weight(node))
+    """A graph input, or a stacked or viewed expert weight (which detection treats as one)."""
+    return isinstance(node, fx.Node) and (node.op == "placeholder" or is_stacked_weight(node)
+                                          or is_viewed_weight(node))
 
 
 def input_value(node: fx.Node, placeholder_values: dict):
@@ -44,6 +75,10 @@ def input_value(node: fx.Node, placeholder_values: dict):
     KeyError if it cannot be computed from them."""
     if node in placeholder_values:
         return placeholder_values[node]
+    if _view_root(node) is not None:
+        base = input_value(node.args[0], placeholder_values)
+        fn = getattr(torch.Tensor, node.target) if node.op == "call_method" else node.target
+        return fn(base, *node.args[1:])
     if not is_stacked_weight(node):
         raise KeyError(node.name)
     with torch.no_grad():

@@ -418,8 +418,6 @@ def moe_families() -> list[str]:
 LEFT_AS_TRACED: dict[str, tuple[str, str]] = {
     "doge": ("limit", "DogeCDMoE retrieves per-token expert vectors by product keys (an embedding lookup "
                       "per expert, no expert MLP), which the grouped GEMMs do not compute"),
-    "dbrx": ("work", "experts stored as (E*I, H) matrices viewed per expert, the down one read transposed "
-                     "against gate and up; the spec has one transposition for both GEMMs"),
     "ergo": ("work", "each expert's output goes through its own RMS norm (post_expert_norm, (E, H) "
                      "weights) before the weighted sum; the spec has no expert norm"),
     "muse_spark": ("work", "an RMS norm of each expert's intermediate activation (post_expert_norm) "
@@ -432,4 +430,4 @@ LEFT_AS_TRACED: dict[str, tuple[str, str]] = {
                          "scaling, each expert traced on its own; prepare has no form for it"),
 }
 # Families optimized only after moecompile.prepare (their layer is split over graphs otherwise).
-PREPARED = {"openai_privacy_filter", "switch_transformers"}
+PREPARED = {"dbrx", "openai_privacy_filter", "switch_transformers"}
