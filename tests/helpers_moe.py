@@ -101,14 +101,19 @@ class NearMoE(nn.Module):
     """
 
     def __init__(self, E=8, K=2, H=16, I=12, site=None, op=None, limit=1.0, scoring="softmax",
-                 renormalize=True, capacity=None, router_no_grad=False):
+                 renormalize=True, capacity=None, router_no_grad=False, split_experts=False):
         super().__init__()
         self.E, self.K, self.site, self.op, self.limit = E, K, site, op, limit
         self.scoring, self.renormalize, self.capacity = scoring, renormalize, capacity
         self.router_no_grad = router_no_grad  # the router's logits computed under torch.no_grad
         self.router = nn.Linear(H, E, bias=False)
-        self.gate_up = nn.Parameter(torch.randn(E, 2 * I, H) / H**0.5)
-        self.down = nn.Parameter(torch.randn(E, H, I) / I**0.5)
+        gate_up = nn.Parameter(torch.randn(E, 2 * I, H) / H**0.5)
+        down = nn.Parameter(torch.randn(E, H, I) / I**0.5)
+        # split_experts: the experts in a module of their own called as experts(x2d, ids, w), as
+        # transformers writes them (detection then keeps an unmodeled router as traced)
+        self.experts = _NearExperts(gate_up, down, self._at) if split_experts else None
+        if not split_experts:
+            self.gate_up, self.down = gate_up, down
         self.record: dict[str, float] = {}  # site -> max |value| seen (for calibrating limits)
 
     def _at(self, site: str, t: torch.Tensor) -> torch.Tensor:
@@ -132,14 +137,34 @@ class NearMoE(nn.Module):
             keep = position <= int(self.capacity * T * self.K / self.E)
             w = w * keep.reshape(T, self.K).to(w.dtype)
         w = self._at("weights", w)
-        rows = self._at("input", flat).repeat_interleave(self.K, dim=0)  # (T*K, H)
-        gate_up = torch.bmm(rows.unsqueeze(1), self.gate_up[ids.reshape(-1)].transpose(1, 2)).squeeze(1)
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = self._at("act", F.silu(self._at("gate", gate)) * self._at("up", up))
-        y = torch.bmm(h.unsqueeze(1), self.down[ids.reshape(-1)].transpose(1, 2)).squeeze(1)
-        y = self._at("expert_out", y)  # (T*K, H)
-        out = (y.view(T, self.K, H) * w.unsqueeze(-1).to(y.dtype)).sum(dim=1)
-        return out.view(B, S, H)
+        experts = self.experts if self.experts is not None else self._experts
+        return experts(flat, ids, w).view(B, S, H)
+
+    def _experts(self, flat, ids, w):
+        return _experts_forward(self.gate_up, self.down, self._at, flat, ids, w)
+
+
+def _experts_forward(gate_up_w, down_w, at, flat, ids, w):
+    T, K = ids.shape
+    H = flat.shape[-1]
+    rows = at("input", flat).repeat_interleave(K, dim=0)  # (T*K, H)
+    gate_up = torch.bmm(rows.unsqueeze(1), gate_up_w[ids.reshape(-1)].transpose(1, 2)).squeeze(1)
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = at("act", F.silu(at("gate", gate)) * at("up", up))
+    y = torch.bmm(h.unsqueeze(1), down_w[ids.reshape(-1)].transpose(1, 2)).squeeze(1)
+    y = at("expert_out", y)  # (T*K, H)
+    return (y.view(T, K, H) * w.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+
+
+class _NearExperts(nn.Module):
+    """NearMoE's experts as a module of their own: experts(x2d (T, H), ids (T, K), w (T, K))."""
+
+    def __init__(self, gate_up, down, at):
+        super().__init__()
+        self.gate_up, self.down, self.at = gate_up, down, at
+
+    def forward(self, flat, ids, w):
+        return _experts_forward(self.gate_up, self.down, self.at, flat, ids, w)
 
 
 class GroupedRouterMoE(nn.Module):

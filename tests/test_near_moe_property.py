@@ -7,6 +7,9 @@ by value, a soft clamp, a maximum) at one place, with a limit chosen from the va
 sees on N(0, 1) inputs, and possibly a capacity that drops tokens. The compiled model runs on inputs
 up to 300x larger, with outlier channels and with every token routed alike. Layers with such an op
 must fall back; plain layers must be optimized (so the property is not met by falling back always).
+With the experts in a module of their own (`split_experts`, transformers' form), an op in the router
+(on the logits or the routing weights) may stay in the graph with the router kept as traced; the
+compiled model must still match eager.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def near_moe_layers(draw):
         E=E, K=draw(st.integers(1, min(E, 4))), H=draw(st.integers(4, 40)), I=draw(st.integers(2, 24)),
         scoring=draw(st.sampled_from(["softmax", "sigmoid"])), renormalize=draw(st.booleans()),
         capacity=draw(st.one_of(st.none(), st.floats(1.0, 4.0))),
+        split_experts=draw(st.booleans()),
     )
     site = draw(st.one_of(st.none(), st.sampled_from(SITES)))
     op = draw(st.sampled_from(OPS))
@@ -75,8 +79,8 @@ def _check(layer):
     rows = moecompile.last_report().regions
     assert len(rows) == 1, rows
     (row,) = rows
-    if site is not None:
-        assert row["status"] == "fallback", (layer, row)
+    if site is not None and not (params["split_experts"] and site in ("logits", "weights")):
+        assert row["status"] == "fallback", (layer, row)  # an op inside the experts: never taken
     elif params["capacity"] is None:
         assert row["status"] == "optimized", (layer, row)
 
