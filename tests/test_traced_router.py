@@ -285,3 +285,30 @@ def test_a_known_router_stays_fused():
         assert_close(torch.compile(model, backend="moe", options={"inner": "eager"})(x), model(x), torch.float32)
     (row,) = moecompile.last_report().regions
     assert row["status"] == "optimized" and row["router"] == "fused" and row["spec"]["router"] == "fused"
+
+
+@pytest.mark.parametrize("router", ["softcap", "no_grad_choice"])
+def test_traced_router_layer_on_triton_kernels(router):
+    """kernels="triton" (the interpreter on CPU): the experts of a traced-router layer run on the
+    kernels forward and backward, and the model matches eager, the router's gradient included."""
+    torch.manual_seed(3)
+    model, twin = OddRouterMoE(router), OddRouterMoE(router)
+    twin.load_state_dict(model.state_dict())
+    moecompile.report.reset()
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="moe", options={"inner": "aot_eager", "kernels": "triton"})
+    x = torch.randn(2, 9, H)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = compiled(x1), model(x2)
+    (row,) = moecompile.last_report().regions
+    assert row["status"] == "optimized" and row["router"] == "traced", row["reason"]
+    assert row["kernels"].startswith("triton: Route(torch)") and "gemm_gate_up" in row["kernels"], row
+    assert row["backward"] == "triton", row
+    assert_close(got, want, torch.float32, what="forward")
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(4))
+    got.backward(grad)
+    want.backward(grad)
+    assert_close(x1.grad, x2.grad, torch.float32, "grad", what="dx")
+    for (name, p), q in zip(twin.named_parameters(), model.parameters()):
+        if q.grad is not None:
+            assert_close(p.grad, q.grad, torch.float32, "grad", what=name)
