@@ -15,6 +15,7 @@ does not look like an MoE layer.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -333,12 +334,35 @@ def _traced_candidate(flow: Flow, cand: Candidate, entry: tuple, index: int) -> 
     # what computes the routing from the layer's input (x2d and what makes it stay in the region)
     cand.router_nodes = frozenset((flow.ancestors(w) | flow.ancestors(ids)) - flow.ancestors(hidden))
     cand.x2d, cand.x = hidden, _layer_input(hidden)
-    cand.name = region_name(weights3d[0], index)  # the block holding `experts`
+    cand.name = _experts_block_name(weights3d) or region_name(weights3d[0], index)
     try:
         _match_traced(flow, cand, weights3d, out)
     except _Reject as why:
         cand.reason = str(why)
     return cand
+
+
+_EXPERTS_PART = re.compile(r"experts?|local_experts|expert_list")
+
+
+def _experts_block_name(weights3d: list) -> str | None:
+    """The block holding the experts, from the parameters under the expert weights (a 3D parameter,
+    the 2D ones a stack or a view reads): their common module path cut before its `experts` part."""
+    params = []
+    for w in weights3d:
+        while w.op != "placeholder" and w.args:  # a view chain, or a stack of per-expert parameters
+            w = w.args[0][0] if isinstance(w.args[0], (list, tuple)) else w.args[0]
+        params.append(w)
+    paths = [owner_parts(p) for p in params if isinstance(p, fx.Node)]
+    if not paths or any(not p for p in paths):
+        return None
+    common = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    cut = max((i for i, part in enumerate(common) if _EXPERTS_PART.fullmatch(part)), default=len(common) - 1)
+    return ".".join(common[:cut]) or None
 
 
 def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
