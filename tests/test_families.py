@@ -208,14 +208,7 @@ def test_prepared_family_trains_like_eager(name):
     parameter's gradient match eager, every MoE layer optimized."""
     model, inputs = _build(name)
     moecompile.prepare(model)
-    twin = copy.deepcopy(model)
-    torch._dynamo.reset()
-    moecompile.report.reset()
-    got_out = torch.compile(twin, backend="moe", options={"inner": "aot_eager"})(**inputs)[0]
-    want_out = model(**inputs)[0]
-    probe = _loss_probe(want_out)
-    (got_out.float() * probe).sum().backward()
-    (want_out.float() * probe).sum().backward()
+    twin, got_out, want_out = _twins_trained(model, inputs)
     assert_close(got_out, want_out, torch.float32, what=f"{name} prepared")
     # an expert no token reached has no gradient in eager and a zero one once prepared (its weight
     # is read through torch.stack): the same values, compared as such
@@ -225,6 +218,19 @@ def test_prepared_family_trains_like_eager(name):
     assert _same_grads(twin, model, f"{name} prepared")
     rows = moecompile.last_report().regions
     assert rows and all(r["status"] == "optimized" for r in rows), [(r["name"], r["reason"]) for r in rows]
+
+
+def _twins_trained(model, inputs: dict):
+    """(compiled twin, its output, eager output), each after backward of the same loss probe."""
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    moecompile.report.reset()
+    got_out = torch.compile(twin, backend="moe", options={"inner": "aot_eager"})(**inputs)[0]
+    want_out = model(**inputs)[0]
+    probe = _loss_probe(want_out)
+    (got_out.float() * probe).sum().backward()
+    (want_out.float() * probe).sum().backward()
+    return twin, got_out, want_out
 
 
 # bf16 in the default run: one family per router or expert form the traced-router path added
@@ -239,15 +245,8 @@ def test_family_bf16_matches_eager(name):
     within bf16 tolerance of eager bf16 (conftest.TOLERANCE), every layer not left as traced
     optimized."""
     model, inputs = _build(name, dtype=torch.bfloat16)
-    torch._dynamo.reset()
-    moecompile.report.reset()
-    twin = copy.deepcopy(model)
     with _unless_torch_fails_alone(name, inputs, dtype=torch.bfloat16):
-        got_out = torch.compile(twin, backend="moe", options={"inner": "aot_eager"})(**inputs)[0]
-        want_out = model(**inputs)[0]
-        probe = _loss_probe(want_out)
-        (got_out.float() * probe).sum().backward()
-    (want_out.float() * probe).sum().backward()
+        twin, got_out, want_out = _twins_trained(model, inputs)
     assert_close(got_out, want_out, torch.bfloat16, what=f"{name} bf16")
     names = [n for n, _ in twin.named_parameters()]
     assert_grads_close([p.grad for p in twin.parameters()], [q.grad for q in model.parameters()], names,

@@ -353,14 +353,9 @@ def _experts_block_name(weights3d: list) -> str | None:
         while w.op != "placeholder" and w.args:  # a view chain, or a stack of per-expert parameters
             w = w.args[0][0] if isinstance(w.args[0], (list, tuple)) else w.args[0]
         params.append(w)
-    paths = [owner_parts(p) for p in params if isinstance(p, fx.Node)]
-    if not paths or any(not p for p in paths):
+    common = _common_module(params)
+    if not common:
         return None
-    common = []
-    for parts in zip(*paths):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
     cut = max((i for i, part in enumerate(common) if _EXPERTS_PART.fullmatch(part)), default=len(common) - 1)
     return ".".join(common[:cut]) or None
 
@@ -513,15 +508,20 @@ def _layer_input(x2d: fx.Node) -> fx.Node:
 def _block_name(w_router: fx.Node, experts: list, default: str) -> str:
     """The module holding both the router and the experts ('model.layers.3.mlp'), read off the
     graph inputs' names; `default` when they share no module."""
-    paths = [owner_parts(n) for n in [w_router, *experts]]
-    if any(not p for p in paths):
-        return default
+    return ".".join(_common_module([w_router, *experts]) or []) or default
+
+
+def _common_module(params: list) -> list[str] | None:
+    """The longest module path all `params` (graph inputs) sit under; None if one has no name."""
+    paths = [owner_parts(p) if isinstance(p, fx.Node) else None for p in params]
+    if not paths or any(not p for p in paths):
+        return None
     common = []
     for parts in zip(*paths):
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
-    return ".".join(common) or default
+    return common
 
 
 def _traced_tokens(x2d: fx.Node) -> int | None:
