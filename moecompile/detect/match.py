@@ -15,7 +15,6 @@ does not look like an MoE layer.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +27,7 @@ from ..ir import DTYPES
 from . import cover, idioms
 from .capacity import capacity_options
 from .experts import spec_options
+from .experts_module import common_module, experts_block_name, experts_entry, experts_module, first_experts, module_key
 from .graph_break import cut_after_topk
 from .router import Selection, match_selection, router_facts
 from .stacked import is_derived_weight, is_weight_input
@@ -322,7 +322,7 @@ def _match_traced_router(flow: Flow, topk: fx.Node, index: int) -> Candidate | N
                  whose inputs from outside are exactly x2d, ids and w
                  y = combine [+ shared expert(x2d)]
     Rewrites to: Candidate(routing=(w, ids), router_nodes=what computes them, nodes=the rest)"""
-    entry = _experts_entry(flow, topk)
+    entry = experts_entry(flow, topk)
     if entry is None:
         return None
     return _traced_candidate(flow, Candidate(name=f"topk{index}", topk=topk), entry, index)
@@ -334,93 +334,12 @@ def _traced_candidate(flow: Flow, cand: Candidate, entry: tuple, index: int) -> 
     # what computes the routing from the layer's input (x2d and what makes it stay in the region)
     cand.router_nodes = frozenset((flow.ancestors(w) | flow.ancestors(ids)) - flow.ancestors(hidden))
     cand.x2d, cand.x = hidden, _layer_input(hidden)
-    cand.name = _experts_block_name(weights3d) or region_name(weights3d[0], index)
+    cand.name = experts_block_name(weights3d) or region_name(weights3d[0], index)
     try:
         _match_traced(flow, cand, weights3d, out)
     except _Reject as why:
         cand.reason = str(why)
     return cand
-
-
-_EXPERTS_PART = re.compile(r"experts?|local_experts|expert_list")
-
-
-def _experts_block_name(weights3d: list) -> str | None:
-    """The block holding the experts, from the parameters under the expert weights (a 3D parameter,
-    the 2D ones a stack or a view reads): their common module path cut before its `experts` part."""
-    params = []
-    for w in weights3d:
-        while w.op != "placeholder" and w.args:  # a view chain, or a stack of per-expert parameters
-            w = w.args[0][0] if isinstance(w.args[0], (list, tuple)) else w.args[0]
-        params.append(w)
-    common = _common_module(params)
-    if not common:
-        return None
-    cut = max((i for i, part in enumerate(common) if _EXPERTS_PART.fullmatch(part)), default=len(common) - 1)
-    return ".".join(common[:cut]) or None
-
-
-def _experts_entry(flow: Flow, topk: fx.Node) -> tuple | None:
-    """(x2d, w, ids, 3D weights, output) where top-k's choice enters the module that holds the
-    expert weights (transformers' `experts(hidden_states, top_k_index, top_k_weights)`) and the
-    value it returns, or None."""
-    entry = _first_experts(flow, topk)
-    # the top-k chooses the ids, and is not upstream of the layer's input (an attention indexer's is)
-    if entry is None or topk not in flow.ancestors(entry[2]) or topk in flow.ancestors(entry[0]):
-        return None
-    return entry
-
-
-def _first_experts(flow: Flow, topk: fx.Node) -> tuple | None:
-    """_experts_module of the first experts module after `topk`: the module of the first node after
-    it that reads a 3D weight (or a view of one: values of weights alone)."""
-    after = flow.descendants(topk)
-    derived: set = set()
-    first = None
-    for n in flow.graph.nodes:
-        reads = not derived.isdisjoint(n.all_input_nodes)
-        if is_weight_input(n) and len(shape_of(n) or ()) == 3:
-            derived.add(n)
-        elif n in after and reads:
-            first = n
-            break
-        elif reads and all(a in derived or value_of(a) is None for a in n.all_input_nodes):
-            derived.add(n)
-    key = _module_key(first) if first is not None else None
-    return _experts_module(flow, key) if key is not None else None
-
-
-def _experts_module(flow: Flow, key: str) -> tuple | None:
-    """(x2d, w, ids, 3D weights, output) of the module `key` (in Dynamo's module stack) when it holds
-    3D expert weights and takes exactly a (T, H) input, (T, K) weights and (T, K) integer ids."""
-    inside = {n for n in flow.graph.nodes if key in (n.meta.get("nn_module_stack") or {})}
-    weights3d = sorted({d for n in inside for d in n.all_input_nodes if is_weight_input(d)
-                        and len(shape_of(d) or ()) == 3}, key=lambda n: n.name)
-    if len(weights3d) < 2:
-        return None
-    entering = {d for n in inside for d in flow.deps(n) if d not in inside and value_of(d) is not None
-                and not is_weight_input(d)}
-    ints = [d for d in entering if not value_of(d).is_floating_point()]
-    floats = [d for d in entering if value_of(d).is_floating_point()]
-    if len(ints) != 1 or len(floats) != 2 or len(shape_of(ints[0]) or ()) != 2:
-        return None
-    ids = ints[0]
-    w = [d for d in floats if shape_of(d) == shape_of(ids)]
-    hidden = [d for d in floats if d not in w]
-    E = shape_of(weights3d[0])[0]
-    leaving = [n for n in inside if any(u not in inside for u in n.users)]
-    if (len(w) != 1 or len(hidden) != 1 or not isinstance(shape_of(ids)[1], int)
-            or any(shape_of(d)[0] != E for d in weights3d)
-            or len(leaving) != 1 or shape_of(leaving[0]) != shape_of(hidden[0])):
-        return None
-    x2d = hidden[0]
-    if len(shape_of(x2d) or ()) != 2:  # (B, S, H) in, flattened inside (DBRX): the op reads the (T, H) view
-        flat = [u for u in x2d.users if u in inside and op_kind(u) == "reshape" and len(shape_of(u) or ()) == 2
-                and shape_of(u)[-1] == shape_of(x2d)[-1]]
-        if len(flat) != 1:
-            return None
-        x2d = flat[0]
-    return x2d, w[0], ids, weights3d, leaving[0]
 
 
 def _routed_without_topk(flow: Flow, found: list) -> list[Candidate]:
@@ -430,10 +349,10 @@ def _routed_without_topk(flow: Flow, found: list) -> list[Candidate]:
     keys = []
     for n in flow.graph.nodes:
         if is_weight_input(n) and len(shape_of(n) or ()) == 3:
-            keys += [k for k in (_module_key(u) for u in n.users) if k is not None and k not in keys]
+            keys += [k for k in (module_key(u) for u in n.users) if k is not None and k not in keys]
     out = []
     for index, key in enumerate(keys):
-        entry = _experts_module(flow, key)
+        entry = experts_module(flow, key)
         if entry is None or entry[2] in claimed or any(op_kind(n) == "topk" for n in flow.ancestors(entry[2])
                                                          - flow.ancestors(entry[0])):
             continue
@@ -442,12 +361,6 @@ def _routed_without_topk(flow: Flow, found: list) -> list[Candidate]:
         _traced_candidate(flow, cand, entry, index)
         out.append(cand)
     return out
-
-
-def _module_key(node: fx.Node) -> str | None:
-    """The innermost module whose forward ran `node` (its key in Dynamo's module stack)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack), None) if stack else None
 
 
 def _match_traced(flow: Flow, cand: Candidate, weights3d: list, out: fx.Node) -> None:
@@ -508,20 +421,7 @@ def _layer_input(x2d: fx.Node) -> fx.Node:
 def _block_name(w_router: fx.Node, experts: list, default: str) -> str:
     """The module holding both the router and the experts ('model.layers.3.mlp'), read off the
     graph inputs' names; `default` when they share no module."""
-    return ".".join(_common_module([w_router, *experts]) or []) or default
-
-
-def _common_module(params: list) -> list[str] | None:
-    """The longest module path all `params` (graph inputs) sit under; None if one has no name."""
-    paths = [owner_parts(p) if isinstance(p, fx.Node) else None for p in params]
-    if not paths or any(not p for p in paths):
-        return None
-    common = []
-    for parts in zip(*paths):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    return common
+    return ".".join(common_module([w_router, *experts]) or []) or default
 
 
 def _traced_tokens(x2d: fx.Node) -> int | None:
@@ -547,7 +447,7 @@ def _reject_router_path(flow: Flow, cand: Candidate, stop, index: int) -> None:
         path.append(node)
         node = node.args[0]
     routes = any(ids.users for ids in getitem_users(cand.topk, 1))  # the expert ids pick something
-    experts = _first_experts(flow, cand.topk)
+    experts = first_experts(flow, cand.topk)
     if experts is not None and cand.topk in flow.ancestors(experts[0]):
         routes = False  # upstream of the experts' input, not their router (an attention indexer)
     if not (routes and isinstance(node, fx.Node) and op_kind(node) == "linear" and len(node.args) > 1
