@@ -329,6 +329,7 @@ def _match_traced_router(flow: Flow, topk: fx.Node, index: int) -> Candidate | N
 
 
 def _traced_candidate(flow: Flow, cand: Candidate, entry: tuple, index: int) -> Candidate:
+    """`cand` matched from an experts entry (experts_module's tuple), or with the reason it is not."""
     hidden, w, ids, weights3d, out = entry
     cand.routing = (w, ids)
     # what computes the routing from the layer's input (x2d and what makes it stay in the region)
@@ -356,10 +357,7 @@ def _routed_without_topk(flow: Flow, found: list) -> list[Candidate]:
         if entry is None or entry[2] in claimed or any(op_kind(n) == "topk" for n in flow.ancestors(entry[2])
                                                          - flow.ancestors(entry[0])):
             continue
-        hidden, w, ids, weights3d, output = entry
-        cand = Candidate(name=f"experts{index}", topk=ids)
-        _traced_candidate(flow, cand, entry, index)
-        out.append(cand)
+        out.append(_traced_candidate(flow, Candidate(name=f"experts{index}", topk=entry[2]), entry, index))
     return out
 
 
