@@ -1,6 +1,6 @@
 """Robustness, property-based: random MoE modules (E 1..256, K 1..E, odd H and I, router and expert
 variants, fp32 / bf16 / fp64, T 0..300, NaN and Inf in the input). The compiled model always matches
-eager (NaN where eager has NaN) or falls back with a reason; it never crashes; new token counts do
+eager (non-finite where eager is) or falls back with a reason; it never crashes; new token counts do
 not recompile. Also: weights shared between layers, a layer called twice.
 """
 
@@ -94,8 +94,11 @@ def _check(case):
             if poison:
                 x[0, T // 2, 0] = float(poison)
             got, want = compiled(x), model(x)
-            assert torch.equal(got.isnan(), want.isnan()), (case, T)
-            finite = ~want.isnan()
+            # non-finite exactly where eager is; Inf or NaN there may differ: eager's own GEMMs
+            # disagree on it (E 5, K 1, H 4, I 2, gelu, an Inf input channel: its bmm gives
+            # [inf, nan, inf, nan] for a row where the same row through mm, as one matrix, gives all NaN)
+            assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (case, T)
+            finite = torch.isfinite(want)
             assert_close(got[finite], want[finite], dtype, what=f"{case} T={T}")
     report = moecompile.last_report()
     assert len(report.graphs) <= 2, report.graphs  # the first size static, then one dynamic graph
