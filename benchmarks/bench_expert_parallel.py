@@ -191,6 +191,7 @@ def _worker(rank: int, world: int, port: int, sizes: dict) -> int:
                      "fwd_bwd_ms": times[1].item() * 1e3, "exposed_ms": times[2].item() * 1e3})
     if rank == 0:
         print(json.dumps({"rows": rows}), flush=True)
+    dist.barrier()  # ranks leave together (gloo can abort at exit when one tears down first)
     dist.destroy_process_group()
     return 0
 

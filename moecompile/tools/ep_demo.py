@@ -136,6 +136,9 @@ def run(args) -> int:
                           "steps": steps, "exchanges": rows}
                 write_json(args.json, record)
                 say(f"wrote {args.json}")
+        # NOTE: ranks leave together: a rank tearing its gloo group down while a peer still holds the
+        # connection can abort at exit ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
