@@ -102,7 +102,7 @@ def test_ids_of_any_integer_dtype_and_bad_routing_inputs():
         torch.ops.moecompile.moe(x, [w, ids.float(), *experts], text, "torch", "l")
 
 
-def test_program_check_needs_the_routing_weights_applied_once():
+def test_program_check_refuses_routing_weights_left_unapplied():
     program = build(_spec())
     combine = program.stages[-1]
     broken = MoEProgram(program.dims, program.stages[:-1] + (combine.replace(ins=combine.ins[:2], weighted=False),))
@@ -304,6 +304,7 @@ def test_traced_router_layer_on_triton_kernels(router):
     assert row["status"] == "optimized" and row["router"] == "traced", row["reason"]
     assert row["kernels"].startswith("triton: Route(torch)") and "gemm_gate_up" in row["kernels"], row
     assert row["backward"] == "triton", row
+    assert row["saved"] == "inputs", row  # the expert ids are an input already: nothing more kept
     assert_close(got, want, torch.float32, what="forward")
     grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(4))
     got.backward(grad)

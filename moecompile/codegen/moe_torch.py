@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from ..ir import MoESpec
-from ..ir.spec import CLAMPED
 
 
 def route(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MoESpec, ids: torch.Tensor | None = None):
@@ -243,7 +242,7 @@ def _gated(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor, inplace: bool) -
     """act(gate) * up; with `inplace` (gate a view of a fresh GEMM output, rows of unit stride),
     written over gate: no (T*K, I) allocation, the costly part of an elementwise op on CPU."""
     act_name = spec.activation
-    if act_name in CLAMPED or act_name == "softcap_swiglu":
+    if act_name not in _ACTIVATIONS:  # the clamped and softcapped forms, with their constants
         return gated_activation(gate, up, act_name, spec.act_alpha, spec.act_limit)
     if inplace and gate.stride(-1) == 1:
         act = F.silu(gate, inplace=True) if act_name == "silu" else _ACTIVATIONS[act_name](gate)

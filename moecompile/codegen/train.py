@@ -61,10 +61,13 @@ def choose(program: MoEProgram, kernels: str, device: torch.device) -> str:
 
 def saved_mode(program: MoEProgram, kernels: str, device: torch.device, save: str) -> str:
     """What a layer keeps for its backward (one of SAVES): `save` where the backward runs on
-    Triton, "inputs" where it recomputes on the torch path."""
+    Triton, "inputs" where it recomputes on the torch path. A traced router's expert ids are an
+    input already: "routing" keeps nothing more for it."""
     if save not in SAVES:
         raise ValueError(f"save_for_backward must be one of {SAVES}, got {save!r}")
-    return save if choose(program, kernels, device) == "triton" else "inputs"
+    if choose(program, kernels, device) != "triton" or (save == "routing" and program.spec().router == "traced"):
+        return "inputs"
+    return save
 
 
 def saved_shapes(spec: MoESpec, num_tokens, save: str) -> tuple[tuple, tuple]:

@@ -347,9 +347,10 @@ def _routed_without_topk(flow: Flow, found: list) -> list[Candidate]:
     """Traced-router candidates for expert modules whose ids no top-k chose (DeepSeek-V4's hash
     routing by token id, PhiMoE's sparsemixer): the ids node stands in for the top-k."""
     claimed = {c.routing[1] for c in found if c.routing} | {n for c in found for n in c.nodes}
+    taken = {w for c in found for _, ws in c.options for w in ws}  # layers matched already: not rescanned
     keys = []
     for n in flow.graph.nodes:
-        if is_weight_input(n) and len(shape_of(n) or ()) == 3:
+        if is_weight_input(n) and len(shape_of(n) or ()) == 3 and n not in taken:
             keys += [k for k in (module_key(u) for u in n.users) if k is not None and k not in keys]
     out = []
     for index, key in enumerate(keys):
